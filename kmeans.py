@@ -1,0 +1,163 @@
+"""K-means pseudo-labels without densifying a dataset, on CPU or GPU (torch).
+
+Lloyd's algorithm over row chunks: each chunk of a CSR matrix becomes a torch sparse CSR tensor
+(zero-copy views of the numpy arrays), distances come from one sparse x dense product per
+chunk, and centroid sums from one ``index_add_`` over the chunk's non-zeros. Memory is the
+centroids plus one chunk's ``chunk x k`` distance block, whatever the number of cells.
+Initialisation is k-means++ on a seeded sample of the cells. Importing does nothing.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+log = logging.getLogger("scpretrain.kmeans")
+
+
+@dataclass
+class KMeansResult:
+    labels: np.ndarray  # int64 cluster of each cell
+    centroids: np.ndarray  # k x G float32
+    inertia: float  # sum of squared distances of cells to their centroid
+
+
+def granularities(n_cells: int, avg_cluster_num: int = 100) -> list[int]:
+    """scPretrain's three numbers of clusters: n//a, n//(a//2), n//(2a)+1, each within [2, n]."""
+    a = avg_cluster_num
+    ks = [n_cells // a, n_cells // max(a // 2, 1), n_cells // (2 * a) + 1]
+    return [int(min(max(k, 2), n_cells)) for k in ks]
+
+
+class _Rows:
+    """Uniform chunk access to a CSR (sparse path) or dense numpy matrix (dense path)."""
+
+    def __init__(self, X, device: torch.device):
+        self.sparse = sp.issparse(X)
+        self.device = device
+        if self.sparse:
+            X = sp.csr_matrix(X)
+            self.indptr = torch.from_numpy(np.ascontiguousarray(X.indptr, dtype=np.int64))
+            self.indices = torch.from_numpy(np.ascontiguousarray(X.indices, dtype=np.int64))
+            self.data = torch.from_numpy(np.ascontiguousarray(X.data, dtype=np.float32))
+        else:
+            self.dense = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
+        self.n_rows, self.n_cols = X.shape
+
+    def chunk(self, start: int, stop: int):
+        """(matrix on device, its row of each stored value or None, row squared norms)."""
+        if not self.sparse:
+            block = self.dense[start:stop].to(self.device, non_blocking=True)
+            return block, None, (block * block).sum(1)
+        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
+        crow = (self.indptr[start:stop + 1] - lo).to(self.device, non_blocking=True)
+        col = self.indices[lo:hi].to(self.device, non_blocking=True)
+        val = self.data[lo:hi].to(self.device, non_blocking=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            block = torch.sparse_csr_tensor(crow, col, val, size=(stop - start, self.n_cols))
+        row_of_value = torch.repeat_interleave(torch.arange(stop - start, device=self.device), crow.diff())
+        norms = torch.zeros(stop - start, device=self.device).index_add_(0, row_of_value, val * val)
+        return block, (row_of_value, col, val), norms
+
+    def rows_dense(self, rows: np.ndarray) -> torch.Tensor:
+        rows = torch.as_tensor(np.sort(rows))
+        if not self.sparse:
+            return self.dense[rows].to(self.device)
+        out = torch.zeros(len(rows), self.n_cols)
+        for i, r in enumerate(rows.tolist()):
+            lo, hi = int(self.indptr[r]), int(self.indptr[r + 1])
+            out[i, self.indices[lo:hi]] = self.data[lo:hi]
+        return out.to(self.device)
+
+
+def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
+           chunk_rows: int = 8192, init_sample: int | None = None) -> KMeansResult:
+    """Cluster the rows of ``X`` (CSR or dense) into ``k`` clusters; seeded and deterministic."""
+    device = torch.device(device)
+    rows = _Rows(X, device)
+    n = rows.n_rows
+    k = int(min(max(k, 1), n))
+    gen = np.random.default_rng(seed)
+    centroids = _kmeans_pp(rows, k, gen, init_sample)
+    for _ in range(n_iter):
+        labels, _, sums, counts = _assign(rows, centroids, chunk_rows, accumulate=True)
+        centroids = _update(centroids, sums, counts, rows, gen)
+    labels, inertia, _, _ = _assign(rows, centroids, chunk_rows, accumulate=False)
+    return KMeansResult(labels.cpu().numpy().astype(np.int64), centroids.cpu().numpy(), float(inertia))
+
+
+def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None) -> torch.Tensor:
+    """Greedy k-means++ (as scikit-learn: 2 + log k candidates a step) on a sample of >= 4k cells."""
+    m = min(rows.n_rows, init_sample or max(4 * k, 1024))
+    sample = rows.rows_dense(np.sort(gen.choice(rows.n_rows, size=m, replace=False)))
+    sq = (sample * sample).sum(1)
+    trials = 2 + int(np.log(k))
+
+    def dist_to(idx):
+        cand = sample[torch.as_tensor(idx, device=sample.device)]
+        return torch.clamp(sq.unsqueeze(1) - 2 * sample @ cand.T + sq[idx].unsqueeze(0), min=0)
+
+    chosen = [int(gen.integers(m))]
+    closest = dist_to(chosen)[:, 0]
+    for _ in range(1, k):
+        weights = closest.double().cpu().numpy()
+        total = weights.sum()
+        cand = gen.choice(m, size=trials, p=weights / total) if total > 0 else gen.integers(m, size=trials)
+        candidate_closest = torch.minimum(closest.unsqueeze(1), dist_to(cand))
+        best = int(torch.argmin(candidate_closest.double().sum(0)))
+        chosen.append(int(cand[best]))
+        closest = candidate_closest[:, best]
+    return sample[torch.as_tensor(chosen, device=sample.device)].clone()
+
+
+def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, accumulate: bool):
+    """Nearest centroid of every row; with ``accumulate`` also per-cluster sums and counts."""
+    k, g = centroids.shape
+    c_sq = (centroids * centroids).sum(1)
+    labels = torch.empty(rows.n_rows, dtype=torch.int64, device=centroids.device)
+    sums = torch.zeros(k * g, device=centroids.device) if accumulate else None
+    inertia = torch.zeros((), dtype=torch.float64, device=centroids.device)
+    for start in range(0, rows.n_rows, chunk_rows):
+        stop = min(start + chunk_rows, rows.n_rows)
+        block, coo, norms = rows.chunk(start, stop)
+        dist = c_sq.unsqueeze(0) - 2 * (block @ centroids.T)
+        best, lab = dist.min(1)
+        labels[start:stop] = lab
+        inertia += torch.clamp(best + norms, min=0).double().sum()
+        if accumulate:
+            if coo is None:
+                sums.view(k, g).index_add_(0, lab, block)
+            else:
+                row_of_value, col, val = coo
+                sums.index_add_(0, lab[row_of_value] * g + col, val)
+    counts = torch.bincount(labels, minlength=k) if accumulate else None
+    return labels, inertia, (sums.view(k, g) if accumulate else None), counts
+
+
+def _update(centroids, sums, counts, rows: _Rows, gen: np.random.Generator) -> torch.Tensor:
+    """Centroid = mean of its cells; an empty cluster restarts at a random cell."""
+    new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+    empty = torch.nonzero(counts == 0).flatten().cpu().numpy()
+    if len(empty):
+        log.debug("re-seeding %d empty clusters", len(empty))
+        new[torch.as_tensor(empty, device=new.device)] = rows.rows_dense(
+            gen.choice(rows.n_rows, size=len(empty), replace=False))
+    return new
+
+
+def log1p_csr(X: sp.csr_matrix) -> sp.csr_matrix:
+    """``log1p`` of a CSR matrix, sharing its index arrays (only the values are copied)."""
+    X = sp.csr_matrix(X)
+    return sp.csr_matrix((np.log1p(X.data), X.indices, X.indptr), shape=X.shape)
+
+
+def pseudo_labels(X, avg_cluster_num: int = 100, n_iter: int = 20, seed: int = 0,
+                  device: str | torch.device = "cpu") -> list[np.ndarray]:
+    """K-means labels of the rows of ``X`` at scPretrain's three granularities."""
+    ks = granularities(X.shape[0], avg_cluster_num)
+    return [kmeans(X, k, n_iter=n_iter, seed=seed + i, device=device).labels for i, k in enumerate(ks)]

@@ -1,0 +1,49 @@
+"""Tiny fixtures the tests build themselves: toy counts and Cell BLAST .h5 files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+
+def toy_counts(n_cells: int = 120, n_genes: int = 60, n_types: int = 3, seed: int = 0):
+    """Negative-binomial-like counts whose mean depends on the cell type; returns (X dense, type codes)."""
+    rng = np.random.default_rng(seed)
+    types = rng.integers(0, n_types, n_cells)
+    profile = rng.gamma(0.6, 2.0, size=(n_types, n_genes))
+    mean = profile[types] * rng.uniform(0.5, 1.5, size=(n_cells, 1))
+    counts = rng.poisson(rng.gamma(2.0, mean / 2.0)).astype(np.float32)
+    return counts, types
+
+
+def gene_names(n: int, species: str = "human", prefix: str = "GENE") -> list[str]:
+    names = [f"{prefix}{i}" for i in range(n)]
+    return [g.capitalize() for g in names] if species == "mouse" else names
+
+
+def write_cellblast_h5(path, X, genes, labels=None, cells=None, dense: bool = False, label_key: str = "cell_ontology_class"):
+    """Write the Cell BLAST layout: exprs (CSR group or dense), byte-string var/obs names, obs columns."""
+    path = Path(path)
+    X = sp.csr_matrix(X, dtype=np.float32)
+    cells = cells if cells is not None else [f"c{i}" for i in range(X.shape[0])]
+    with h5py.File(path, "w") as h5:
+        if dense:
+            h5["exprs"] = X.toarray()
+        else:
+            g = h5.create_group("exprs")
+            g["data"], g["indices"], g["indptr"] = X.data, X.indices.astype(np.int32), X.indptr.astype(np.int64)
+            g["shape"] = np.array(X.shape, dtype=np.int64)
+        h5["var_names"] = np.array([s.encode() for s in genes])
+        h5["obs_names"] = np.array([str(s).encode() for s in cells])
+        obs = h5.create_group("obs")
+        if labels is not None:
+            obs[label_key] = np.array([str(s).encode() for s in labels])
+    return path
+
+
+def toy_dataset_file(path, n_cells=120, n_genes=60, n_types=3, seed=0, species="human", labelled=True, **kw):
+    X, types = toy_counts(n_cells, n_genes, n_types, seed)
+    labels = np.array([f"type_{t}" for t in types]) if labelled else None
+    return write_cellblast_h5(path, X, gene_names(n_genes, species), labels, **kw)
