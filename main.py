@@ -1,0 +1,65 @@
+"""scPretrain: K-means multi-task pre-training (``--is_pretrain``) and the fine-tuning sweep.
+
+    python main.py --is_pretrain --kmeans                                   # phase 1
+    python main.py --is_pretrain --kmeans --pretrain_output \\
+        --pretrained_model models/pretrained.pt --save_model models/pretrained_phase2.pt
+    python main.py --kmeans --pretrained_model models/pretrained_phase2.pt  # fine-tuning sweep
+    torchrun --nproc_per_node 2 main.py --is_pretrain --kmeans              # several processes
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import common
+import data
+import finetune
+import pretrain
+from model import CheckpointError
+
+log = logging.getLogger("scpretrain")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--is_pretrain", action="store_true", help="pre-train (default: run the fine-tuning sweep)")
+    parser.add_argument("--kmeans", action="store_true",
+                        help="K-means pseudo-label pre-training, the original's flag (the only pretext task; "
+                             "accepted and implied)")
+    parser.add_argument("--pretrained_model", default=None,
+                        help="encoder checkpoint: phase 2 starts from it, the sweep fine-tunes it "
+                             f"(sweep default: {common.DEFAULT_MODEL} if it exists)")
+    parser.add_argument("--save_model", default=str(common.DEFAULT_MODEL),
+                        help="where pre-training writes its checkpoint (default: %(default)s)")
+    common.add_common_args(parser)
+    pretrain.add_pretrain_args(parser)
+    finetune.add_finetune_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(args) -> object:
+    common.setup_logging(args.log_level)
+    device = common.resolve_device(args)
+    common.seed_everything(args.seed)
+    try:
+        if args.is_pretrain:
+            distributed = pretrain.init_distributed(device)
+            rank, _ = pretrain.dist_info()
+            if rank != 0:
+                logging.getLogger().setLevel(logging.WARNING)
+            log.info("pre-training phase %d on %s%s", 2 if args.pretrain_output else 1, device,
+                     " (distributed)" if distributed else "")
+            datasets = common.load_datasets(args)
+            return pretrain.run_pretraining(args, datasets, device)
+        if args.pretrained_model is None and common.DEFAULT_MODEL.exists():
+            args.pretrained_model = str(common.DEFAULT_MODEL)
+        log.info("fine-tuning sweep on %s, pretrained model: %s", device, args.pretrained_model)
+        return finetune.run_sweep(args, device)
+    except (data.DataError, CheckpointError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(parse_args())

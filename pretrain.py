@@ -1,0 +1,286 @@
+"""Multi-task pre-training of scPretrain: K-means pseudo-labels, joint training, checkpoints.
+
+Phase 1 clusters each dataset's log1p input; phase 2 clusters the phase-1 encoder's output and
+trains fresh heads on the same encoder. Each step takes one mini-batch from every dataset and
+sums the cross-entropies; the epoch loss drives early stopping. Works in one process or under
+``torchrun`` (each rank takes its share of every batch; gradients are averaged by
+DistributedDataParallel). Importing does nothing.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+import common
+import data
+import kmeans
+from model import (RESUME_KIND, CheckpointError, ModelConfig, PretrainModel, atomic_torch_save,
+                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint)
+
+log = logging.getLogger("scpretrain.pretrain")
+
+
+def add_pretrain_args(parser) -> None:
+    g = parser.add_argument_group("pre-training")
+    g.add_argument("--pt_lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--pt_epoch", type=int, default=50, help="at most this many epochs (default: %(default)s)")
+    g.add_argument("--pt_patience", type=int, default=5, help="stop after this many epochs without a lower loss (default: %(default)s)")
+    g.add_argument("--batch_num", type=int, default=30, help="steps per epoch; batch of a dataset = n/batch_num (default: %(default)s)")
+    g.add_argument("--avg_cluster_num", type=int, default=100, help="a in k = n//a, n//(a//2), n//(2a)+1 (default: %(default)s)")
+    g.add_argument("--kmeans_iter", type=int, default=20, help="K-means iterations (default: %(default)s)")
+    g.add_argument("--kmeans_on", choices=["log1p", "raw"], default="log1p",
+                   help="phase-1 K-means input; 'raw' is the original's (default: %(default)s)")
+    g.add_argument("--no_sigmoid_logits", action="store_true",
+                   help="plain cross-entropy on the heads' logits (the original applies a sigmoid first)")
+    g.add_argument("--pretrain_output", action="store_true",
+                   help="phase 2: cluster the --pretrained_model encoder's output and continue training it")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
+
+
+@dataclass
+class Collection:
+    """The pre-training inputs: names and log1p CSR matrices aligned to one gene universe."""
+
+    names: list[str]
+    features: list[sp.csr_matrix]  # log1p values, cells x universe genes
+    raw: list[sp.csr_matrix | None]  # raw values, kept only when K-means wants them
+    gene_universe: np.ndarray
+
+
+def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw: bool = False) -> Collection:
+    universe = data.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
+    log.info("gene universe: %d genes", len(universe))
+    names, features, raw = [], [], []
+    for d in datasets:
+        aligned = data.align_to_universe(d, universe)
+        names.append(d.name)
+        features.append(kmeans.log1p_csr(aligned.X))
+        raw.append(aligned.X if keep_raw else None)
+    return Collection(names, features, raw, universe)
+
+
+# --------------------------------------------------------------------------- distributed helpers
+
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the torchrun process group when launched by torchrun; gloo on CPU, nccl on GPU."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return dist.is_initialized()
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return True
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank (a no-op in one process)."""
+    rank, world = dist_info()
+    if world == 1:
+        return obj
+    box = [obj if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# --------------------------------------------------------------------------- pseudo-labels
+
+
+def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[list[np.ndarray]]:
+    """Labels at the three granularities for every dataset: on the input (phase 1) or on the
+    encoder's output (phase 2). Computed on rank 0 and shared with every rank."""
+    rank, _ = dist_info()
+    labels = None
+    if rank == 0:
+        labels = []
+        for i, name in enumerate(tqdm(coll.names, desc="K-means", disable=rank != 0)):
+            if encoder is not None:
+                X = common.encode_cells(encoder, coll.features[i], device=device, log1p=False)
+            else:
+                X = coll.raw[i] if args.kmeans_on == "raw" else coll.features[i]
+            t0 = time.time()
+            per_k = kmeans.pseudo_labels(X, args.avg_cluster_num, args.kmeans_iter, seed=args.seed, device=device)
+            log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
+            labels.append(per_k)
+    return broadcast(labels)
+
+
+# --------------------------------------------------------------------------- training
+
+
+class MultiTaskStep(torch.nn.Module):
+    """One step's loss over every dataset's batch; one forward, so DDP wraps it cleanly."""
+
+    def __init__(self, model: PretrainModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, xs, targets, dataset_ids, denominators):
+        z = self.model.encoder(torch.cat(xs)) if len(xs) > 1 else self.model.encoder(xs[0])
+        total = z.new_zeros(())
+        for z_d, t_d, d, denom in zip(torch.split(z, [x.shape[0] for x in xs]), targets, dataset_ids, denominators):
+            for head, t in zip(self.model.heads[d], t_d):
+                logits = head(z_d)
+                logits = torch.sigmoid(logits) if self.model.cfg.sigmoid_logits else logits
+                total = total + torch.nn.functional.cross_entropy(logits, t, reduction="sum") / denom
+        return total
+
+
+def epoch_batches(n_cells: list[int], batch_num: int, seed: int, phase: int, epoch: int):
+    """Per step, the rows of every dataset: a seeded shuffle cut into ``batch_num`` parts."""
+    rng = np.random.default_rng([seed, phase, epoch])
+    parts = [np.array_split(rng.permutation(n), batch_num) for n in n_cells]
+    return [[parts[d][s] for d in range(len(n_cells))] for s in range(batch_num)]
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def train_epoch(step_module, optimizer, coll: Collection, targets, args, device, phase: int, epoch: int) -> float:
+    """One epoch; returns the mean step loss (summed over ranks)."""
+    rank, world = dist_info()
+    n_cells = [X.shape[0] for X in coll.features]
+    steps = epoch_batches(n_cells, args.batch_num, args.seed, phase, epoch)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    bar = tqdm(steps, desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
+    for step, rows_per_dataset in enumerate(bar):
+        xs, ts, ids, denoms = [], [], [], []
+        for d, rows in enumerate(rows_per_dataset):
+            if len(rows) == 0:
+                continue
+            mine = rows[rank::world]  # this rank's share of the batch
+            if len(mine) == 0:
+                continue
+            xs.append(_to_device(data.densify_log1p(coll.features[d], mine, log=False), device))
+            ts.append([targets[d][g][torch.as_tensor(mine)].to(device, non_blocking=True) for g in range(len(targets[d]))])
+            ids.append(d)
+            denoms.append(len(rows) / world)  # mean over the whole batch once DDP averages ranks
+        if not xs:
+            continue
+        loss = step_module(xs, ts, ids, denoms)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach()
+        if rank == 0 and (step % 10 == 9 or step == len(steps) - 1):
+            bar.set_postfix(loss=f"{loss.item() * world:.4f}")
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return float(loss_sum) / len(steps)
+
+
+def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -> dict:
+    """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0)."""
+    rank, world = dist_info()
+    phase = 2 if args.pretrain_output else 1
+    encoder, base_cfg, universe = None, None, None
+    if phase == 2:
+        if not args.pretrained_model:
+            raise CheckpointError("phase 2 (--pretrain_output) needs --pretrained_model FILE from phase 1")
+        ckpt = load_checkpoint(args.pretrained_model)
+        encoder, base_cfg = encoder_from_checkpoint(ckpt)
+        universe = ckpt["gene_universe"]
+    coll = build_collection(datasets, universe, keep_raw=(phase == 1 and args.kmeans_on == "raw"))
+    cfg = ModelConfig(n_genes=len(coll.gene_universe), hid=base_cfg.hid if base_cfg else args.hid,
+                      sigmoid_logits=not args.no_sigmoid_logits)
+    save_path = Path(args.save_model)
+    resume_path = resume_path_for(save_path)
+    state = load_resume(resume_path, coll, args, phase) if args.resume else None
+    labels = state["pseudo_labels"] if state else compute_pseudo_labels(coll, args, device, encoder)
+    targets = [[torch.as_tensor(np.asarray(lab), dtype=torch.int64) for lab in per_d] for per_d in labels]
+    counts = [[int(t.max()) + 1 for t in per_d] for per_d in targets]
+
+    torch.manual_seed(args.seed + phase)
+    model = PretrainModel(cfg, counts, encoder).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.pt_lr)
+    progress = {"epoch": 0, "best_loss": float("inf"), "wait": 0, "losses": []}
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = {k: state[k] for k in progress}
+        log.info("resuming phase %d after epoch %d (loss %.4f)", phase, progress["epoch"], progress["losses"][-1])
+    step_module = MultiTaskStep(model)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+
+    while progress["epoch"] < args.pt_epoch and progress["wait"] < args.pt_patience:
+        epoch = progress["epoch"] + 1
+        t0 = time.time()
+        loss = train_epoch(step_module, optimizer, coll, targets, args, device, phase, epoch)
+        improved = loss < progress["best_loss"]
+        progress.update(epoch=epoch, best_loss=min(loss, progress["best_loss"]),
+                        wait=0 if improved else progress["wait"] + 1, losses=progress["losses"] + [loss])
+        if rank == 0:
+            n = sum(X.shape[0] for X in coll.features)
+            log.info("phase %d epoch %d: loss %.4f%s (%.1fs, %.0f cells/s)", phase, epoch, loss,
+                     "" if improved else f" (no improvement for {progress['wait']})", time.time() - t0,
+                     n / max(time.time() - t0, 1e-9))
+            save_resume(resume_path, model, optimizer, progress, labels, coll, args, phase)
+    if progress["wait"] >= args.pt_patience:
+        log.info("early stop: no lower loss for %d epochs", args.pt_patience)
+    final = encoder_checkpoint(model.encoder, cfg, coll.gene_universe, common.args_to_dict(args), phase,
+                               progress["epoch"], progress["losses"][-1] if progress["losses"] else float("nan"))
+    final["losses"] = list(map(float, progress["losses"]))
+    final["datasets"] = list(coll.names)
+    if rank == 0:
+        atomic_torch_save(final, save_path)
+        resume_path.unlink(missing_ok=True)
+        log.info("saved phase-%d encoder to %s", phase, save_path)
+    return final
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def resume_path_for(save_path: Path) -> Path:
+    return save_path.with_name(save_path.name + ".resume")
+
+
+def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection, args, phase: int) -> None:
+    atomic_torch_save({
+        "kind": RESUME_KIND,
+        "model": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "optimizer": optimizer.state_dict(),
+        **progress,
+        "pseudo_labels": [[torch.as_tensor(lab) for lab in per_d] for per_d in labels],
+        "datasets": list(coll.names),
+        "gene_universe": [str(g) for g in coll.gene_universe],
+        "phase": phase,
+        "seed": args.seed,
+    }, path)
+
+
+def load_resume(path: Path, coll: Collection, args, phase: int) -> dict | None:
+    """The interrupted run's state, after checking it belongs to this run."""
+    if not path.exists():
+        log.warning("--resume: no epoch checkpoint at %s; starting from the beginning", path)
+        return None
+    state = load_checkpoint(path, kind=RESUME_KIND)
+    expected = {"datasets": list(coll.names), "phase": phase, "seed": args.seed,
+                "gene_universe": [str(g) for g in coll.gene_universe]}
+    differs = [k for k, v in expected.items() if state.get(k) != v]
+    if differs:
+        raise CheckpointError(f"{path}: was written by a different run (differs in {differs}); "
+                              "delete it or run without --resume")
+    state["pseudo_labels"] = [[lab.numpy() for lab in per_d] for per_d in state["pseudo_labels"]]
+    return state
