@@ -52,19 +52,16 @@ def setup_logging(level: str = "INFO") -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
 
 
-_warned_no_cuda = False
-
-
 def resolve_device(args) -> torch.device:
-    """cpu/cuda from ``--device``/``--cuda``; asking for cuda without a GPU warns once and uses the CPU."""
-    global _warned_no_cuda
+    """cpu/cuda from ``--device``/``--cuda``; asking for cuda without a GPU warns and uses the CPU.
+
+    Scripts call this once per run, so the warning is said once.
+    """
     wanted = "cuda" if getattr(args, "cuda", False) else getattr(args, "device", "auto")
     if wanted == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if wanted == "cuda" and not torch.cuda.is_available():
-        if not _warned_no_cuda:
-            log.warning("--cuda/--device cuda asked for, but no CUDA GPU is available: running on the CPU")
-            _warned_no_cuda = True
+        log.warning("--cuda/--device cuda asked for, but no CUDA GPU is available: running on the CPU")
         return torch.device("cpu")
     return torch.device(wanted)
 

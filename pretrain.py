@@ -157,7 +157,7 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def train_epoch(step_module, optimizer, coll: Collection, targets, args, device, phase: int, epoch: int) -> float:
-    """One epoch; returns the mean step loss (summed over ranks)."""
+    """One epoch; returns the mean step loss (the same number on every rank)."""
     rank, world = dist_info()
     n_cells = [X.shape[0] for X in coll.features]
     steps = epoch_batches(n_cells, args.batch_num, args.seed, phase, epoch)
@@ -183,9 +183,10 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
         optimizer.step()
         loss_sum += loss.detach()
         if rank == 0 and (step % 10 == 9 or step == len(steps) - 1):
-            bar.set_postfix(loss=f"{loss.item() * world:.4f}")
-    if world > 1:
+            bar.set_postfix(loss=f"{loss.item():.4f}")  # rank 0's share estimates the whole
+    if world > 1:  # each rank's loss estimates the whole batch's: average them
         dist.all_reduce(loss_sum)
+        loss_sum /= world
     return float(loss_sum) / len(steps)
 
 
