@@ -91,17 +91,23 @@ def _read_h5_matrix(h5, path: Path) -> sp.csr_matrix:
         raise DataError(f"{path}: no 'exprs' matrix (found: {sorted(h5.keys())})")
     node = h5["exprs"]
     if hasattr(node, "shape") and not hasattr(node, "keys"):  # a dense dataset
-        dense = np.asarray(node[()], dtype=np.float32)
+        try:
+            dense = np.asarray(node[()], dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: dense 'exprs' is not numeric ({exc})") from exc
         if dense.ndim != 2:
             raise DataError(f"{path}: dense 'exprs' must be 2-D, got shape {dense.shape}")
         return sp.csr_matrix(dense)
     missing = [k for k in ("data", "indices", "indptr", "shape") if k not in node]
     if missing:
         raise DataError(f"{path}: 'exprs' group lacks {missing}")
-    shape = tuple(int(s) for s in node["shape"][()])
-    data = np.asarray(node["data"][()], dtype=np.float32)
-    indices = np.asarray(node["indices"][()])
-    indptr = np.asarray(node["indptr"][()])
+    try:
+        shape = tuple(int(s) for s in np.ravel(node["shape"][()]))
+        data = np.asarray(node["data"][()], dtype=np.float32)
+        indices = np.asarray(node["indices"][()])
+        indptr = np.asarray(node["indptr"][()])
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{path}: 'exprs' arrays are not numeric ({exc})") from exc
     return build_csr(data, indices, indptr, shape, path)
 
 
@@ -179,7 +185,8 @@ def read_h5ad(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = No
 def _is_raw_like(X) -> bool:
     """Raw counts/TPM are non-negative; scaled or centred data (as in many h5ad ``X``) is not."""
     values = X.data if sp.issparse(X) else np.asarray(X)
-    return values.size == 0 or float(np.min(values)) >= 0
+    # NaN is bad data (rejected later, naming the file), not a sign that X is scaled
+    return values.size == 0 or not float(np.nanmin(values)) < 0
 
 
 def _h5ad_raw_matrix(adata, path: Path):
@@ -202,15 +209,25 @@ def read_numpy_dir(path, species: str | None = None, name: str | None = None) ->
     missing = [f for f in ("feature.npy", "gene_list.npy") if not (path / f).exists()]
     if missing:
         raise DataError(f"{path}: missing {missing}")
-    feature = np.load(path / "feature.npy", allow_pickle=False)
+    feature = _load_npy(path / "feature.npy")
     if feature.ndim != 2:
         raise DataError(f"{path / 'feature.npy'}: must be 2-D (cells x genes), got shape {feature.shape}")
-    genes = _decode(np.load(path / "gene_list.npy", allow_pickle=False))
+    if feature.dtype.kind not in "biuf":
+        raise DataError(f"{path / 'feature.npy'}: must hold numbers, got dtype {feature.dtype}")
+    genes = _decode(_load_npy(path / "gene_list.npy"))
     labels = None
     if (path / "label.npy").exists():
-        labels = _decode(np.load(path / "label.npy", allow_pickle=False))
+        labels = _decode(_load_npy(path / "label.npy"))
     X = sp.csr_matrix(feature.astype(np.float32, copy=False))
     return finish_dataset(name or path.name, X, genes, _default_cell_names(X.shape[0]), labels, species, path)
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # corrupt file, or an object array (needs pickle)
+        raise DataError(f"{path}: cannot be read as a .npy array of numbers or strings ({exc}); "
+                        "save it with np.save from a numeric or str array") from exc
 
 
 def _default_cell_names(n: int) -> np.ndarray:

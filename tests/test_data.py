@@ -1,0 +1,498 @@
+"""data.py: readers, gene mapping, the gene universe, alignment, splits, labels, batches, bad inputs."""
+import warnings
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+import data
+from data import DataError
+from helpers import gene_names, toy_counts, write_cellblast_h5
+
+
+def make_cell_data(X, genes, species="human", labels=None, name="toy"):
+    """A CellData built in memory, for the functions that do not read files."""
+    X = sp.csr_matrix(X, dtype=np.float32)
+    cells = np.array([f"c{i}" for i in range(X.shape[0])], dtype=object)
+    return data.CellData(name, X, np.asarray(genes, dtype=object), cells, labels, species)
+
+
+@pytest.fixture
+def toy():
+    """Counts, gene symbols and string labels of a small three-type dataset."""
+    X, types = toy_counts(n_cells=40, n_genes=12, n_types=3, seed=1)
+    return X, gene_names(12), np.array([f"type_{t}" for t in types])
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def test_read_cellblast_h5_csr(tmp_path, toy):
+    X, genes, labels = toy
+    path = write_cellblast_h5(tmp_path / "toy.h5", X, genes, labels)
+    d = data.read_cellblast_h5(path)
+    assert sp.isspmatrix_csr(d.X) and d.X.dtype == np.float32
+    np.testing.assert_array_equal(d.X.toarray(), X)
+    assert list(d.genes) == genes
+    assert list(d.labels) == list(labels)
+    assert list(d.cells) == [f"c{i}" for i in range(len(X))]
+    assert d.name == "toy" and d.species == "human" and d.is_labelled
+
+
+def test_read_cellblast_h5_dense_equals_csr(tmp_path, toy):
+    X, genes, labels = toy
+    csr = data.read_cellblast_h5(write_cellblast_h5(tmp_path / "csr.h5", X, genes, labels))
+    dense = data.read_cellblast_h5(write_cellblast_h5(tmp_path / "dense.h5", X, genes, labels, dense=True))
+    assert sp.isspmatrix_csr(dense.X)
+    assert (csr.X != dense.X).nnz == 0
+    assert list(csr.genes) == list(dense.genes) and list(csr.labels) == list(dense.labels)
+
+
+def test_read_cellblast_h5_other_label_key(tmp_path, toy):
+    X, genes, labels = toy
+    path = write_cellblast_h5(tmp_path / "toy.h5", X, genes, labels, label_key="cell_type")
+    assert not data.read_cellblast_h5(path).is_labelled  # default key absent: unlabelled
+    assert list(data.read_cellblast_h5(path, label_key="cell_type").labels) == list(labels)
+    with pytest.raises(DataError, match="cell_type"):  # strict: the error lists what is there
+        data.read_cellblast_h5(path, strict_label_key=True)
+
+
+def write_h5ad(path, X, genes, obs, raw_X=None):
+    import anndata
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = anndata.AnnData(X=X, obs=pd.DataFrame(obs, index=[f"c{i}" for i in range(X.shape[0])]),
+                                var=pd.DataFrame(index=list(genes)))
+        if raw_X is not None:
+            adata.raw = anndata.AnnData(X=raw_X, obs=adata.obs, var=adata.var)
+        adata.write_h5ad(path)
+    return path
+
+
+def test_read_h5ad_uses_X_when_non_negative(tmp_path, toy):
+    X, genes, labels = toy
+    path = write_h5ad(tmp_path / "toy.h5ad", sp.csr_matrix(X), genes, {"cell_ontology_class": labels})
+    d = data.read_h5ad(path)
+    np.testing.assert_array_equal(d.X.toarray(), X)
+    assert d.X.dtype == np.float32 and list(d.genes) == genes and list(d.labels) == list(labels)
+
+
+def test_read_h5ad_uses_raw_when_X_is_scaled(tmp_path, toy):
+    X, genes, labels = toy
+    scaled = (X - X.mean(0)) / (X.std(0) + 1)  # negative entries: not counts
+    path = write_h5ad(tmp_path / "toy.h5ad", scaled, genes, {"cell_ontology_class": labels}, raw_X=X)
+    d = data.read_h5ad(path)
+    np.testing.assert_array_equal(d.X.toarray(), X)
+
+
+def test_read_h5ad_unknown_label_key_lists_columns(tmp_path, toy):
+    X, genes, labels = toy
+    path = write_h5ad(tmp_path / "toy.h5ad", X, genes, {"louvain": labels, "batch": ["b"] * len(X)})
+    with pytest.raises(DataError) as err:
+        data.read_h5ad(path, label_key="cell_type")
+    msg = str(err.value)
+    assert str(path) in msg and "cell_type" in msg and "louvain" in msg and "batch" in msg
+
+
+def test_read_h5ad_label_key_choice(tmp_path, toy):
+    X, genes, labels = toy
+    path = write_h5ad(tmp_path / "toy.h5ad", X, genes, {"louvain": labels})
+    assert list(data.read_h5ad(path, label_key="louvain").labels) == list(labels)
+
+
+def test_read_numpy_dir(tmp_path, toy):
+    X, genes, labels = toy
+    np.save(tmp_path / "feature.npy", X)
+    np.save(tmp_path / "label.npy", labels)
+    np.save(tmp_path / "gene_list.npy", np.array(genes))
+    d = data.read_numpy_dir(tmp_path)
+    assert sp.isspmatrix_csr(d.X) and d.X.dtype == np.float32
+    np.testing.assert_array_equal(d.X.toarray(), X)
+    assert list(d.genes) == genes and list(d.labels) == list(labels) and d.n_cells == len(X)
+
+
+def test_read_any_dispatches(tmp_path, toy):
+    X, genes, labels = toy
+    write_cellblast_h5(tmp_path / "a.h5", X, genes, labels)
+    write_h5ad(tmp_path / "a.h5ad", X, genes, {"cell_ontology_class": labels})
+    folder = tmp_path / "np"
+    folder.mkdir()
+    np.save(folder / "feature.npy", X)
+    np.save(folder / "gene_list.npy", np.array(genes))
+    for path in (tmp_path / "a.h5", tmp_path / "a.h5ad", folder):
+        np.testing.assert_array_equal(data.read_any(path).X.toarray(), X)
+
+
+def test_species_guessed_from_symbols(tmp_path, toy):
+    X, _, labels = toy
+    mouse = data.read_cellblast_h5(write_cellblast_h5(tmp_path / "m.h5", X, gene_names(12, "mouse"), labels))
+    assert mouse.species == "mouse"
+    assert data.read_cellblast_h5(tmp_path / "m.h5", species="human").species == "human"
+
+
+# --------------------------------------------------------------------------- genes
+
+
+@pytest.fixture(scope="module")
+def ortholog_rows():
+    """Rows of the shipped table where mouse and human symbols differ by more than case."""
+    table = pd.read_csv(data.ORTHOLOG_TABLE, usecols=["human__gene_name", "mouse__gene_name"]).dropna()
+    differ = table[table["mouse__gene_name"].str.upper() != table["human__gene_name"].str.upper()]
+    assert len(differ) > 100
+    return differ.iloc[:: max(1, len(differ) // 8)].head(8)
+
+
+def test_mouse_symbols_map_to_human_orthologs(ortholog_rows):
+    mouse = list(ortholog_rows["mouse__gene_name"])  # e.g. Qars -> QARS1, Car8 -> CA8
+    expected = [h.upper() for h in ortholog_rows["human__gene_name"]]
+    assert list(data.map_genes(mouse, "mouse")) == expected
+
+
+def test_unmapped_symbols_are_only_upper_cased():
+    genes = ["Notagene1", "fooBar", "Xyz-2"]
+    assert list(data.map_genes(genes, "mouse")) == ["NOTAGENE1", "FOOBAR", "XYZ-2"]
+
+
+def test_human_symbols_are_not_mapped(ortholog_rows):
+    mouse = list(ortholog_rows["mouse__gene_name"])  # as human symbols, these only get upper-cased
+    assert list(data.map_genes(mouse, "human")) == [g.upper() for g in mouse]
+
+
+def test_mapping_collisions_are_summed(ortholog_rows):
+    row = ortholog_rows.iloc[0]
+    mouse_symbol, human_symbol = row["mouse__gene_name"], row["human__gene_name"].upper()
+    # the mouse symbol maps onto the human one, which the dataset also carries (upper-cased): collision
+    genes = [mouse_symbol, "Other1", human_symbol.capitalize()]
+    X = np.array([[1, 2, 3], [4, 0, 5], [0, 7, 0]], dtype=np.float32)
+    d = data.map_dataset_genes(make_cell_data(X, genes, species="mouse"))
+    assert sorted(d.genes) == sorted([human_symbol, "OTHER1"])
+    col = {g: i for i, g in enumerate(d.genes)}
+    np.testing.assert_array_equal(d.X.toarray()[:, col[human_symbol]], X[:, 0] + X[:, 2])
+    np.testing.assert_array_equal(d.X.toarray()[:, col["OTHER1"]], X[:, 1])
+    assert sp.isspmatrix_csr(d.X) and d.X.dtype == np.float32
+
+
+def test_map_dataset_genes_without_collision_keeps_matrix(ortholog_rows):
+    genes = list(ortholog_rows["mouse__gene_name"])
+    X = np.arange(2 * len(genes), dtype=np.float32).reshape(2, -1)
+    d = data.map_dataset_genes(make_cell_data(X, genes, species="mouse"))
+    assert list(d.genes) == [h.upper() for h in ortholog_rows["human__gene_name"]]
+    np.testing.assert_array_equal(d.X.toarray(), X)
+
+
+def test_gene_universe_intersects_species():
+    human = make_cell_data(np.ones((2, 3)), ["B", "A", "C"], "human")
+    human2 = make_cell_data(np.ones((2, 2)), ["D", "E"], "human")
+    mouse = make_cell_data(np.ones((2, 3)), ["C", "D", "A"], "mouse")
+    assert list(data.build_gene_universe([human, human2, mouse])) == ["A", "C", "D"]
+
+
+def test_gene_universe_one_species_is_union_sorted():
+    a = make_cell_data(np.ones((2, 3)), ["Z", "B", "M"])
+    b = make_cell_data(np.ones((2, 2)), ["A", "M"])
+    assert list(data.build_gene_universe([a, b])) == ["A", "B", "M", "Z"]
+
+
+def test_gene_universe_disjoint_species_raises():
+    with pytest.raises(DataError):
+        data.build_gene_universe([make_cell_data(np.ones((1, 1)), ["A"], "human"),
+                                  make_cell_data(np.ones((1, 1)), ["B"], "mouse")])
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def naive_align(X_dense, genes, universe):
+    """Reference: one loop over the universe's genes, copying the matching column (or zeros)."""
+    out = np.zeros((X_dense.shape[0], len(universe)), dtype=np.float32)
+    for j, g in enumerate(universe):
+        if g in genes:
+            out[:, j] = X_dense[:, genes.index(g)]
+    return out
+
+
+def test_align_matches_naive_reference():
+    rng = np.random.default_rng(3)
+    X = sp.random(50, 40, density=0.2, format="csr", dtype=np.float32, random_state=rng) * 10
+    genes = [f"G{i}" for i in rng.permutation(40)]  # dataset order differs from the universe's
+    universe = sorted(set(genes[:30]) | {f"NEW{i}" for i in range(8)})  # 10 genes dropped, 8 missing
+    aligned = data.align_to_universe(make_cell_data(X, genes), universe)
+    assert sp.isspmatrix_csr(aligned.X) and aligned.X.dtype == np.float32
+    assert aligned.X.shape == (50, len(universe)) and list(aligned.genes) == universe
+    np.testing.assert_array_equal(aligned.X.toarray(), naive_align(X.toarray(), genes, universe))
+    aligned.X.check_format(full_check=True)
+
+
+def test_align_when_universe_holds_all_genes():
+    rng = np.random.default_rng(4)
+    X = sp.random(20, 10, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    genes = [f"G{i}" for i in range(10)]
+    universe = sorted(genes + ["EXTRA"])
+    aligned = data.align_to_universe(make_cell_data(X, genes), universe)
+    np.testing.assert_array_equal(aligned.X.toarray(), naive_align(X.toarray(), genes, universe))
+
+
+def test_align_without_shared_gene_raises():
+    with pytest.raises(DataError, match="no gene"):
+        data.align_to_universe(make_cell_data(np.ones((2, 2)), ["A", "B"]), ["C", "D"])
+
+
+# --------------------------------------------------------------------------- labels, splits, batches
+
+
+@pytest.mark.parametrize("n", [30, 500, 5000])
+def test_split_sizes_disjoint_and_covering(n):
+    train, val, test = data.split_cells(n, seed=0)
+    assert len(train) == min(int(0.6 * n), 1000) and len(val) == min(int(0.1 * n), 1000)
+    assert len(train) + len(val) + len(test) == n
+    assert np.array_equal(np.sort(np.concatenate([train, val, test])), np.arange(n))
+
+
+def test_split_max_train():
+    train, _, _ = data.split_cells(400, seed=0, max_train=100)
+    assert len(train) == min(int(0.6 * 400), 100)
+
+
+def test_split_same_seed_same_split_other_seed_other_split():
+    a, b = data.split_cells(200, seed=7), data.split_cells(200, seed=7)
+    c = data.split_cells(200, seed=8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_split_too_few_cells_raises():
+    with pytest.raises(DataError):
+        data.split_cells(3, seed=0)
+
+
+def test_encode_labels_sorted_and_order_independent():
+    labels = ["T cell", "B cell", "NK", "B cell"]
+    codes, classes = data.encode_labels(labels)
+    assert list(classes) == ["B cell", "NK", "T cell"]
+    assert list(codes) == [2, 0, 1, 0]
+    codes_rev, classes_rev = data.encode_labels(labels[::-1])
+    assert list(classes_rev) == list(classes)
+    assert list(classes[codes_rev]) == labels[::-1]
+
+
+def test_densify_log1p_equals_numpy():
+    rng = np.random.default_rng(5)
+    X = sp.random(30, 8, density=0.4, format="csr", dtype=np.float32, random_state=rng) * 50
+    before = X.copy()
+    rows = np.array([4, 0, 17, 4])
+    out = data.densify_log1p(X, rows)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, np.log1p(X.toarray()[rows]), rtol=1e-6)
+    np.testing.assert_allclose(data.densify_log1p(X), np.log1p(X.toarray()), rtol=1e-6)
+    np.testing.assert_array_equal(data.densify_log1p(X, rows, log=False), X.toarray()[rows])
+    assert (X != before).nnz == 0  # the source matrix is left untouched
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_iter_batches_covers_every_row_once(shuffle):
+    rng = np.random.default_rng(0) if shuffle else None
+    batches = list(data.iter_batches(23, 5, rng))
+    assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(23))
+
+
+def test_missing_labels_become_empty(tmp_path):
+    X = np.ones((4, 2), dtype=np.float32)
+    path = write_cellblast_h5(tmp_path / "t.h5", X, ["A", "B"], ["T", "na", "", "NA"])
+    assert list(data.read_cellblast_h5(path).labels) == ["T", "", "", ""]
+
+
+def test_all_missing_labels_means_unlabelled(tmp_path):
+    X = np.ones((3, 2), dtype=np.float32)
+    path = write_cellblast_h5(tmp_path / "t.h5", X, ["A", "B"], ["na", "", "nan"])
+    d = data.read_cellblast_h5(path)
+    assert d.labels is None and not d.is_labelled
+
+
+def test_labelled_cells_drops_unlabelled():
+    X = np.arange(8, dtype=np.float32).reshape(4, 2)
+    d = make_cell_data(X, ["A", "B"], labels=np.array(["T", "", "B", ""], dtype=object))
+    kept = data.labelled_cells(d)
+    assert list(kept.labels) == ["T", "B"] and list(kept.cells) == ["c0", "c2"]
+    np.testing.assert_array_equal(kept.X.toarray(), X[[0, 2]])
+    with pytest.raises(DataError):
+        data.labelled_cells(make_cell_data(X, ["A", "B"]))
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def write_raw_h5(path, **fields):
+    """An .h5 written field by field; a dict value becomes a group."""
+    with h5py.File(path, "w") as h5:
+        for key, value in fields.items():
+            if isinstance(value, dict):
+                group = h5.create_group(key)
+                for k, v in value.items():
+                    group[k] = v
+            else:
+                h5[key] = value
+    return path
+
+
+def csr_group(X):
+    X = sp.csr_matrix(X, dtype=np.float32)
+    return {"data": X.data, "indices": X.indices, "indptr": X.indptr, "shape": np.array(X.shape)}
+
+
+GOOD_X = np.array([[1, 0, 2], [0, 3, 0]], dtype=np.float32)
+GOOD_GENES = np.array([b"A", b"B", b"C"])
+
+
+def bad_h5_files():
+    """name -> writer(path) of one defect each."""
+    def with_value(value):
+        X = GOOD_X.copy()
+        X[0, 0] = value
+        return lambda p: write_cellblast_h5(p, X, ["A", "B", "C"])
+
+    def bad_indptr(p):
+        g = csr_group(GOOD_X)
+        g["indptr"] = g["indptr"][:-1]
+        return write_raw_h5(p, exprs=g, var_names=GOOD_GENES)
+
+    def bad_shape(p):
+        g = csr_group(GOOD_X)
+        g["shape"] = np.array([5, 3])
+        return write_raw_h5(p, exprs=g, var_names=GOOD_GENES)
+
+    def index_out_of_range(p):
+        g = csr_group(GOOD_X)
+        g["shape"] = np.array([2, 2])
+        return write_raw_h5(p, exprs=g, var_names=GOOD_GENES[:2])
+
+    def text_file(p):
+        p.write_text("this is not hdf5\n")
+        return p
+
+    return {  # defect: (writer, what the message must say)
+        "not hdf5": (text_file, "not an HDF5 file"),
+        "missing exprs": (lambda p: write_raw_h5(p, var_names=GOOD_GENES), "no 'exprs'"),
+        "missing var_names": (lambda p: write_raw_h5(p, exprs=csr_group(GOOD_X)), "no 'var_names'"),
+        "exprs group lacks indptr": (lambda p: write_raw_h5(
+            p, exprs={k: v for k, v in csr_group(GOOD_X).items() if k != "indptr"}, var_names=GOOD_GENES), "lacks"),
+        "indptr too short": (bad_indptr, "indptr has 2 entries"),
+        "shape disagrees with indptr": (bad_shape, "shape says 5 cells"),
+        "gene index out of range": (index_out_of_range, "gene indices fall outside"),
+        "gene names of wrong length": (lambda p: write_raw_h5(p, exprs=csr_group(GOOD_X), var_names=GOOD_GENES[:2]),
+                                       "2 gene names for a matrix of 3 genes"),
+        "negative": (with_value(-1.0), "negative"),
+        "nan": (with_value(np.nan), "NaN"),
+        "inf": (with_value(np.inf), "infinite"),
+        "duplicate genes": (lambda p: write_cellblast_h5(p, GOOD_X, ["A", "B", "A"]), "duplicate gene names"),
+        "labels of wrong length": (lambda p: _add_labels(write_cellblast_h5(p, GOOD_X, ["A", "B", "C"]), 3),
+                                   "3 labels for 2 cells"),
+        "empty csr": (lambda p: write_cellblast_h5(p, np.zeros((0, 3), np.float32), ["A", "B", "C"]), "empty"),
+        "empty dense": (lambda p: write_cellblast_h5(p, np.zeros((0, 3), np.float32), ["A", "B", "C"], dense=True),
+                        "empty"),
+        "dense 1-D": (lambda p: write_raw_h5(p, exprs=np.ones(3, np.float32), var_names=GOOD_GENES), "2-D"),
+        "dense 3-D": (lambda p: write_raw_h5(p, exprs=np.ones((2, 3, 1), np.float32), var_names=GOOD_GENES), "2-D"),
+        "dense text": (lambda p: write_raw_h5(p, exprs=np.array([[b"a", b"b", b"c"]]), var_names=GOOD_GENES),
+                       "not numeric"),
+        "shape scalar": (lambda p: write_raw_h5(p, exprs={**csr_group(GOOD_X), "shape": 2}, var_names=GOOD_GENES),
+                         "2 entries"),
+    }
+
+
+def _add_labels(path, n):
+    with h5py.File(path, "a") as h5:
+        h5["obs"]["cell_ontology_class"] = np.array([b"T"] * n)
+    return path
+
+
+@pytest.mark.parametrize("defect", list(bad_h5_files()))
+def test_bad_cellblast_h5_gives_data_error_naming_file(tmp_path, defect):
+    write, expected = bad_h5_files()[defect]
+    path = write(tmp_path / "bad.h5")
+    with pytest.raises(DataError) as err:
+        data.read_cellblast_h5(path)
+    assert str(path) in str(err.value) and expected in str(err.value)
+
+
+def test_missing_file_named(tmp_path):
+    for reader, name in ((data.read_cellblast_h5, "none.h5"), (data.read_h5ad, "none.h5ad"),
+                         (data.read_numpy_dir, "none_dir"), (data.read_any, "none.h5")):
+        with pytest.raises(DataError) as err:
+            reader(tmp_path / name)
+        assert str(tmp_path / name) in str(err.value)
+
+
+@pytest.mark.parametrize("defect", ["negative", "nan", "labels", "duplicates", "1-D", "missing genes",
+                                    "text features", "corrupt features", "object gene list"])
+def test_bad_numpy_dir_gives_data_error_naming_folder(tmp_path, defect):
+    X, genes, labels = GOOD_X.copy(), np.array(["A", "B", "C"]), np.array(["T", "B"])
+    if defect == "negative":
+        X[1, 1] = -2
+    elif defect == "nan":
+        X[1, 1] = np.nan
+    elif defect == "labels":
+        labels = labels[:1]
+    elif defect == "duplicates":
+        genes = np.array(["A", "A", "C"])
+    elif defect == "1-D":
+        X = X[0]
+    elif defect == "text features":
+        X = X.astype(str)
+    elif defect == "object gene list":
+        genes = genes.astype(object)  # needs pickle to load: refused
+    np.save(tmp_path / "feature.npy", X)
+    np.save(tmp_path / "label.npy", labels)
+    if defect != "missing genes":
+        np.save(tmp_path / "gene_list.npy", genes)
+    if defect == "corrupt features":
+        (tmp_path / "feature.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(DataError) as err:
+        data.read_numpy_dir(tmp_path)
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+@pytest.mark.parametrize("defect", ["negative without raw", "nan", "duplicates", "empty", "not h5ad"])
+def test_bad_h5ad_gives_data_error_naming_file(tmp_path, defect):
+    path = tmp_path / "bad.h5ad"
+    X, genes, obs = GOOD_X.copy(), ["A", "B", "C"], {"cell_ontology_class": ["T", "B"]}
+    if defect == "negative without raw":
+        X[0, 0] = -1
+    elif defect == "nan":
+        X[0, 0] = np.nan
+    elif defect == "duplicates":
+        genes = ["A", "B", "A"]
+    elif defect == "empty":
+        X, obs = X[:0], {"cell_ontology_class": []}
+    if defect == "not h5ad":
+        path.write_text("plain text")
+    else:
+        write_h5ad(path, X, genes, obs)
+    with pytest.raises(DataError) as err:
+        data.read_h5ad(path)
+    assert str(path) in str(err.value)
+
+
+def test_h5ad_nan_in_X_is_rejected_not_replaced_by_raw(tmp_path):
+    """A NaN in X is bad data, not a sign that X is scaled: raw.X must not be used silently."""
+    X = GOOD_X.copy()
+    X[0, 0] = np.nan
+    path = write_h5ad(tmp_path / "nan.h5ad", X, ["A", "B", "C"], {"cell_ontology_class": ["T", "B"]}, raw_X=GOOD_X)
+    with pytest.raises(DataError, match="NaN"):
+        data.read_h5ad(path)
+
+
+# --------------------------------------------------------------------------- the embedded demo
+
+
+def test_load_collection_demo():
+    datasets = data.load_collection()
+    assert [d.name for d in datasets] == list(data.DEMO_DATASETS)
+    assert sum(d.is_labelled for d in datasets) == 2
+    assert {d.species for d in datasets} == {"human"}
+    for d in datasets:
+        assert sp.isspmatrix_csr(d.X) and d.X.dtype == np.float32 and d.n_cells > 0
+        assert not pd.Index(d.genes).duplicated().any()
