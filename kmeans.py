@@ -76,17 +76,24 @@ class _Rows:
 
 
 def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
-           chunk_rows: int = 8192, init_sample: int | None = None) -> KMeansResult:
-    """Cluster the rows of ``X`` (CSR or dense) into ``k`` clusters; seeded and deterministic."""
+           chunk_rows: int = 8192, init_sample: int | None = None, max_cells: int = 0) -> KMeansResult:
+    """Cluster the rows of ``X`` (CSR or dense) into ``k`` clusters; seeded and deterministic.
+
+    With ``max_cells`` > 0, the centroids are fitted on a seeded sample of that many cells and
+    every cell is then assigned to its nearest centroid (for very large datasets on a CPU).
+    """
     device = torch.device(device)
     rows = _Rows(X, device)
     n = rows.n_rows
     k = int(min(max(k, 1), n))
     gen = np.random.default_rng(seed)
-    centroids = _kmeans_pp(rows, k, gen, init_sample)
+    fit_rows = rows
+    if 0 < max_cells < n:
+        fit_rows = _Rows(X[np.sort(gen.choice(n, size=max(max_cells, k), replace=False))], device)
+    centroids = _kmeans_pp(fit_rows, k, gen, init_sample)
     for _ in range(n_iter):
-        labels, _, sums, counts = _assign(rows, centroids, chunk_rows, accumulate=True)
-        centroids = _update(centroids, sums, counts, rows, gen)
+        _, _, sums, counts = _assign(fit_rows, centroids, chunk_rows, accumulate=True)
+        centroids = _update(centroids, sums, counts, fit_rows, gen)
     labels, inertia, _, _ = _assign(rows, centroids, chunk_rows, accumulate=False)
     return KMeansResult(labels.cpu().numpy().astype(np.int64), centroids.cpu().numpy(), float(inertia))
 
@@ -157,7 +164,8 @@ def log1p_csr(X: sp.csr_matrix) -> sp.csr_matrix:
 
 
 def pseudo_labels(X, avg_cluster_num: int = 100, n_iter: int = 20, seed: int = 0,
-                  device: str | torch.device = "cpu") -> list[np.ndarray]:
+                  device: str | torch.device = "cpu", max_cells: int = 0) -> list[np.ndarray]:
     """K-means labels of the rows of ``X`` at scPretrain's three granularities."""
     ks = granularities(X.shape[0], avg_cluster_num)
-    return [kmeans(X, k, n_iter=n_iter, seed=seed + i, device=device).labels for i, k in enumerate(ks)]
+    return [kmeans(X, k, n_iter=n_iter, seed=seed + i, device=device, max_cells=max_cells).labels
+            for i, k in enumerate(ks)]

@@ -50,8 +50,7 @@ def main(args) -> object:
                 logging.getLogger().setLevel(logging.WARNING)
             log.info("pre-training phase %d on %s%s", 2 if args.pretrain_output else 1, device,
                      " (distributed)" if distributed else "")
-            datasets = common.load_datasets(args)
-            return pretrain.run_pretraining(args, datasets, device)
+            return pretrain.run_pretraining(args, common.load_datasets(args), device)
         if args.pretrained_model is None and common.DEFAULT_MODEL.exists():
             args.pretrained_model = str(common.DEFAULT_MODEL)
         log.info("fine-tuning sweep on %s, pretrained model: %s", device, args.pretrained_model)

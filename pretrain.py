@@ -40,6 +40,9 @@ def add_pretrain_args(parser) -> None:
     g.add_argument("--kmeans_iter", type=int, default=20, help="K-means iterations (default: %(default)s)")
     g.add_argument("--kmeans_on", choices=["log1p", "raw"], default="log1p",
                    help="phase-1 K-means input; 'raw' is the original's (default: %(default)s)")
+    g.add_argument("--kmeans_max_cells", type=int, default=0,
+                   help="fit K-means centroids on at most this many sampled cells, then assign all "
+                        "(0 = all cells, as the original; default: %(default)s)")
     g.add_argument("--no_sigmoid_logits", action="store_true",
                    help="plain cross-entropy on the heads' logits (the original applies a sigmoid first)")
     g.add_argument("--pretrain_output", action="store_true",
@@ -58,12 +61,16 @@ class Collection:
 
 
 def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw: bool = False) -> Collection:
+    """Align every dataset to the universe; ``datasets`` is emptied as it goes, so that each
+    unaligned matrix is freed as soon as its aligned copy exists (memory stays flat)."""
     universe = data.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
     log.info("gene universe: %d genes", len(universe))
     names, features, raw = [], [], []
-    for d in datasets:
+    while datasets:
+        d = datasets.pop(0)
         aligned = data.align_to_universe(d, universe)
         names.append(d.name)
+        del d
         features.append(kmeans.log1p_csr(aligned.X))
         raw.append(aligned.X if keep_raw else None)
     return Collection(names, features, raw, universe)
@@ -115,7 +122,8 @@ def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[
             else:
                 X = coll.raw[i] if args.kmeans_on == "raw" else coll.features[i]
             t0 = time.time()
-            per_k = kmeans.pseudo_labels(X, args.avg_cluster_num, args.kmeans_iter, seed=args.seed, device=device)
+            per_k = kmeans.pseudo_labels(X, args.avg_cluster_num, args.kmeans_iter, seed=args.seed, device=device,
+                                         max_cells=args.kmeans_max_cells)
             log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
             labels.append(per_k)
     return broadcast(labels)
@@ -191,7 +199,10 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
 
 
 def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -> dict:
-    """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0)."""
+    """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0).
+
+    ``datasets`` is consumed (emptied) to keep one copy of each matrix in memory.
+    """
     rank, world = dist_info()
     phase = 2 if args.pretrain_output else 1
     encoder, base_cfg, universe = None, None, None
