@@ -6,6 +6,7 @@ mini-batch is densified (:func:`densify_log1p`). Importing this module does noth
 """
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import tempfile
@@ -464,7 +465,7 @@ def download_dataset(name: str, dest: Path, url_template: str = DEFAULT_URL_TEMP
                 raise DataError("the server did not send an HDF5 file")
         os.replace(tmp_name, dest)
         return dest
-    except (urllib.error.URLError, OSError, ValueError, DataError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, DataError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DataError(f"cannot download dataset '{name}' from {url}: {reason}. "
                         f"Check the network, or place {dest.name} in {dest.parent} by hand.") from None
