@@ -1,0 +1,190 @@
+"""K-means on PCA features and on the pretrained representation, scored against the cell types.
+
+    python clus.py                                   # all labelled datasets, UMAP of the first
+    python clus.py --umap_dataset Quake_10x_Kidney   # the original's UMAP dataset
+
+For every labelled dataset, K-means with k = the number of cell types runs on PCA of the log1p
+expression and on the pretrained representation, once per seed (``--seed`` + 0..n_seeds-1);
+adjusted Rand index and normalised mutual information against the cell types, and the
+silhouette of the clustering on the features clustered, go to ``--save_result``. A UMAP of one
+dataset, raw (PCA) vs scPretrain coloured by cell type, is written as
+``umap_<dataset>.csv`` (the coordinates) and ``umap_<dataset>.png`` (drawn from that CSV)
+beside the results. Importing does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+import common
+import data
+import finetune
+import kmeans
+from model import CheckpointError
+from rf_svm_lr import labelled_datasets, load_pretrained_or_explain
+
+log = logging.getLogger("scpretrain.clus")
+
+FEATURE_SETS = ("PCA", "scPretrain")
+SILHOUETTE_CELLS = 5000  # silhouette is O(n^2): scored on a seeded sample of this many cells at most
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pretrained_model", default=str(common.DEFAULT_MODEL),
+                        help="encoder checkpoint giving the scPretrain features (default: %(default)s)")
+    parser.add_argument("--save_result", default=str(common.RESULTS_DIR / "clustering.csv"),
+                        help="CSV the rows are appended to; the UMAP files go beside it (default: %(default)s)")
+    parser.add_argument("--pca_dim", type=int, default=50, help="PCA components of the raw features (default: %(default)s)")
+    parser.add_argument("--pca_fit_cells", type=int, default=10000,
+                        help="the PCA is fitted on a seeded sample of at most this many cells (default: %(default)s)")
+    parser.add_argument("--n_seeds", type=int, default=10, help="K-means runs per feature set, seeds --seed+0.. "
+                                                                "(default: %(default)s)")
+    parser.add_argument("--umap_dataset", default=None,
+                        help="dataset drawn as a UMAP (default: the first labelled dataset loaded; "
+                             "the original drew Quake_10x_Kidney)")
+    parser.add_argument("--no_umap", action="store_true", help="skip the UMAP figure")
+    common.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def pca_features(d: data.CellData, n_components: int, fit_cells: int, seed: int) -> np.ndarray:
+    """PCA of the log1p expression, fitted on all cells or a seeded sample of ``fit_cells``."""
+    fit_rows = np.arange(d.n_cells)
+    if d.n_cells > fit_cells:
+        fit_rows = np.sort(np.random.default_rng(seed).choice(d.n_cells, fit_cells, replace=False))
+    features, _, _ = finetune.pca_features(kmeans.log1p_csr(d.X), fit_rows, n_components, seed)
+    return features
+
+
+def score_clustering(features: np.ndarray, codes: np.ndarray, k: int, seed: int) -> dict:
+    """One K-means run (n_init=1) and its ARI, NMI and silhouette."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    predicted = KMeans(n_clusters=k, n_init=1, random_state=seed).fit_predict(features)
+    n_found = len(np.unique(predicted))
+    silhouette = float("nan")
+    if 2 <= n_found < len(predicted):
+        sample = SILHOUETTE_CELLS if len(predicted) > SILHOUETTE_CELLS else None
+        silhouette = float(silhouette_score(features, predicted, sample_size=sample, random_state=seed))
+    return {"ari": float(adjusted_rand_score(codes, predicted)),
+            "nmi": float(normalized_mutual_info_score(codes, predicted)),
+            "silhouette": silhouette}
+
+
+def cluster_dataset(d: data.CellData, feature_sets: dict, args) -> list[dict]:
+    codes, classes = data.encode_labels(d.labels)
+    k = len(classes)
+    if k < 2:
+        log.warning("%s: one cell type only; nothing to cluster", d.name)
+        return []
+    rows = []
+    for name, features in feature_sets.items():
+        for seed in range(args.seed, args.seed + args.n_seeds):
+            rows.append({"dataset": d.name, "species": d.species, "n_cells": d.n_cells, "n_classes": k,
+                         "features": name, "seed": seed, **score_clustering(features, codes, k, seed)})
+        mean = pd.DataFrame(rows[-args.n_seeds:])[["ari", "nmi", "silhouette"]].mean()
+        log.info("%s on %s, k=%d, %d seeds: ARI %.4f NMI %.4f silhouette %.4f", d.name, name, k, args.n_seeds,
+                 mean["ari"], mean["nmi"], mean["silhouette"])
+    return rows
+
+
+def umap_coordinates(d: data.CellData, feature_sets: dict, seed: int) -> pd.DataFrame:
+    """Two UMAP embeddings of one dataset, one row per cell and feature set."""
+    import umap
+
+    frames = []
+    for name, features in feature_sets.items():
+        with warnings.catch_warnings():  # a fixed random_state makes umap-learn single-threaded, and says so
+            warnings.filterwarnings("ignore", message=".*n_jobs.*", category=UserWarning)
+            n_neighbors = max(2, min(15, d.n_cells - 1))
+            xy = umap.UMAP(n_neighbors=n_neighbors, random_state=seed).fit_transform(features)
+        frames.append(pd.DataFrame({"dataset": d.name, "cell": d.cells, "cell_type": d.labels, "features": name,
+                                    "umap1": xy[:, 0], "umap2": xy[:, 1]}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def plot_umap(csv_path: Path, png_path: Path) -> Path:
+    """Raw (PCA) vs scPretrain panels, coloured by cell type, drawn from the coordinates CSV."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.read_csv(csv_path, dtype={"cell_type": str})
+    types = sorted(frame["cell_type"].unique())
+    cmap = plt.get_cmap("tab20" if len(types) > 10 else "tab10")
+    colours = {t: cmap(i % cmap.N) for i, t in enumerate(types)}
+    titles = {"PCA": "raw (PCA of log1p expression)", "scPretrain": "scPretrain representation"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.5))
+    for ax, name in zip(axes, FEATURE_SETS):
+        part = frame[frame["features"] == name]
+        for t in types:
+            cells = part[part["cell_type"] == t]
+            ax.scatter(cells["umap1"], cells["umap2"], s=4, color=colours[t], label=t, rasterized=True)
+        ax.set_title(titles[name])
+        ax.set_xlabel("UMAP 1")
+        ax.set_ylabel("UMAP 2")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{frame['dataset'].iloc[0]}: cells coloured by cell type")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", markerscale=3, fontsize="small", frameon=False,
+               ncol=1 if len(types) <= 25 else 2)
+    fig.tight_layout(rect=(0, 0, 0.8 if len(types) <= 25 else 0.7, 1))
+    fig.savefig(png_path, dpi=150)
+    plt.close(fig)
+    return png_path
+
+
+def write_umap(d: data.CellData, feature_sets: dict, args, out_dir: Path) -> Path:
+    coords = umap_coordinates(d, feature_sets, args.seed)
+    csv_path = out_dir / f"umap_{d.name}.csv"
+    data.atomic_write(csv_path, lambda fh: coords.to_csv(fh, index=False))
+    png_path = plot_umap(csv_path, out_dir / f"umap_{d.name}.png")
+    log.info("UMAP of %s in %s", d.name, png_path)
+    return png_path
+
+
+def run(args):
+    device = common.resolve_device(args)
+    encoder, universe, _ = load_pretrained_or_explain(args.pretrained_model)
+    datasets = labelled_datasets(args)
+    umap_name = None if args.no_umap else (args.umap_dataset or datasets[0].name)
+    if umap_name is not None and umap_name not in [d.name for d in datasets]:
+        raise data.DataError(f"--umap_dataset {umap_name} is not among the labelled datasets loaded: "
+                             f"{[d.name for d in datasets]}")
+    out = Path(args.save_result)
+    common.write_args_json(args, out)
+    frame = None
+    for d in tqdm(datasets, desc="clustering datasets"):
+        feature_sets = {"PCA": pca_features(d, args.pca_dim, args.pca_fit_cells, args.seed),
+                        "scPretrain": common.representations(encoder, universe, d, device=device)}
+        rows = cluster_dataset(d, feature_sets, args)
+        if rows:
+            frame = finetune.append_results(out, rows)
+        if d.name == umap_name:
+            write_umap(d, feature_sets, args, out.parent)
+    return frame
+
+
+def main(args):
+    common.setup_logging(args.log_level)
+    common.seed_everything(args.seed)
+    try:
+        return run(args)
+    except (data.DataError, CheckpointError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(parse_args())

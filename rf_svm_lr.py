@@ -1,0 +1,184 @@
+"""Off-the-shelf classifiers on PCA features and on the pretrained representation.
+
+    python rf_svm_lr.py --clf svm                    # the original's usage
+    python rf_svm_lr.py --clf rf --pretrained_model models/pretrained.pt
+
+For every labelled dataset and repeat, one seeded split (the fine-tuning sweep's split) serves
+two feature sets: PCA of the log1p expression, fitted on the first 500 training cells, and the
+pretrained representation ``sigmoid(encoder(log1p x))``. The chosen classifier is trained on the
+training cells and scored on the test cells from its probabilities or decision scores.
+One row per dataset, repeat and feature set is appended to ``--save_result``.
+Importing does nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import common
+import data
+import finetune
+import kmeans
+import metrics
+from model import CheckpointError
+
+log = logging.getLogger("scpretrain.offshelf")
+
+CLASSIFIERS = ("rf", "svm", "lr")
+FEATURE_SETS = ("PCA", "scPretrain")
+PCA_FIT_CELLS = 500  # scPretrain: the PCA is fitted on the first 500 (training) cells
+PRETRAIN_HINT = "run `python main.py --is_pretrain --kmeans` first, or pass --pretrained_model FILE"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clf", choices=CLASSIFIERS, default="svm",
+                        help="rf = random forest (10 trees, depth 5), svm = linear SVM, "
+                             "lr = logistic regression (default: %(default)s)")
+    parser.add_argument("--pretrained_model", default=str(common.DEFAULT_MODEL),
+                        help="encoder checkpoint giving the scPretrain features (default: %(default)s)")
+    parser.add_argument("--save_result", default=str(common.RESULTS_DIR / "offshelf.csv"),
+                        help="CSV the rows are appended to (default: %(default)s)")
+    parser.add_argument("--pca_dim", type=int, default=200,
+                        help="PCA components, fewer when the cells or genes allow fewer (default: %(default)s)")
+    common.add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- shared with clus.py
+
+
+def load_pretrained_or_explain(path):
+    """``common.load_pretrained``, with the way to make a model when there is none."""
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: no pretrained model there; {PRETRAIN_HINT}")
+    return common.load_pretrained(path)
+
+
+def labelled_datasets(args) -> list[data.CellData]:
+    """The labelled datasets of ``--datasets``, genes mapped, cells without a label dropped."""
+    datasets = common.load_datasets(args)
+    skipped = [d.name for d in datasets if not d.is_labelled]
+    if skipped:
+        log.info("unlabelled, left out: %s", ", ".join(skipped))
+    labelled = [data.labelled_cells(d) for d in datasets if d.is_labelled]
+    if not labelled:
+        raise data.DataError("none of the chosen datasets is labelled; nothing to classify or cluster")
+    return labelled
+
+
+# --------------------------------------------------------------------------- classifiers
+
+
+def make_classifier(name: str, seed: int):
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.svm import LinearSVC
+
+    if name == "rf":
+        return RandomForestClassifier(n_estimators=10, max_depth=5, random_state=seed)
+    if name == "svm":
+        return LinearSVC(random_state=seed)
+    if name == "lr":
+        return LogisticRegression(max_iter=10000, random_state=seed)
+    raise ValueError(f"unknown classifier '{name}'; choose one of {CLASSIFIERS}")
+
+
+def class_scores(clf, X: np.ndarray, n_classes: int) -> np.ndarray:
+    """Cells x all classes: probabilities (rf, lr) or decision scores (svm).
+
+    Classes the classifier never saw in training get a column below every other score.
+    """
+    if hasattr(clf, "predict_proba"):
+        seen = clf.predict_proba(X)
+    else:
+        seen = clf.decision_function(X)
+        if seen.ndim == 1:  # two classes: the score of classes_[1]
+            seen = np.stack([-seen, seen], axis=1)
+    scores = np.full((X.shape[0], n_classes), float(seen.min()) - 1.0)
+    scores[:, clf.classes_] = seen
+    return scores
+
+
+def evaluate(clf_name: str, features: np.ndarray, codes: np.ndarray, split, n_classes: int, seed: int) -> dict:
+    """Train on the training cells, score the test cells."""
+    train_idx, _, test_idx = split
+    clf = make_classifier(clf_name, seed).fit(features[train_idx], codes[train_idx])
+    return metrics.classification_metrics(codes[test_idx], class_scores(clf, features[test_idx], n_classes))
+
+
+def pca_on_training_cells(X_log, train_idx: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    fit_rows = train_idx[:PCA_FIT_CELLS]  # train_idx is already shuffled by the seeded split
+    features, components, _ = finetune.pca_features(X_log, fit_rows, n_components, seed)
+    if components.shape[0] < n_components:
+        log.info("PCA: %d components (fitted on %d cells x %d genes allow no more than that)",
+                 components.shape[0], len(fit_rows), X_log.shape[1])
+    return features
+
+
+def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], args) -> list[dict]:
+    """All repeats of one dataset: both feature sets on each repeat's split."""
+    codes, classes = data.encode_labels(d.labels)
+    X_log = kmeans.log1p_csr(d.X)
+    rows = []
+    for repeat, seed in enumerate(seeds):
+        split = common.split_for(d, seed, args)
+        if len(np.unique(codes[split[0]])) < 2:
+            log.warning("%s seed %d: the training cells hold one cell type only; skipped", d.name, seed)
+            continue
+        base = {"dataset": d.name, "species": d.species, "n_cells": d.n_cells, "n_genes": d.n_genes,
+                "n_classes": len(classes), "n_train": len(split[0]), "n_val": len(split[1]),
+                "n_test": len(split[2]), "seed": seed, "repeat": repeat, "classifier": args.clf}
+        t0 = time.time()
+        feature_sets = {"PCA": pca_on_training_cells(X_log, split[0], args.pca_dim, seed),
+                        "scPretrain": representation}
+        pca_seconds = time.time() - t0
+        for name in FEATURE_SETS:
+            t0 = time.time()
+            result = evaluate(args.clf, feature_sets[name], codes, split, len(classes), seed)
+            seconds = time.time() - t0 + (pca_seconds if name == "PCA" else 0.0)
+            rows.append({**base, "features": name, **{m: result[m] for m in metrics.METRIC_NAMES},
+                         "n_scored_classes": result["n_scored_classes"], "seconds": round(seconds, 3)})
+            log.info("%s seed %d %s on %s: accuracy %.4f kappa %.4f auprc %.4f auroc %.4f", d.name, seed,
+                     args.clf, name, result["accuracy"], result["kappa"], result["auprc"], result["auroc"])
+    return rows
+
+
+def run(args):
+    device = common.resolve_device(args)
+    encoder, universe, _ = load_pretrained_or_explain(args.pretrained_model)
+    datasets = labelled_datasets(args)
+    seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
+    out = Path(args.save_result)
+    common.write_args_json(args, out)
+    frame = None
+    for d in tqdm(datasets, desc=f"{args.clf} datasets"):
+        representation = common.representations(encoder, universe, d, device=device)
+        rows = run_dataset(d, representation, seeds, args)
+        if rows:
+            frame = finetune.append_results(out, rows)
+    if frame is not None:
+        summary = frame[frame["classifier"] == args.clf].groupby("features")[list(metrics.METRIC_NAMES)].mean()
+        log.info("results in %s; mean over datasets and repeats (%s):\n%s", out, args.clf,
+                 summary.to_string(float_format=lambda v: f"{v:.4f}"))
+    return frame
+
+
+def main(args):
+    common.setup_logging(args.log_level)
+    common.seed_everything(args.seed)
+    try:
+        return run(args)
+    except (data.DataError, CheckpointError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main(parse_args())
