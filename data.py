@@ -364,20 +364,33 @@ def align_to_universe(data: CellData, universe: Sequence[str]) -> CellData:
 
 
 def remap_columns(X: sp.csr_matrix, target: np.ndarray, n_cols: int) -> sp.csr_matrix:
-    """Move column j of ``X`` to ``target[j]`` (dropped where -1) without densifying."""
+    """Move column j of ``X`` to ``target[j]`` (dropped where -1) without densifying.
+
+    The result is a canonical CSR (column indices sorted within each row, as torch's sparse CSR
+    and cuSPARSE require) with its own copy of the values. Extra memory is about the output
+    plus one byte per stored value of ``X``.
+    """
     idx_dtype = np.int32 if max(n_cols, X.nnz) < 2**31 else np.int64
-    target = target.astype(idx_dtype)
-    new_indices = target[X.indices]
-    if (target >= 0).all():
-        return sp.csr_matrix((X.data, new_indices, X.indptr.astype(idx_dtype)), shape=(X.shape[0], n_cols))
-    keep = new_indices >= 0
-    kept_before = np.zeros(X.nnz + 1, dtype=idx_dtype)
-    np.cumsum(keep, out=kept_before[1:])
-    indptr = kept_before[X.indptr]
-    del kept_before
-    data = X.data[keep]
-    new_indices = new_indices[keep]
-    return sp.csr_matrix((data, new_indices, indptr), shape=(X.shape[0], n_cols))
+    target = np.asarray(target).astype(idx_dtype)
+    keep = (target >= 0)[X.indices]  # one byte per stored value
+    if keep.all():
+        data, new_indices, indptr = X.data.copy(), target[X.indices], X.indptr.astype(idx_dtype)
+    else:
+        rows = np.flatnonzero(np.diff(X.indptr))  # rows with stored values; each sums its own slice
+        counts = np.zeros(X.shape[0], dtype=idx_dtype)
+        if len(rows):  # (reduceat casts keep to idx_dtype: done before the output exists)
+            counts[rows] = np.add.reduceat(keep, X.indptr[rows], dtype=idx_dtype)
+        indptr = np.zeros(X.shape[0] + 1, dtype=idx_dtype)
+        np.cumsum(counts, out=indptr[1:])
+        data, new_indices = X.data[keep], target[X.indices[keep]]
+    del keep
+    out = sp.csr_matrix((data, new_indices, indptr), shape=(X.shape[0], n_cols))
+    kept_targets = target[target >= 0]  # the new column of each kept gene, in the old column order
+    if X.has_sorted_indices and bool(np.all(np.diff(kept_targets) > 0)):
+        out.has_sorted_indices = True  # order-preserving map of sorted rows: already sorted
+    else:
+        out.sort_indices()
+    return out
 
 
 # --------------------------------------------------------------------------- labels, splits, batches

@@ -235,6 +235,40 @@ def test_align_when_universe_holds_all_genes():
     np.testing.assert_array_equal(aligned.X.toarray(), naive_align(X.toarray(), genes, universe))
 
 
+def rows_strictly_sorted(X):
+    """Column indices increase within every row (canonical CSR, as torch and cuSPARSE expect)."""
+    return all(np.all(np.diff(X.indices[X.indptr[i]:X.indptr[i + 1]]) > 0) for i in range(X.shape[0]))
+
+
+@pytest.mark.parametrize("case", ["shuffled genes", "sorted genes", "all genes shared", "unsorted input"])
+def test_align_output_is_canonical_copy(case):
+    rng = np.random.default_rng(6)
+    dense = rng.integers(1, 9, (30, 20)) * (rng.random((30, 20)) < 0.25) * (rng.random((30, 1)) < 0.8)
+    dense[-1] = 0  # some empty rows, one of them last
+    X = sp.csr_matrix(dense.astype(np.float32))
+    genes = [f"G{i:02d}" for i in (range(20) if case == "sorted genes" else rng.permutation(20))]
+    universe = sorted(genes if case == "all genes shared" else genes[:12] + ["NEW"])
+    if case == "unsorted input":  # reverse each row's stored order
+        for i in range(X.shape[0]):
+            lo, hi = X.indptr[i], X.indptr[i + 1]
+            X.indices[lo:hi], X.data[lo:hi] = X.indices[lo:hi][::-1].copy(), X.data[lo:hi][::-1].copy()
+        X.has_sorted_indices = False
+    expected = naive_align(X.toarray(), genes, universe)
+    before = X.copy()
+    aligned = data.align_to_universe(make_cell_data(X, genes), universe).X
+    np.testing.assert_array_equal(aligned.toarray(), expected)
+    assert rows_strictly_sorted(aligned) and aligned.has_sorted_indices
+    aligned.data[:] = -1  # the output owns its values: the input is untouched
+    np.testing.assert_array_equal(X.toarray(), before.toarray())
+
+
+def test_align_row_losing_all_its_genes():
+    X = np.array([[0, 5, 0], [1, 0, 2], [0, 3, 0]], dtype=np.float32)
+    aligned = data.align_to_universe(make_cell_data(X, ["A", "B", "C"]), ["A", "C"]).X
+    np.testing.assert_array_equal(aligned.toarray(), X[:, [0, 2]])
+    assert list(aligned.indptr) == [0, 0, 2, 2]
+
+
 def test_align_without_shared_gene_raises():
     with pytest.raises(DataError, match="no gene"):
         data.align_to_universe(make_cell_data(np.ones((2, 2)), ["A", "B"]), ["C", "D"])
