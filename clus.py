@@ -28,7 +28,6 @@ import data
 import finetune
 import kmeans
 from model import CheckpointError
-from rf_svm_lr import labelled_datasets, load_pretrained_or_explain
 
 log = logging.getLogger("scpretrain.clus")
 
@@ -156,8 +155,8 @@ def write_umap(d: data.CellData, feature_sets: dict, args, out_dir: Path) -> Pat
 
 def run(args):
     device = common.resolve_device(args)
-    encoder, universe, _ = load_pretrained_or_explain(args.pretrained_model)
-    datasets = labelled_datasets(args)
+    encoder, universe, _ = common.load_pretrained_or_explain(args.pretrained_model)
+    datasets = common.labelled_datasets(args)
     umap_name = None if args.no_umap else (args.umap_dataset or datasets[0].name)
     if umap_name is not None and umap_name not in [d.name for d in datasets]:
         raise data.DataError(f"--umap_dataset {umap_name} is not among the labelled datasets loaded: "

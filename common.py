@@ -15,12 +15,13 @@ import numpy as np
 import torch
 
 import data
-from model import Encoder, encoder_from_checkpoint, load_checkpoint
+from model import CheckpointError, Encoder, encoder_from_checkpoint, load_checkpoint
 
 log = logging.getLogger("scpretrain")
 
 DEFAULT_MODEL = data.REPO_DIR / "models" / "pretrained.pt"
 RESULTS_DIR = data.REPO_DIR / "results"
+PRETRAIN_HINT = "run `python main.py --is_pretrain --kmeans` first, or pass --pretrained_model FILE"
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -91,6 +92,25 @@ def load_pretrained(path) -> tuple[Encoder, np.ndarray, dict]:
     ckpt = load_checkpoint(path)
     encoder, _ = encoder_from_checkpoint(ckpt)
     return encoder.eval(), np.asarray(ckpt["gene_universe"], dtype=object), ckpt
+
+
+def load_pretrained_or_explain(path):
+    """``common.load_pretrained``, with the way to make a model when there is none."""
+    if not Path(path).exists():
+        raise CheckpointError(f"{path}: no pretrained model there; {PRETRAIN_HINT}")
+    return load_pretrained(path)
+
+
+def labelled_datasets(args) -> list[data.CellData]:
+    """The labelled datasets of ``--datasets``, genes mapped, cells without a label dropped."""
+    datasets = load_datasets(args)
+    skipped = [d.name for d in datasets if not d.is_labelled]
+    if skipped:
+        log.info("unlabelled, left out: %s", ", ".join(skipped))
+    labelled = [data.labelled_cells(d) for d in datasets if d.is_labelled]
+    if not labelled:
+        raise data.DataError("none of the chosen datasets is labelled; nothing to classify or cluster")
+    return labelled
 
 
 @torch.no_grad()

@@ -70,12 +70,8 @@ def finetune_datasets(args) -> list[data.CellData]:
         d = data.map_dataset_genes(d)
         if not d.is_labelled:
             raise data.DataError(f"{path}: has no labels to fine-tune on")
-        datasets = [d]
-    else:
-        datasets = [d for d in common.load_datasets(args) if d.is_labelled]
-        if not datasets:
-            raise data.DataError("none of the chosen datasets is labelled; nothing to fine-tune")
-    return [data.labelled_cells(d) for d in datasets]
+        return [data.labelled_cells(d)]
+    return common.labelled_datasets(args)
 
 
 def pca_features(X_log: sp.csr_matrix, fit_rows: np.ndarray, n_components: int, seed: int):
@@ -233,7 +229,7 @@ def run_sweep(args, device) -> pd.DataFrame:
     datasets = finetune_datasets(args)
     pretrained = None
     if args.pretrained_model:
-        encoder, universe, _ = common.load_pretrained(args.pretrained_model)
+        encoder, universe, _ = common.load_pretrained_or_explain(args.pretrained_model)
         pretrained = {"state": encoder.state_dict(), "universe": universe}
         for d in datasets:
             check_coverage(d, universe)

@@ -33,7 +33,6 @@ log = logging.getLogger("scpretrain.offshelf")
 CLASSIFIERS = ("rf", "svm", "lr")
 FEATURE_SETS = ("PCA", "scPretrain")
 PCA_FIT_CELLS = 500  # scPretrain: the PCA is fitted on the first 500 (training) cells
-PRETRAIN_HINT = "run `python main.py --is_pretrain --kmeans` first, or pass --pretrained_model FILE"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,25 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- shared with clus.py
-
-
-def load_pretrained_or_explain(path):
-    """``common.load_pretrained``, with the way to make a model when there is none."""
-    if not Path(path).exists():
-        raise CheckpointError(f"{path}: no pretrained model there; {PRETRAIN_HINT}")
-    return common.load_pretrained(path)
-
-
-def labelled_datasets(args) -> list[data.CellData]:
-    """The labelled datasets of ``--datasets``, genes mapped, cells without a label dropped."""
-    datasets = common.load_datasets(args)
-    skipped = [d.name for d in datasets if not d.is_labelled]
-    if skipped:
-        log.info("unlabelled, left out: %s", ", ".join(skipped))
-    labelled = [data.labelled_cells(d) for d in datasets if d.is_labelled]
-    if not labelled:
-        raise data.DataError("none of the chosen datasets is labelled; nothing to classify or cluster")
-    return labelled
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -152,8 +132,8 @@ def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], 
 
 def run(args):
     device = common.resolve_device(args)
-    encoder, universe, _ = load_pretrained_or_explain(args.pretrained_model)
-    datasets = labelled_datasets(args)
+    encoder, universe, _ = common.load_pretrained_or_explain(args.pretrained_model)
+    datasets = common.labelled_datasets(args)
     seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
     out = Path(args.save_result)
     common.write_args_json(args, out)

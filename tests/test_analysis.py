@@ -96,7 +96,7 @@ def test_class_missing_from_training_gets_the_lowest_score():
 
 def test_missing_pretrained_model_says_how_to_make_one(fixtures, tmp_path):
     with pytest.raises(CheckpointError, match="python main.py --is_pretrain --kmeans"):
-        rf_svm_lr.load_pretrained_or_explain(tmp_path / "none.pt")
+        common.load_pretrained_or_explain(tmp_path / "none.pt")
     argv = ["--save_result", str(tmp_path / "o.csv"), "--datasets", *fixtures["datasets"],
             "--pretrained_model", str(tmp_path / "none.pt"), "--log_level", "WARNING"]
     for script in (rf_svm_lr, clus):
