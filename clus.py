@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -27,7 +26,6 @@ import common
 import data
 import finetune
 import kmeans
-from model import CheckpointError
 
 log = logging.getLogger("scpretrain.clus")
 
@@ -176,13 +174,7 @@ def run(args):
 
 
 def main(args):
-    common.setup_logging(args.log_level)
-    common.seed_everything(args.seed)
-    try:
-        return run(args)
-    except (data.DataError, CheckpointError) as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    return common.run_script(run, args)
 
 
 if __name__ == "__main__":

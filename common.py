@@ -8,6 +8,7 @@ import argparse
 import json
 import logging
 import random
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +47,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--max_tr_num", type=int, default=1000, help="at most this many training cells (default: %(default)s)")
     g.add_argument("--log_level", default="INFO", help="logging level (default: %(default)s)")
     return parser
+
+
+def run_script(run, args):
+    """A script's ``main``: logging, seeds, then ``run(args)``; bad input or a bad checkpoint
+    ends the program with its message and exit code 2 instead of a traceback."""
+    setup_logging(getattr(args, "log_level", "INFO"))
+    seed_everything(getattr(args, "seed", 0))
+    try:
+        return run(args)
+    except (data.DataError, CheckpointError) as exc:
+        log.error("%s", exc)
+        sys.exit(2)
 
 
 def setup_logging(level: str = "INFO") -> None:

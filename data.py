@@ -558,13 +558,19 @@ def labelled_cells(data: CellData) -> CellData:
 
 
 def atomic_write(path, write_fn, mode: str = "w") -> None:
-    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, then rename it over ``path``."""
+    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, then rename it over ``path``.
+
+    The file gets the permissions a plain ``open`` would give it (mkstemp makes it 0600).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             write_fn(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

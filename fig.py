@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,12 +265,7 @@ def run(args) -> list[Path]:
 
 
 def main(args) -> list[Path]:
-    common.setup_logging(args.log_level)
-    try:
-        return run(args)
-    except data.DataError as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    return common.run_script(run, args)
 
 
 if __name__ == "__main__":

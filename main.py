@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import common
-import data
 import finetune
 import pretrain
-from model import CheckpointError
 
 log = logging.getLogger("scpretrain")
 
@@ -38,26 +35,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(args) -> object:
-    common.setup_logging(args.log_level)
+def run(args) -> object:
     device = common.resolve_device(args)
-    common.seed_everything(args.seed)
-    try:
-        if args.is_pretrain:
-            distributed = pretrain.init_distributed(device)
-            rank, _ = pretrain.dist_info()
-            if rank != 0:
-                logging.getLogger().setLevel(logging.WARNING)
-            log.info("pre-training phase %d on %s%s", 2 if args.pretrain_output else 1, device,
-                     " (distributed)" if distributed else "")
-            return pretrain.run_pretraining(args, common.load_datasets(args), device)
-        if args.pretrained_model is None and common.DEFAULT_MODEL.exists():
-            args.pretrained_model = str(common.DEFAULT_MODEL)
-        log.info("fine-tuning sweep on %s, pretrained model: %s", device, args.pretrained_model)
-        return finetune.run_sweep(args, device)
-    except (data.DataError, CheckpointError) as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    if args.is_pretrain:
+        distributed = pretrain.init_distributed(device)
+        rank, _ = pretrain.dist_info()
+        if rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)
+        log.info("pre-training phase %d on %s%s", 2 if args.pretrain_output else 1, device,
+                 " (distributed)" if distributed else "")
+        return pretrain.run_pretraining(args, common.load_datasets(args), device)
+    if args.pretrained_model is None and common.DEFAULT_MODEL.exists():
+        args.pretrained_model = str(common.DEFAULT_MODEL)
+    log.info("fine-tuning sweep on %s, pretrained model: %s", device, args.pretrained_model)
+    return finetune.run_sweep(args, device)
+
+
+def main(args) -> object:
+    return common.run_script(run, args)
 
 
 if __name__ == "__main__":

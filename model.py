@@ -1,8 +1,6 @@
 """Networks of scPretrain and their self-describing checkpoints. Pure torch; importing does nothing."""
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -12,6 +10,8 @@ import pandas as pd
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from data import atomic_write
 
 CHECKPOINT_KIND = "scpretrain-encoder"
 RESUME_KIND = "scpretrain-resume"
@@ -103,16 +103,8 @@ def init_encoder_from_pretrained(encoder: Encoder, pretrained_state: dict, gene_
 
 
 def atomic_torch_save(obj, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """``torch.save`` to a temporary file renamed over ``path``: never a half-written checkpoint."""
+    atomic_write(path, lambda fh: torch.save(obj, fh), mode="wb")
 
 
 def encoder_checkpoint(encoder: Encoder, cfg: ModelConfig, gene_universe: Sequence[str], config: dict,

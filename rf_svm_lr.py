@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,6 @@ import data
 import finetune
 import kmeans
 import metrics
-from model import CheckpointError
 
 log = logging.getLogger("scpretrain.offshelf")
 
@@ -151,13 +149,7 @@ def run(args):
 
 
 def main(args):
-    common.setup_logging(args.log_level)
-    common.seed_everything(args.seed)
-    try:
-        return run(args)
-    except (data.DataError, CheckpointError) as exc:
-        log.error("%s", exc)
-        sys.exit(2)
+    return common.run_script(run, args)
 
 
 if __name__ == "__main__":
