@@ -78,6 +78,8 @@ def _open_h5(path: Path):
 
     if not path.exists():
         raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a Cell BLAST .h5 file")
     with open(path, "rb") as fh:
         if fh.read(8) != HDF5_SIGNATURE:
             raise DataError(f"{path}: not an HDF5 file (expected a Cell BLAST .h5)")

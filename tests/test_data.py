@@ -451,6 +451,14 @@ def test_bad_cellblast_h5_gives_data_error_naming_file(tmp_path, defect):
     assert str(path) in str(err.value) and expected in str(err.value)
 
 
+def test_folder_given_as_h5_named(tmp_path):
+    folder = tmp_path / "looks_like.h5"
+    folder.mkdir()
+    with pytest.raises(DataError) as err:
+        data.read_cellblast_h5(folder)
+    assert str(folder) in str(err.value)
+
+
 def test_missing_file_named(tmp_path):
     for reader, name in ((data.read_cellblast_h5, "none.h5"), (data.read_h5ad, "none.h5ad"),
                          (data.read_numpy_dir, "none_dir"), (data.read_any, "none.h5")):
