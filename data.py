@@ -478,6 +478,9 @@ def download_dataset(name: str, dest: Path, url_template: str = DEFAULT_URL_TEMP
         with open(tmp_name, "rb") as fh:
             if fh.read(8) != HDF5_SIGNATURE:
                 raise DataError("the server did not send an HDF5 file")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # as a plain open() would create it (mkstemp gives 0600)
         os.replace(tmp_name, dest)
         return dest
     except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError, DataError) as exc:

@@ -1,6 +1,8 @@
 """data.download_dataset / resolve_dataset_path against a local HTTP server: success and every failure."""
 import http.server
+import os
 import socket
+import stat
 import threading
 import time
 
@@ -104,6 +106,13 @@ def test_download_success(server, tmp_path, h5_bytes):
         assert "exprs" in h5
     assert data.read_cellblast_h5(dest).n_cells == 20
     assert leftovers(dest.parent) == ["toy.h5"]  # no *.part left
+
+
+def test_downloaded_file_has_normal_permissions(server, tmp_path):
+    umask = os.umask(0)
+    os.umask(umask)
+    dest = data.download_dataset("toy", tmp_path / "toy.h5", server + "/ok/{name}.h5", timeout=SERVER_TIMEOUT_S)
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o666 & ~umask
 
 
 def test_download_404_names_dataset_and_url(server, tmp_path):
