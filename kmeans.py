@@ -39,10 +39,11 @@ class _Rows:
     def __init__(self, X, device: torch.device):
         self.sparse = sp.issparse(X)
         self.device = device
-        if self.sparse:
+        if self.sparse:  # torch views of the CSR arrays: no copy when they are int32/float32 already
             X = sp.csr_matrix(X)
-            self.indptr = torch.from_numpy(np.ascontiguousarray(X.indptr, dtype=np.int64))
-            self.indices = torch.from_numpy(np.ascontiguousarray(X.indices, dtype=np.int64))
+            index_dtype = np.int32 if X.nnz < 2**31 and X.shape[1] < 2**31 else np.int64
+            self.indptr = torch.from_numpy(np.ascontiguousarray(X.indptr, dtype=index_dtype))
+            self.indices = torch.from_numpy(np.ascontiguousarray(X.indices, dtype=index_dtype))
             self.data = torch.from_numpy(np.ascontiguousarray(X.data, dtype=np.float32))
         else:
             self.dense = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
@@ -60,19 +61,28 @@ class _Rows:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             block = torch.sparse_csr_tensor(crow, col, val, size=(stop - start, self.n_cols))
-        row_of_value = torch.repeat_interleave(torch.arange(stop - start, device=self.device), crow.diff())
+        row_of_value = torch.repeat_interleave(torch.arange(stop - start, device=self.device), crow.diff().long())
         norms = torch.zeros(stop - start, device=self.device).index_add_(0, row_of_value, val * val)
         return block, (row_of_value, col, val), norms
 
-    def rows_dense(self, rows: np.ndarray) -> torch.Tensor:
-        rows = torch.as_tensor(np.sort(rows))
+    def rows_dense(self, rows) -> torch.Tensor:
+        """The given rows, in the given order, as a dense tensor on the device."""
+        rows = np.asarray(rows, dtype=np.int64)
         if not self.sparse:
-            return self.dense[rows].to(self.device)
+            return self.dense[torch.as_tensor(rows)].to(self.device)
         out = torch.zeros(len(rows), self.n_cols)
         for i, r in enumerate(rows.tolist()):
             lo, hi = int(self.indptr[r]), int(self.indptr[r + 1])
-            out[i, self.indices[lo:hi]] = self.data[lo:hi]
+            out[i, self.indices[lo:hi].long()] = self.data[lo:hi]
         return out.to(self.device)
+
+    def subset(self, rows: np.ndarray) -> "_Rows":
+        """A new _Rows over the given rows (sparse stays sparse)."""
+        if not self.sparse:
+            return _Rows(self.dense[torch.as_tensor(rows)].numpy(), self.device)
+        X = sp.csr_matrix((self.data.numpy(), self.indices.numpy(), self.indptr.numpy()),
+                          shape=(self.n_rows, self.n_cols))
+        return _Rows(X[rows], self.device)
 
 
 def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
@@ -89,7 +99,7 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
     gen = np.random.default_rng(seed)
     fit_rows = rows
     if 0 < max_cells < n:
-        fit_rows = _Rows(X[np.sort(gen.choice(n, size=max(max_cells, k), replace=False))], device)
+        fit_rows = rows.subset(np.sort(gen.choice(n, size=max(max_cells, k), replace=False)))
     centroids = _kmeans_pp(fit_rows, k, gen, init_sample)
     for _ in range(n_iter):
         _, _, sums, counts = _assign(fit_rows, centroids, chunk_rows, accumulate=True)
@@ -99,15 +109,18 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
 
 
 def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None) -> torch.Tensor:
-    """Greedy k-means++ (as scikit-learn: 2 + log k candidates a step) on a sample of >= 4k cells."""
+    """Greedy k-means++ (as scikit-learn: 2 + log k candidates a step) on a sample of >= 4k cells.
+
+    The sample stays sparse when the input is; only the candidates are densified.
+    """
     m = min(rows.n_rows, init_sample or max(4 * k, 1024))
-    sample = rows.rows_dense(np.sort(gen.choice(rows.n_rows, size=m, replace=False)))
-    sq = (sample * sample).sum(1)
+    sample = rows.subset(np.sort(gen.choice(rows.n_rows, size=m, replace=False)))
+    block, _, sq = sample.chunk(0, m)
     trials = 2 + int(np.log(k))
 
     def dist_to(idx):
-        cand = sample[torch.as_tensor(idx, device=sample.device)]
-        return torch.clamp(sq.unsqueeze(1) - 2 * sample @ cand.T + sq[idx].unsqueeze(0), min=0)
+        cand = sample.rows_dense(idx)
+        return torch.clamp(sq.unsqueeze(1) - 2 * (block @ cand.T) + (cand * cand).sum(1).unsqueeze(0), min=0)
 
     chosen = [int(gen.integers(m))]
     closest = dist_to(chosen)[:, 0]
@@ -119,7 +132,7 @@ def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int |
         best = int(torch.argmin(candidate_closest.double().sum(0)))
         chosen.append(int(cand[best]))
         closest = candidate_closest[:, best]
-    return sample[torch.as_tensor(chosen, device=sample.device)].clone()
+    return sample.rows_dense(chosen)
 
 
 def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, accumulate: bool):
@@ -153,7 +166,7 @@ def _update(centroids, sums, counts, rows: _Rows, gen: np.random.Generator) -> t
     if len(empty):
         log.debug("re-seeding %d empty clusters", len(empty))
         new[torch.as_tensor(empty, device=new.device)] = rows.rows_dense(
-            gen.choice(rows.n_rows, size=len(empty), replace=False))
+            np.sort(gen.choice(rows.n_rows, size=len(empty), replace=False)))
     return new
 
 
