@@ -108,13 +108,19 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
     return KMeansResult(labels.cpu().numpy().astype(np.int64), centroids.cpu().numpy(), float(inertia))
 
 
-def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None) -> torch.Tensor:
+def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None,
+               dense_limit_bytes: int = 2 << 30) -> torch.Tensor:
     """Greedy k-means++ (as scikit-learn: 2 + log k candidates a step) on a sample of >= 4k cells.
 
-    The sample stays sparse when the input is; only the candidates are densified.
+    Each step multiplies the sample by a handful of candidates, where sparse products are slow:
+    the sample is densified when it fits in ``dense_limit_bytes`` and stays sparse otherwise.
     """
     m = min(rows.n_rows, init_sample or max(4 * k, 1024))
-    sample = rows.subset(np.sort(gen.choice(rows.n_rows, size=m, replace=False)))
+    sample_idx = np.sort(gen.choice(rows.n_rows, size=m, replace=False))
+    if m * rows.n_cols * 4 <= dense_limit_bytes:
+        sample = _Rows(rows.rows_dense(sample_idx).cpu().numpy(), rows.device)
+    else:
+        sample = rows.subset(sample_idx)
     block, _, sq = sample.chunk(0, m)
     trials = 2 + int(np.log(k))
 
