@@ -109,24 +109,29 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
 
 
 def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None,
-               dense_limit_bytes: int = 2 << 30) -> torch.Tensor:
+               projection_dim: int = 256) -> torch.Tensor:
     """Greedy k-means++ (as scikit-learn: 2 + log k candidates a step) on a sample of >= 4k cells.
 
-    Each step multiplies the sample by a handful of candidates, where sparse products are slow:
-    the sample is densified when it fits in ``dense_limit_bytes`` and stays sparse otherwise.
+    The candidates are chosen on a seeded Gaussian random projection of the sample to
+    ``projection_dim`` dimensions (distances are kept up to a few per cent,
+    Johnson-Lindenstrauss), so that the k sequential steps cost O(m * projection_dim) instead of
+    O(m * genes); the centroids returned are the chosen cells' full rows.
     """
     m = min(rows.n_rows, init_sample or max(4 * k, 1024))
-    sample_idx = np.sort(gen.choice(rows.n_rows, size=m, replace=False))
-    if m * rows.n_cols * 4 <= dense_limit_bytes:
-        sample = _Rows(rows.rows_dense(sample_idx).cpu().numpy(), rows.device)
+    sample = rows.subset(np.sort(gen.choice(rows.n_rows, size=m, replace=False)))
+    block, _, _ = sample.chunk(0, m)
+    if rows.n_cols > 2 * projection_dim:
+        torch_gen = torch.Generator().manual_seed(int(gen.integers(2**31)))
+        projection = torch.randn(rows.n_cols, projection_dim, generator=torch_gen) / projection_dim ** 0.5
+        points = block @ projection.to(block.device)
     else:
-        sample = rows.subset(sample_idx)
-    block, _, sq = sample.chunk(0, m)
+        points = block.to_dense() if block.layout != torch.strided else block
+    sq = (points * points).sum(1)
     trials = 2 + int(np.log(k))
 
     def dist_to(idx):
-        cand = sample.rows_dense(idx)
-        return torch.clamp(sq.unsqueeze(1) - 2 * (block @ cand.T) + (cand * cand).sum(1).unsqueeze(0), min=0)
+        cand = points[torch.as_tensor(np.asarray(idx), device=points.device)]
+        return torch.clamp(sq.unsqueeze(1) - 2 * (points @ cand.T) + (cand * cand).sum(1).unsqueeze(0), min=0)
 
     chosen = [int(gen.integers(m))]
     closest = dist_to(chosen)[:, 0]
