@@ -1,0 +1,182 @@
+"""K-means at scPretrain's three granularities: our chunked sparse K-means vs faiss vs scikit-learn.
+
+One synthetic log1p count matrix (default 20,000 cells x 17,000 genes, 5 % non-zero, CSR), the
+three numbers of clusters k = n//100, n//50, n//200+1, 20 iterations each. Every method x k runs
+in a fresh subprocess that loads the same matrix, resets its memory high-water mark, runs the
+method and reads the new mark from /proc/self/status (tracemalloc cannot see torch or faiss).
+
+- ours:    ``kmeans.kmeans`` on the CSR matrix (k-means++ on a sample, Lloyd over row chunks)
+- faiss:   ``faiss.Kmeans(niter=20, seed)`` on the densified float32 matrix (the original's
+           choice; densifying is part of its time and memory), labels from ``index.search``
+- sklearn: ``KMeans(n_init=1, max_iter=20)`` on the CSR matrix (k-means++ on all cells)
+
+Inertia is recomputed the same way for all three, from their labels and centroids (float64).
+
+    python bench/bench_kmeans.py                         # 20,000 x 17,000
+    python bench/bench_kmeans.py --cells 5000 --genes 5000 --methods ours faiss
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
+
+import synth  # noqa: E402
+
+METHODS = ("ours", "faiss", "sklearn")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cells", type=int, default=20000, help="(default: %(default)s)")
+    p.add_argument("--genes", type=int, default=17000, help="(default: %(default)s)")
+    p.add_argument("--density", type=float, default=0.05, help="share of non-zeros (default: %(default)s)")
+    p.add_argument("--types", type=int, default=30, help="cell types in the synthetic counts (default: %(default)s)")
+    p.add_argument("--avg_cluster_num", type=int, default=100, help="a of the granularities (default: %(default)s)")
+    p.add_argument("--iters", type=int, default=20, help="Lloyd iterations (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
+    p.add_argument("--ks", type=int, nargs="+", default=None, help="numbers of clusters (default: the three granularities)")
+    p.add_argument("--out", default=str(BENCH_DIR / "out"), help="where the matrix is cached (default: %(default)s)")
+    p.add_argument("--omp_wait_policy", default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the runs; PASSIVE keeps OpenMP threads (torch, faiss, sklearn) from "
+                        "spin-waiting when other processes share the cores; '' leaves it unset (default: %(default)s)")
+    p.add_argument("--worker", nargs=3, metavar=("METHOD", "K", "NPZ"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- one method in its own process
+
+
+def run_method(method: str, X: sp.csr_matrix, k: int, iters: int, seed: int):
+    """(labels, centroids) of one method; everything inside is timed and counted."""
+    if method == "ours":
+        import kmeans
+
+        res = kmeans.kmeans(X, k, n_iter=iters, seed=seed)
+        return res.labels, res.centroids
+    if method == "faiss":
+        import faiss
+
+        dense = X.toarray()  # faiss needs dense float32 rows
+        km = faiss.Kmeans(dense.shape[1], k, niter=iters, seed=seed, verbose=False)
+        km.train(dense)
+        _, assign = km.index.search(dense, 1)
+        return assign[:, 0].astype(np.int64), km.centroids
+    if method == "sklearn":
+        from sklearn.cluster import KMeans
+
+        km = KMeans(k, n_init=1, max_iter=iters, random_state=seed).fit(X)
+        return km.labels_.astype(np.int64), km.cluster_centers_
+    raise ValueError(method)
+
+
+def inertia(X: sp.csr_matrix, labels: np.ndarray, centroids: np.ndarray, chunk: int = 2048) -> float:
+    """Sum of squared distances of the rows to their assigned centroid, in float64, chunk by chunk."""
+    C = np.asarray(centroids, dtype=np.float64)
+    c_sq = (C * C).sum(1)
+    total = 0.0
+    for s in range(0, X.shape[0], chunk):
+        block = X[s:s + chunk].astype(np.float64)
+        lab = labels[s:s + chunk]
+        x_sq = np.asarray(block.multiply(block).sum(1)).ravel()
+        cross = np.asarray(block.multiply(C[lab]).sum(1)).ravel()
+        total += float(np.maximum(x_sq - 2 * cross + c_sq[lab], 0).sum())
+    return total
+
+
+def worker(method: str, k: int, npz: str, iters: int, seed: int) -> dict:
+    # libraries are imported before the clock starts and before the memory mark is reset
+    __import__({"ours": "kmeans", "faiss": "faiss", "sklearn": "sklearn.cluster"}[method])
+    X = sp.load_npz(npz).tocsr()
+    X.data = X.data.astype(np.float32, copy=False)
+    exact = synth.reset_peak_memory()
+    before = synth.memory_mib()
+    t0 = time.perf_counter()
+    labels, centroids = run_method(method, X, k, iters, seed)
+    seconds = time.perf_counter() - t0
+    after = synth.memory_mib()
+    return {"method": method, "k": k, "seconds": seconds, "peak_mib": after["peak"],
+            "extra_mib": after["peak"] - before["rss"], "data_mib": before["rss"], "peak_exact": exact,
+            "inertia": inertia(X, labels, centroids), "clusters_used": int(len(np.unique(labels)))}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def matrix_file(args) -> Path:
+    """The log1p CSR matrix of the run, generated once and cached under ``--out``."""
+    path = Path(args.out) / f"kmeans_{args.cells}x{args.genes}_d{args.density}_t{args.types}_s{args.seed}.npz"
+    if not path.exists():
+        t0 = time.time()
+        counts, _ = synth.synth_counts(args.cells, args.genes, args.types, args.density, args.seed)
+        counts.data = np.log1p(counts.data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        sp.save_npz(tmp, counts, compressed=False)
+        tmp.replace(path)
+        print(f"generated {args.cells} x {args.genes} ({counts.nnz / counts.shape[0] / counts.shape[1]:.2%} non-zero)"
+              f" in {time.time() - t0:.1f}s -> {path}", flush=True)
+    return path
+
+
+def run_in_subprocess(method: str, k: int, npz: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", method, str(k), str(npz), "--iters", str(args.iters),
+           "--seed", str(args.seed)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=synth.bench_env(args.omp_wait_policy))
+    if proc.returncode != 0:
+        return {"method": method, "k": k, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'k':>6} {'method':>8} {'seconds':>9} {'peak MiB':>9} {'+MiB':>8} {'inertia':>14} {'vs best':>8}"]
+    for k in dict.fromkeys(r["k"] for r in rows):
+        group = [r for r in rows if r["k"] == k]
+        best = min((r["inertia"] for r in group if "inertia" in r), default=float("nan"))
+        for r in group:
+            if "error" in r:
+                lines.append(f"{k:>6} {r['method']:>8}  failed: {r['error']}")
+                continue
+            lines.append(f"{k:>6} {r['method']:>8} {r['seconds']:>9.2f} {r['peak_mib']:>9.0f} {r['extra_mib']:>8.0f} "
+                         f"{r['inertia']:>14.1f} {r['inertia'] / best - 1:>+8.2%}")
+    return "\n".join(lines)
+
+
+def main(args) -> list[dict]:
+    if args.worker:
+        method, k, npz = args.worker
+        print(json.dumps(worker(method, int(k), npz, args.iters, args.seed)))
+        return []
+    import kmeans
+
+    npz = matrix_file(args)
+    ks = args.ks or kmeans.granularities(args.cells, args.avg_cluster_num)
+    print(f"code: {synth.code_version()}", flush=True)
+    print(f"{args.cells} cells x {args.genes} genes, {args.density:.0%} non-zero, log1p; k = {ks}; "
+          f"{args.iters} iterations; one subprocess per run; torch threads {synth.torch_threads()}, "
+          f"OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}", flush=True)
+    rows = []
+    for k in ks:
+        for method in args.methods:
+            row = run_in_subprocess(method, k, npz, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print("peak MiB = the run's resident high-water mark (loaded matrix included); "
+          "+MiB = above the loaded matrix")
+    print(format_table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())

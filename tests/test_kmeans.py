@@ -1,0 +1,171 @@
+"""kmeans.py: the granularity formula, sparse = dense, inertia against scikit-learn, seeding, edge cases."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs
+
+import torch
+
+import kmeans
+from helpers import toy_counts
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny matrices: one thread is fastest, and immune to OpenMP spin-waits when the cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def inertia_of(X, labels, k):
+    """Sum of squared distances to the mean of each cluster, from the labels alone (numpy)."""
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    X = X.astype(np.float64)
+    total = 0.0
+    for c in range(k):
+        members = X[labels == c]
+        if len(members):
+            total += float(((members - members.mean(0)) ** 2).sum())
+    return total
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, _ = make_blobs(n_samples=600, n_features=20, centers=8, cluster_std=1.5, random_state=0)
+    return X.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def sparse_counts():
+    """A small log1p count matrix, about 15 % non-zero, with cell-type structure."""
+    counts, _ = toy_counts(n_cells=500, n_genes=200, n_types=5, seed=4)
+    keep = np.random.default_rng(4).random(counts.shape) < 0.35
+    X = kmeans.log1p_csr(sp.csr_matrix(counts * keep))
+    assert 0.05 < X.nnz / np.prod(X.shape) < 0.3
+    return X
+
+
+@pytest.mark.parametrize("n, a", [(0, 100), (1, 100), (150, 100), (199, 100), (1000, 100), (160796, 100),
+                                  (3, 100), (500, 7), (500, 2), (500, 1), (12345, 37)])
+def test_granularities_formula(n, a):
+    ks = kmeans.granularities(n, a) if n else None
+    if n == 0:
+        return  # no cells, nothing to cluster (the formula's clamp is [2, n])
+    expected = [n // a, n // (a // 2) if a // 2 else n, n // (2 * a) + 1]
+    assert ks == [min(max(k, 2), n) for k in expected]
+
+
+def test_granularities_paper_default():
+    assert kmeans.granularities(20000) == [200, 400, 101]
+    assert kmeans.granularities(870) == [8, 17, 5]
+    assert kmeans.granularities(150) == [2, 3, 2]  # clamped up to 2
+    assert kmeans.granularities(1) == [1, 1, 1]  # and down to n
+
+
+@pytest.mark.parametrize("k", [3, 8, 20])
+def test_sparse_and_dense_input_give_the_same_labels(sparse_counts, k):
+    on_sparse = kmeans.kmeans(sparse_counts, k, seed=1)
+    on_dense = kmeans.kmeans(sparse_counts.toarray(), k, seed=1)
+    np.testing.assert_array_equal(on_sparse.labels, on_dense.labels)
+    assert on_sparse.inertia == pytest.approx(on_dense.inertia, rel=1e-5)
+
+
+def test_chunking_does_not_change_the_labels(sparse_counts):
+    whole = kmeans.kmeans(sparse_counts, 6, seed=2)
+    chunked = kmeans.kmeans(sparse_counts, 6, seed=2, chunk_rows=37)
+    np.testing.assert_array_equal(whole.labels, chunked.labels)
+
+
+@pytest.mark.parametrize("k", [4, 8, 12])
+def test_inertia_close_to_sklearn_on_blobs(blobs, k):
+    ours = kmeans.kmeans(blobs, k, n_iter=20, seed=0)
+    assert ours.inertia == pytest.approx(inertia_of(blobs, ours.labels, k), rel=1e-4)
+    theirs = KMeans(k, n_init=1, max_iter=20, random_state=0).fit(blobs)
+    assert ours.inertia <= 1.05 * theirs.inertia_
+
+
+@pytest.mark.parametrize("k", [5, 10, 20])
+def test_inertia_close_to_sklearn_on_sparse_counts(sparse_counts, k):
+    ours = kmeans.kmeans(sparse_counts, k, n_iter=20, seed=0)
+    assert ours.inertia == pytest.approx(inertia_of(sparse_counts, ours.labels, k), rel=1e-4)
+    theirs = KMeans(k, n_init=1, max_iter=20, random_state=0).fit(sparse_counts)
+    assert ours.inertia <= 1.05 * theirs.inertia_
+
+
+def test_result_shapes_and_label_range(sparse_counts):
+    res = kmeans.kmeans(sparse_counts, 7, seed=0)
+    assert res.labels.shape == (sparse_counts.shape[0],) and res.labels.dtype == np.int64
+    assert res.labels.min() >= 0 and res.labels.max() < 7
+    assert res.centroids.shape == (7, sparse_counts.shape[1])
+
+
+def test_same_seed_gives_identical_labels(sparse_counts):
+    a = kmeans.kmeans(sparse_counts, 10, seed=3)
+    b = kmeans.kmeans(sparse_counts, 10, seed=3)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert a.inertia == b.inertia
+
+
+def test_different_seed_is_allowed_to_differ(sparse_counts):
+    a = kmeans.kmeans(sparse_counts, 10, seed=3)
+    c = kmeans.kmeans(sparse_counts, 10, seed=4)
+    # a different seed may or may not find another partition; either must be a valid clustering
+    assert c.labels.shape == a.labels.shape and c.labels.max() < 10
+    assert c.inertia == pytest.approx(inertia_of(sparse_counts, c.labels, 10), rel=1e-4)
+
+
+def test_k_at_least_n_puts_every_cell_alone():
+    X = np.random.default_rng(0).normal(size=(12, 5)).astype(np.float32)
+    for k in (12, 20):
+        res = kmeans.kmeans(X, k, seed=0)
+        assert sorted(res.labels.tolist()) == list(range(12))
+        assert res.inertia == pytest.approx(0.0, abs=1e-4)
+        assert res.centroids.shape == (12, 5)
+
+
+def test_k_at_least_n_on_sparse_input():
+    X = sp.random(9, 30, density=0.3, format="csr", random_state=0, dtype=np.float32)
+    res = kmeans.kmeans(X, 50, seed=0)
+    assert len(res.labels) == 9 and res.labels.max() < 9
+
+
+def test_empty_clusters_are_handled():
+    """Only three distinct points but k = 6: some clusters must go empty and be re-seeded."""
+    X = np.repeat(np.array([[0, 0], [10, 0], [0, 10]], dtype=np.float32), 20, axis=0)
+    res = kmeans.kmeans(X, 6, n_iter=5, seed=0)
+    assert res.labels.shape == (60,) and 0 <= res.labels.min() and res.labels.max() < 6
+    assert np.isfinite(res.centroids).all()
+    assert res.inertia == pytest.approx(0.0, abs=1e-4)  # every cell sits on a centroid
+    # cells at the same point share a cluster
+    for block in res.labels.reshape(3, 20):
+        assert len(set(block.tolist())) == 1
+
+
+def test_all_rows_identical_does_not_crash():
+    X = sp.csr_matrix(np.ones((30, 4), dtype=np.float32))
+    res = kmeans.kmeans(X, 3, seed=0)
+    assert res.labels.shape == (30,) and res.inertia == pytest.approx(0.0, abs=1e-4)
+
+
+def test_pseudo_labels_gives_three_label_arrays(sparse_counts):
+    out = kmeans.pseudo_labels(sparse_counts, avg_cluster_num=50, n_iter=5, seed=0)
+    ks = kmeans.granularities(sparse_counts.shape[0], 50)
+    assert ks == [10, 20, 6]
+    assert len(out) == 3
+    for labels, k in zip(out, ks):
+        assert labels.shape == (sparse_counts.shape[0],)
+        assert labels.min() >= 0 and labels.max() < k
+    again = kmeans.pseudo_labels(sparse_counts, avg_cluster_num=50, n_iter=5, seed=0)
+    for a, b in zip(out, again):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_log1p_csr_shares_structure():
+    X = sp.csr_matrix(np.array([[0, 3, 0], [1, 0, 7]], dtype=np.float32))
+    L = kmeans.log1p_csr(X)
+    np.testing.assert_allclose(L.toarray(), np.log1p(X.toarray()))
+    np.testing.assert_array_equal(X.data, [3, 1, 7])  # input untouched
