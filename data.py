@@ -424,6 +424,11 @@ def densify_log1p(X: sp.csr_matrix, rows: np.ndarray | None = None, log: bool = 
     return sub.toarray().astype(np.float32, copy=False)
 
 
+def stack_rows(mats: Sequence[sp.csr_matrix], rows: Sequence[np.ndarray]) -> sp.csr_matrix:
+    """The chosen rows of several CSR matrices with the same columns, one under the other."""
+    return sp.vstack([X[r] for X, r in zip(mats, rows)], format="csr")
+
+
 def iter_batches(n_cells: int, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:
     """Row indices of successive mini-batches; shuffled when ``rng`` is given."""
     order = rng.permutation(n_cells) if rng is not None else np.arange(n_cells)

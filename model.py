@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,36 +29,140 @@ class ModelConfig:
     sigmoid_logits: bool = True  # scPretrain: heads' sigmoid(logits) go into cross-entropy
 
 
+class SparseBatch(NamedTuple):
+    """A batch of cells as a torch CSR tensor, and the CSR of its transpose for the weight gradient."""
+
+    x: torch.Tensor  # cells x genes
+    x_t: torch.Tensor  # genes x cells
+
+
+class _SparseInputLinear(torch.autograd.Function):
+    """``x W^T + b`` for a CSR ``x`` and the gene-major ``W^T``: both products touch only the
+    non-zeros (~5 % of a batch), where a dense batch pays for every entry. No gradient flows to
+    ``x`` (it is data)."""
+
+    @staticmethod
+    def forward(ctx, x, x_t, weight_t, bias):
+        ctx.x_t = x_t
+        return torch.sparse.mm(x, weight_t) + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_w = torch.sparse.mm(ctx.x_t, grad) if ctx.needs_input_grad[2] else None
+        grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
+        return None, None, grad_w, grad_b
+
+
+class GeneLinear(nn.Module):
+    """``nn.Linear(G, hid)`` with its weight stored gene-major, as the contiguous ``G x hid``
+    parameter ``weight_t``: the sparse products read it and write its gradient with no
+    transpose copies, and Adam's fused kernel takes it as it is. ``weight`` is the usual
+    ``hid x G`` view, and state dicts hold ``weight`` and ``bias`` as ``nn.Linear``'s do.
+    Initialised exactly as ``nn.Linear`` (same draws)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        init = nn.Linear(in_features, out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_t = nn.Parameter(init.weight.detach().t().contiguous())
+        self.bias = nn.Parameter(init.bias.detach().clone())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_t.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = (self.weight_t if keep_vars else self.weight_t.detach()).t()
+        destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict:  # load_state_dict passes its own copy of the dict
+            state_dict[prefix + "weight_t"] = state_dict.pop(prefix + "weight").t()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class Encoder(nn.Module):
-    """One ``Linear(G, hid)``; a cell's representation is ``sigmoid(encoder(x))``."""
+    """One ``Linear(G, hid)``; a cell's representation is ``sigmoid(encoder(x))``.
+
+    ``x`` is a dense ``cells x genes`` tensor or a ``SparseBatch``; both give the same function.
+    """
 
     def __init__(self, n_genes: int, hid: int = 200):
         super().__init__()
-        self.linear = nn.Linear(n_genes, hid)
+        self.linear = GeneLinear(n_genes, hid)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+        if isinstance(x, SparseBatch):
+            return torch.sigmoid(_SparseInputLinear.apply(x.x, x.x_t, self.linear.weight_t, self.linear.bias))
         return torch.sigmoid(self.linear(x))
 
 
 class PretrainModel(nn.Module):
-    """The shared encoder plus, per dataset, one ``Linear(hid, k)`` head per K-means granularity."""
+    """The shared encoder plus, per dataset, one ``Linear(hid, k)`` head per K-means granularity.
+
+    A dataset's heads are stored side by side as one ``Linear(hid, k1 + k2 + k3)``: the same
+    functions and the same initial distribution (``nn.Linear`` draws from +-1/sqrt(hid) whatever
+    the number of outputs) as separate heads, but one matrix product and one optimiser tensor
+    per dataset instead of one per granularity, which is most of a step's cost when 60
+    datasets each bring three small heads.
+    """
 
     def __init__(self, cfg: ModelConfig, cluster_counts: Sequence[Sequence[int]], encoder: Encoder | None = None):
         super().__init__()
         self.cfg = cfg
+        self.cluster_counts = [[int(k) for k in counts] for counts in cluster_counts]
         self.encoder = encoder if encoder is not None else Encoder(cfg.n_genes, cfg.hid)
-        self.heads = nn.ModuleList(
-            nn.ModuleList(nn.Linear(cfg.hid, int(k)) for k in counts) for counts in cluster_counts
-        )
+        self.heads = nn.ModuleList(nn.Linear(cfg.hid, sum(counts)) for counts in self.cluster_counts)
+        for d, counts in enumerate(self.cluster_counts):
+            # segments[j, g] = 1 when output j belongs to granularity g: sums exp over each head
+            self.register_buffer(f"segments_{d}", segment_matrix(counts), persistent=False)
+
+    def logits(self, z: torch.Tensor, dataset_index: int) -> list[torch.Tensor]:
+        """Each granularity's logits for representations ``z`` of one dataset's cells."""
+        return list(torch.split(self.heads[dataset_index](z), self.cluster_counts[dataset_index], dim=1))
 
     def forward(self, x: torch.Tensor, dataset_index: int) -> list[torch.Tensor]:
-        z = self.encoder(x)
-        return [head(z) for head in self.heads[dataset_index]]
+        return self.logits(self.encoder(x), dataset_index)
+
+    def summed_loss(self, z: torch.Tensor, dataset_index: int, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy summed over cells and granularities; ``targets`` is ``cells x granularities``
+        of column indices into the side-by-side heads (``offset_targets``)."""
+        out = self.heads[dataset_index](z)
+        if not self.cfg.sigmoid_logits:
+            return sum(F.cross_entropy(lg, t - o, reduction="sum") for lg, t, o in
+                       zip(torch.split(out, self.cluster_counts[dataset_index], dim=1), targets.t(),
+                           head_offsets(self.cluster_counts[dataset_index])))
+        # scPretrain: sigmoid(logits) go into cross-entropy. They lie in (0, 1), so each head's
+        # log-sum-exp needs no max shift: log(sum_j exp(s_j)) - s_target, all heads at once.
+        s = torch.sigmoid(out)
+        log_norm = torch.log(torch.exp(s) @ getattr(self, f"segments_{dataset_index}"))
+        return (log_norm - s.gather(1, targets)).sum()
 
     def loss(self, x: torch.Tensor, dataset_index: int, targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sum of the cross-entropies of the granularities of one dataset."""
+        """Sum over granularities of the mean cross-entropy of one dataset's cells."""
         logits = self.forward(x, dataset_index)
         return sum(pseudo_label_loss(lg, t, self.cfg.sigmoid_logits) for lg, t in zip(logits, targets))
+
+
+def head_offsets(counts: Sequence[int]) -> list[int]:
+    """First column of each granularity's head in the side-by-side layout."""
+    return [int(o) for o in np.concatenate([[0], np.cumsum(counts)[:-1]])]
+
+
+def segment_matrix(counts: Sequence[int]) -> torch.Tensor:
+    seg = torch.zeros(int(sum(counts)), len(counts))
+    for g, (o, k) in enumerate(zip(head_offsets(counts), counts)):
+        seg[o:o + k, g] = 1.0
+    return seg
+
+
+def offset_targets(labels: Sequence[np.ndarray], counts: Sequence[int]) -> np.ndarray:
+    """One dataset's pseudo-labels as ``cells x granularities`` columns of the side-by-side heads."""
+    cols = [np.asarray(lab, dtype=np.int64) + o for lab, o in zip(labels, head_offsets(counts))]
+    return np.stack(cols, axis=1)
 
 
 def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, sigmoid_logits: bool = True) -> torch.Tensor:
@@ -113,7 +217,7 @@ def encoder_checkpoint(encoder: Encoder, cfg: ModelConfig, gene_universe: Sequen
     return {
         "kind": CHECKPOINT_KIND,
         "format_version": FORMAT_VERSION,
-        "model": {k: v.detach().cpu() for k, v in encoder.state_dict().items()},
+        "model": {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()},
         "model_args": asdict(cfg),
         "gene_universe": [str(g) for g in gene_universe],
         "config": config,

@@ -288,7 +288,7 @@ def reset_peak_memory() -> bool:
         return False
 
 
-def bench_env(omp_wait_policy: str = "PASSIVE") -> dict:
+def bench_env(omp_wait_policy: str = "") -> dict:
     """Environment of a benchmark subprocess. OpenMP threads that spin-wait (the libgomp default)
     lose most of their time when other processes share the cores; PASSIVE makes them sleep."""
     env = dict(os.environ)

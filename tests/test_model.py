@@ -1,0 +1,72 @@
+"""The side-by-side pre-training heads compute exactly the per-granularity cross-entropies."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+from torch.nn import functional as F
+
+import data
+import pretrain
+from model import ModelConfig, PretrainModel, offset_targets
+
+COUNTS = [[5, 9, 2], [3, 4, 1]]
+
+
+def per_head_loss(model, z, dataset, labels, sigmoid):
+    return sum(F.cross_entropy(torch.sigmoid(lg) if sigmoid else lg, torch.from_numpy(lab), reduction="sum")
+               for lg, lab in zip(model.logits(z, dataset), labels))
+
+
+@pytest.mark.parametrize("sigmoid", [True, False])
+@pytest.mark.parametrize("dataset", [0, 1])
+def test_summed_loss_equals_separate_heads(sigmoid, dataset):
+    torch.manual_seed(0)
+    model = PretrainModel(ModelConfig(n_genes=30, hid=8, sigmoid_logits=sigmoid), COUNTS)
+    rng = np.random.default_rng(dataset)
+    labels = [rng.integers(0, k, 13) for k in COUNTS[dataset]]
+    z = model.encoder(torch.rand(13, 30))
+    fast = model.summed_loss(z, dataset, torch.from_numpy(offset_targets(labels, COUNTS[dataset])))
+    slow = per_head_loss(model, z, dataset, labels, sigmoid)
+    torch.testing.assert_close(fast, slow)
+    g_fast = torch.autograd.grad(fast, model.heads[dataset].weight, retain_graph=True)[0]
+    g_slow = torch.autograd.grad(slow, model.heads[dataset].weight)[0]
+    torch.testing.assert_close(g_fast, g_slow)
+
+
+def test_heads_have_the_granularities_widths():
+    model = PretrainModel(ModelConfig(n_genes=10, hid=4), COUNTS)
+    z = torch.rand(3, 4)
+    assert [lg.shape[1] for lg in model.logits(z, 0)] == COUNTS[0]
+    assert model.heads[1].weight.shape == (sum(COUNTS[1]), 4)
+    bound = 1 / np.sqrt(4)  # as a separate Linear(hid, k) would draw
+    assert float(model.heads[0].weight.abs().max()) <= bound
+
+
+def test_offset_targets_point_into_each_heads_columns():
+    cols = offset_targets([np.array([4, 0]), np.array([0, 8]), np.array([1, 1])], COUNTS[0])
+    assert cols.tolist() == [[4, 5, 15], [0, 13, 15]]
+
+
+def test_stack_rows_matches_vstack():
+    rng = np.random.default_rng(0)
+    mats = [sp.random(n, 7, density=0.4, format="csr", dtype=np.float32, random_state=i) for i, n in enumerate([5, 9, 3])]
+    rows = [rng.permutation(5)[:3], np.array([], dtype=np.int64), rng.permutation(3)]
+    got = data.stack_rows(mats, rows)
+    want = np.vstack([m[r].toarray() for m, r in zip(mats, rows)])
+    np.testing.assert_array_equal(got.toarray(), want)
+
+
+def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
+    torch.manual_seed(0)
+    X = sp.random(6, 40, density=0.2, format="csr", dtype=np.float32, random_state=1)
+    encoder = PretrainModel(ModelConfig(n_genes=40, hid=5), COUNTS).encoder
+    outs, grads = [], []
+    for sparse in (False, True):
+        encoder.zero_grad()
+        out = encoder(pretrain.step_batch(X, torch.device("cpu"), sparse))
+        (out * torch.arange(5.0)).sum().backward()
+        outs.append(out.detach())
+        grads.append((encoder.linear.weight_t.grad.clone(), encoder.linear.bias.grad.clone()))
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
