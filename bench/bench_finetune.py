@@ -39,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pt_epoch", type=int, default=1, help="pre-training epochs (default: %(default)s)")
     p.add_argument("--out", default=str(BENCH_DIR / "out" / "finetune"), help="(default: %(default)s)")
     p.add_argument("--repretrain", action="store_true", help="pre-train again even if the model exists")
+    p.add_argument("--pretrained_model", default=None,
+                   help="use this encoder checkpoint (e.g. the README recipe's models/pretrained_phase2.pt) "
+                        "instead of pre-training one for --pt_epoch epochs")
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="further main.py flags for the sweep, e.g. --extra --ft_epoch 100")
     p.add_argument("--omp_wait_policy", default="",
@@ -131,7 +134,8 @@ def main(args):
     print(f"code: {synth.code_version()}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = pretrain_model(out, args)
+    model = Path(args.pretrained_model) if args.pretrained_model else pretrain_model(out, args)
+    print(f"encoder: {model}")
     frames, timing = [], []
     for dataset in args.datasets:
         rows, seconds = sweep(dataset, model, out, args)

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 import data
 import pretrain
-from model import ModelConfig, PretrainModel, offset_targets
+from model import ModelConfig, PretrainModel, SparseBatch, offset_targets
 
 COUNTS = [[5, 9, 2], [3, 4, 1]]
 
@@ -63,10 +63,15 @@ def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
     outs, grads = [], []
     for sparse in (False, True):
         encoder.zero_grad()
-        out = encoder(pretrain.step_batch(X, torch.device("cpu"), sparse))
+        coll = pretrain.Collection(["toy"], [X], [None], np.array([f"G{i}" for i in range(40)]))
+        host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], 0, 1, sparse)
+        x = pretrain.step_inputs(host, torch.device("cpu"))[0]
+        assert isinstance(x, SparseBatch) == sparse
+        out = encoder(x)
         (out * torch.arange(5.0)).sum().backward()
         outs.append(out.detach())
         grads.append((encoder.linear.weight_t.grad.clone(), encoder.linear.bias.grad.clone()))
     torch.testing.assert_close(outs[0], outs[1])
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
+
