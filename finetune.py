@@ -26,7 +26,7 @@ import common
 import data
 import kmeans
 import metrics
-from model import Classifier, init_encoder_from_pretrained
+from model import Classifier, init_encoder_from_pretrained, make_adam
 
 log = logging.getLogger("scpretrain.finetune")
 
@@ -120,7 +120,7 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     """Adam with early stopping on validation accuracy; returns the best model and epochs run."""
     train_idx, val_idx, _ = split
     clf = clf.to(device)
-    optimizer = torch.optim.Adam(clf.parameters(), lr=args.ft_lr)
+    optimizer = make_adam(clf.parameters(), args.ft_lr)
     x_train, y_train = _rows(features, train_idx).to(device), torch.as_tensor(codes[train_idx]).to(device)
     x_val, y_val = _rows(features, val_idx).to(device), torch.as_tensor(codes[val_idx]).to(device)
     rng = np.random.default_rng(seed)

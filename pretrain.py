@@ -26,7 +26,7 @@ import common
 import data
 import kmeans
 from model import (RESUME_KIND, CheckpointError, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, offset_targets)
+                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, offset_targets)
 
 log = logging.getLogger("scpretrain.pretrain")
 
@@ -241,18 +241,6 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     return float(loss_sum) / len(steps)
 
 
-def make_adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
-    """Adam with its fused kernel (one pass over all ~2 + 2 x datasets tensors, not ~10 small
-    ops per tensor; torch's CPU "foreach" path still loops per tensor) where this torch has one
-    for the device; the plain loop otherwise."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError) as exc:
-        log.debug("fused Adam unavailable on %s (%s); using the loop", device, exc)
-        return torch.optim.Adam(params, lr=lr)
-
-
 def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -> dict:
     """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0).
 
@@ -279,7 +267,7 @@ def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -
 
     torch.manual_seed(args.seed + phase)
     model = PretrainModel(cfg, counts, encoder).to(device)
-    optimizer = make_adam(model.parameters(), args.pt_lr, device)
+    optimizer = make_adam(model.parameters(), args.pt_lr)
     progress = {"epoch": 0, "best_loss": float("inf"), "wait": 0, "losses": []}
     if state:
         model.load_state_dict(state["model"])

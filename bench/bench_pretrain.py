@@ -101,12 +101,12 @@ def build_model(n_genes: int, counts, hid: int, seed: int):
     import torch
 
     import pretrain
-    from model import ModelConfig, PretrainModel
+    from model import ModelConfig, PretrainModel, make_adam
 
     torch.manual_seed(seed + 1)
     model = PretrainModel(ModelConfig(n_genes=n_genes, hid=hid, sigmoid_logits=True), counts)
     step = pretrain.MultiTaskStep(model)
-    return model, step, pretrain.make_adam(model.parameters(), 1e-4, torch.device("cpu"))
+    return model, step, make_adam(model.parameters(), 1e-4)
 
 
 # --------------------------------------------------------------------------- (b) ours, then (a)

@@ -7,7 +7,7 @@ from torch.nn import functional as F
 
 import data
 import pretrain
-from model import ModelConfig, PretrainModel, SparseBatch, offset_targets
+from model import Encoder, ModelConfig, PretrainModel, SparseBatch, offset_targets
 
 COUNTS = [[5, 9, 2], [3, 4, 1]]
 
@@ -75,3 +75,20 @@ def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
 
+
+
+def test_gene_major_encoder_is_an_nn_linear_to_the_outside():
+    torch.manual_seed(3)
+    encoder = Encoder(30, 4)
+    torch.manual_seed(3)
+    reference = torch.nn.Linear(30, 4)
+    assert torch.equal(encoder.linear.weight, reference.weight)  # the same initial draws
+    state = encoder.state_dict()
+    assert list(state) == ["linear.weight", "linear.bias"] and state["linear.weight"].shape == (4, 30)
+    x = torch.rand(5, 30)
+    torch.testing.assert_close(encoder(x), torch.sigmoid(reference(x)))
+    other = Encoder(30, 4)
+    other.load_state_dict(state)
+    assert torch.equal(other.linear.weight_t, encoder.linear.weight_t)
+    with pytest.raises(RuntimeError):
+        other.load_state_dict({"linear.weight": torch.zeros(4, 30)})  # strict: the bias is missing
