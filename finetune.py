@@ -175,6 +175,7 @@ def run_task(task: Task, args, device) -> list[dict]:
 
 
 def _worker(task: Task, args, threads: int) -> list[dict]:
+    common.flush_denormals()
     torch.set_num_threads(threads)
     common.setup_logging(args.log_level)
     return run_task(task, args, common.resolve_device(args))

@@ -8,7 +8,6 @@ DistributedDataParallel). Importing does nothing.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -276,7 +275,9 @@ def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -
         log.info("resuming phase %d after epoch %d (loss %.4f)", phase, progress["epoch"], progress["losses"][-1])
     step_module = MultiTaskStep(model)
     if world > 1:
-        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+        # the only buffers are the constant head-segment matrices: nothing to broadcast each step
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True,
+                                                                broadcast_buffers=False)
 
     while progress["epoch"] < args.pt_epoch and progress["wait"] < args.pt_patience:
         epoch = progress["epoch"] + 1
@@ -314,7 +315,7 @@ def resume_path_for(save_path: Path) -> Path:
 def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection, args, phase: int) -> None:
     atomic_torch_save({
         "kind": RESUME_KIND,
-        "model": copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()}),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # saved at once: no copy needed
         "optimizer": optimizer.state_dict(),
         **progress,
         "pseudo_labels": [[torch.as_tensor(lab) for lab in per_d] for per_d in labels],
