@@ -347,6 +347,10 @@ def main(args) -> dict:
         import pretrain  # noqa: F401
 
         baseline = synth.memory_mib()["rss"]
+        if args.worker == "ours":  # as main.py runs (common.run_script)
+            import common
+
+            common.flush_denormals()
         out = {"ours": worker_ours, "original": worker_original}[args.worker](paths, args)
         out["baseline_mib"] = baseline
         print(json.dumps(out))
