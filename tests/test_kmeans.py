@@ -79,19 +79,13 @@ def test_chunking_does_not_change_the_labels(sparse_counts):
     np.testing.assert_array_equal(whole.labels, chunked.labels)
 
 
-@pytest.mark.parametrize("k", [4, 8, 12])
-def test_inertia_close_to_sklearn_on_blobs(blobs, k):
-    ours = kmeans.kmeans(blobs, k, n_iter=20, seed=0)
-    assert ours.inertia == pytest.approx(inertia_of(blobs, ours.labels, k), rel=1e-4)
-    theirs = KMeans(k, n_init=1, max_iter=20, random_state=0).fit(blobs)
-    assert ours.inertia <= 1.05 * theirs.inertia_
-
-
-@pytest.mark.parametrize("k", [5, 10, 20])
-def test_inertia_close_to_sklearn_on_sparse_counts(sparse_counts, k):
-    ours = kmeans.kmeans(sparse_counts, k, n_iter=20, seed=0)
-    assert ours.inertia == pytest.approx(inertia_of(sparse_counts, ours.labels, k), rel=1e-4)
-    theirs = KMeans(k, n_init=1, max_iter=20, random_state=0).fit(sparse_counts)
+@pytest.mark.parametrize("matrix, k", [("blobs", 4), ("blobs", 8), ("blobs", 12),
+                                       ("sparse_counts", 5), ("sparse_counts", 10), ("sparse_counts", 20)])
+def test_inertia_close_to_sklearn(matrix, k, request):
+    X = request.getfixturevalue(matrix)
+    ours = kmeans.kmeans(X, k, n_iter=20, seed=0)
+    assert ours.inertia == pytest.approx(inertia_of(X, ours.labels, k), rel=1e-4)
+    theirs = KMeans(k, n_init=1, max_iter=20, random_state=0).fit(X)
     assert ours.inertia <= 1.05 * theirs.inertia_
 
 
