@@ -32,7 +32,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     common.add_common_args(parser)
     pretrain.add_pretrain_args(parser)
     finetune.add_finetune_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.pca_pt:
+        parser.error("--pca_pt (pre-training on per-dataset PCA inputs) is not available in this version: "
+                     "each dataset's own PCA basis would feed one shared encoder, and the checkpoint could "
+                     "not be matched to new datasets gene by gene. Pre-train on genes; --pca_ft fine-tunes "
+                     "on PCA inputs.")
+    return args
 
 
 def run(args) -> object:

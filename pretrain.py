@@ -48,6 +48,9 @@ def add_pretrain_args(parser) -> None:
     g.add_argument("--pretrain_output", action="store_true",
                    help="phase 2: cluster the --pretrained_model encoder's output and continue training it")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
+    g.add_argument("--pca_pt", action="store_true",
+                   help="the original's PCA inputs for pre-training: not available in this version (it stops "
+                        "with a message); --pca_ft is")
     g.add_argument("--batch_format", choices=["auto", "sparse", "dense"], default="auto",
                    help="how a step's cells reach the encoder: CSR products (measured ~2x faster on CPU, see "
                         "bench/README.md) or a dense batch; auto = sparse on CPU, dense on GPU (default: %(default)s)")

@@ -261,3 +261,11 @@ def test_torchrun_two_processes_match_one(collection, tmp_path):
     assert one["losses"][0] == pytest.approx(two["losses"][0], rel=1e-4)
     torch.testing.assert_close(one["model"]["linear.weight"], two["model"]["linear.weight"], atol=1e-5, rtol=1e-4)
     assert not torch.equal(one["model"]["linear.weight"], torch.zeros_like(one["model"]["linear.weight"]))
+
+
+def test_pca_pt_says_it_is_not_available(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main.parse_args(["--is_pretrain", "--kmeans", "--pca_pt"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--pca_pt" in err and "not available" in err and "--pca_ft" in err
