@@ -71,7 +71,9 @@ class GeneLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.weight_t.t()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+        if isinstance(x, SparseBatch):
+            return _SparseInputLinear.apply(x.x, x.x_t, self.weight_t, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -95,8 +97,6 @@ class Encoder(nn.Module):
         self.linear = GeneLinear(n_genes, hid)
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
-        if isinstance(x, SparseBatch):
-            return torch.sigmoid(_SparseInputLinear.apply(x.x, x.x_t, self.linear.weight_t, self.linear.bias))
         return torch.sigmoid(self.linear(x))
 
 
@@ -141,11 +141,6 @@ class PretrainModel(nn.Module):
         log_norm = torch.log(torch.exp(s) @ getattr(self, f"segments_{dataset_index}"))
         return (log_norm - s.gather(1, targets)).sum()
 
-    def loss(self, x: torch.Tensor, dataset_index: int, targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sum over granularities of the mean cross-entropy of one dataset's cells."""
-        logits = self.forward(x, dataset_index)
-        return sum(pseudo_label_loss(lg, t, self.cfg.sigmoid_logits) for lg, t in zip(logits, targets))
-
 
 def head_offsets(counts: Sequence[int]) -> list[int]:
     """First column of each granularity's head in the side-by-side layout."""
@@ -163,11 +158,6 @@ def offset_targets(labels: Sequence[np.ndarray], counts: Sequence[int]) -> np.nd
     """One dataset's pseudo-labels as ``cells x granularities`` columns of the side-by-side heads."""
     cols = [np.asarray(lab, dtype=np.int64) + o for lab, o in zip(labels, head_offsets(counts))]
     return np.stack(cols, axis=1)
-
-
-def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, sigmoid_logits: bool = True) -> torch.Tensor:
-    # scPretrain: the original passes sigmoid(logits) to cross-entropy; kept by default.
-    return F.cross_entropy(torch.sigmoid(logits) if sigmoid_logits else logits, targets)
 
 
 class Classifier(nn.Module):
