@@ -30,12 +30,10 @@ import json
 import subprocess
 import sys
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-import scipy.sparse as sp
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
@@ -134,41 +132,30 @@ def worker_ours(paths, args) -> dict:
         epoch_seconds.append(time.perf_counter() - t)
     mem = synth.memory_mib()
     steps = pretrain.epoch_batches(n_cells, args.batch_num, args.seed, 1, 1)
-    limit = pure_limit(coll, steps, model.encoder.linear.weight.detach())
+    limit = pure_limit(coll, targets, steps, model.encoder.linear.weight.detach())
     return {"cells": int(sum(n_cells)), "datasets": len(n_cells), "genes": len(coll.gene_universe),
             "nnz": int(sum(X.nnz for X in coll.features)), "load_seconds": load_seconds, "kmeans_seconds": t_kmeans,
             "epoch_seconds": epoch_seconds, "peak_mib": mem["peak"], "batch_format": "sparse" if pretrain.sparse_input(
                 run_args, device) else "dense", "torch_threads": torch.get_num_threads(), **limit}
 
 
-def _dense_step(coll, rows_per_dataset) -> np.ndarray:
-    import data
-
-    return np.vstack([data.densify_log1p(coll.features[d], rows, log=False)
-                      for d, rows in enumerate(rows_per_dataset) if len(rows)])
-
-
-def _csr_step(coll, rows_per_dataset) -> sp.csr_matrix:
-    return sp.vstack([coll.features[d][rows] for d, rows in enumerate(rows_per_dataset) if len(rows)], format="csr")
-
-
-def _torch_csr(X: sp.csr_matrix):
+def _step_input(coll, targets, rows_per_dataset, sparse: bool):
+    """The encoder's input for one step exactly as pretrain.train_epoch builds it (on the CPU)."""
     import torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(torch.from_numpy(X.indptr.astype(np.int64)),
-                                       torch.from_numpy(X.indices.astype(np.int64)),
-                                       torch.from_numpy(X.data), size=X.shape)
+    import pretrain
+
+    host = pretrain.prepare_step(coll, targets, rows_per_dataset, 0, 1, sparse)
+    return pretrain.step_inputs(host, torch.device("cpu"))[0]
 
 
-def pure_limit(coll, steps, weight, repeats: int = 2) -> dict:
+def pure_limit(coll, targets, steps, weight, repeats: int = 2) -> dict:
     """(a): the encoder's two products per step on ready dense batches; and the same on torch CSR."""
     import torch
 
     hid, n_genes = weight.shape
     sizes = [sum(len(r) for r in rows) for rows in steps]
-    first = torch.from_numpy(_dense_step(coll, steps[0]))
+    first = _step_input(coll, targets, steps[0], sparse=False)
     x = torch.zeros(max(sizes), n_genes)
     x[:len(first)] = first
     del first
@@ -186,29 +173,26 @@ def pure_limit(coll, steps, weight, repeats: int = 2) -> dict:
 
     dense = min(dense_epoch() for _ in range(repeats))
     # the same products on sparse CSR batches (and the transposed batch for the weight gradient)
-    csr = [_csr_step(coll, rows) for rows in steps]
-    xs = [_torch_csr(X) for X in csr]
-    xts = [_torch_csr(X.T.tocsr()) for X in csr]
+    batches = [_step_input(coll, targets, rows, sparse=True) for rows in steps]
     w_tc = w_t.contiguous()
 
     def sparse_epoch():
         t = time.perf_counter()
-        for a, at in zip(xs, xts):
-            a @ w_tc
-            at @ grad[:a.shape[0]]
+        for batch in batches:
+            batch.x @ w_tc
+            batch.x_t @ grad[:batch.x.shape[0]]
         return time.perf_counter() - t
 
     sparse = min(sparse_epoch() for _ in range(repeats))
-    del xs, xts, x
+    del batches, x
     # what each costs with its per-step data preparation from the CSR collection
     t = time.perf_counter()
     for rows in steps:
-        torch.from_numpy(_dense_step(coll, rows))
+        _step_input(coll, targets, rows, sparse=False)
     dense_prep = time.perf_counter() - t
     t = time.perf_counter()
     for rows in steps:
-        X = _csr_step(coll, rows)
-        _torch_csr(X), _torch_csr(X.T.tocsr())
+        _step_input(coll, targets, rows, sparse=True)
     sparse_prep = time.perf_counter() - t
     return {"limit_dense_seconds": dense, "limit_sparse_seconds": sparse, "prep_dense_seconds": dense_prep,
             "prep_sparse_seconds": sparse_prep, "steps": len(steps), "mean_batch": float(np.mean(sizes))}
