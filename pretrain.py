@@ -177,8 +177,8 @@ def _torch_csr(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
 
 
 def sparse_input(args, device: torch.device) -> bool:
-    fmt = getattr(args, "batch_format", "auto")
-    return fmt == "sparse" or (fmt == "auto" and device.type != "cuda")
+    """Whether ``--batch_format`` sends CSR batches to the encoder on this device."""
+    return args.batch_format == "sparse" or (args.batch_format == "auto" and device.type != "cuda")
 
 
 @dataclass
