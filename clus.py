@@ -20,17 +20,19 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 import common
 import data
-import finetune
-import kmeans
+import results
 
 log = logging.getLogger("scpretrain.clus")
 
 FEATURE_SETS = ("PCA", "scPretrain")
 SILHOUETTE_CELLS = 5000  # silhouette is O(n^2): scored on a seeded sample of this many cells at most
+CLUSTER_METRICS = ("ari", "nmi", "silhouette")
+RESULT_KEY = ["dataset", "seed", "features", results.RUN_ID]
+RESULT_COLUMNS = [*RESULT_KEY, *CLUSTER_METRICS]
+RESULT_SETTINGS = ("label_key", "pca_dim", "pca_fit_cells")  # change the numbers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,10 +41,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="encoder checkpoint giving the scPretrain features (default: %(default)s)")
     parser.add_argument("--save_result", default=str(common.RESULTS_DIR / "clustering.csv"),
                         help="CSV the rows are appended to; the UMAP files go beside it (default: %(default)s)")
-    parser.add_argument("--pca_dim", type=int, default=50, help="PCA components of the raw features (default: %(default)s)")
-    parser.add_argument("--pca_fit_cells", type=int, default=10000,
+    parser.add_argument("--pca_dim", type=common.positive_int, default=50, help="PCA components of the raw features (default: %(default)s)")
+    parser.add_argument("--pca_fit_cells", type=common.positive_int, default=10000,
                         help="the PCA is fitted on a seeded sample of at most this many cells (default: %(default)s)")
-    parser.add_argument("--n_seeds", type=int, default=10, help="K-means runs per feature set, seeds --seed+0.. "
+    parser.add_argument("--n_seeds", type=common.positive_int, default=10, help="K-means runs per feature set, seeds --seed+0.. "
                                                                 "(default: %(default)s)")
     parser.add_argument("--umap_dataset", default=None,
                         help="dataset drawn as a UMAP (default: the first labelled dataset loaded; "
@@ -57,8 +59,8 @@ def pca_features(d: data.CellData, n_components: int, fit_cells: int, seed: int)
     fit_rows = np.arange(d.n_cells)
     if d.n_cells > fit_cells:
         fit_rows = np.sort(np.random.default_rng(seed).choice(d.n_cells, fit_cells, replace=False))
-    features, _, _ = finetune.pca_features(kmeans.log1p_csr(d.X), fit_rows, n_components, seed)
-    return features
+    pca, _, _ = data.pca_features(data.features(d), fit_rows, n_components, seed)
+    return pca
 
 
 def score_clustering(features: np.ndarray, codes: np.ndarray, k: int, seed: int) -> dict:
@@ -77,7 +79,7 @@ def score_clustering(features: np.ndarray, codes: np.ndarray, k: int, seed: int)
             "silhouette": silhouette}
 
 
-def cluster_dataset(d: data.CellData, feature_sets: dict, args) -> list[dict]:
+def cluster_dataset(d: data.CellData, feature_sets: dict, args, run_id: str = results.NO_MODEL) -> list[dict]:
     codes, classes = data.encode_labels(d.labels)
     k = len(classes)
     if k < 2:
@@ -87,7 +89,8 @@ def cluster_dataset(d: data.CellData, feature_sets: dict, args) -> list[dict]:
     for name, features in feature_sets.items():
         for seed in range(args.seed, args.seed + args.n_seeds):
             rows.append({"dataset": d.name, "species": d.species, "n_cells": d.n_cells, "n_classes": k,
-                         "features": name, "seed": seed, **score_clustering(features, codes, k, seed)})
+                         "features": name, "seed": seed, results.RUN_ID: run_id,
+                         **score_clustering(features, codes, k, seed)})
         mean = pd.DataFrame(rows[-args.n_seeds:])[["ari", "nmi", "silhouette"]].mean()
         log.info("%s on %s, k=%d, %d seeds: ARI %.4f NMI %.4f silhouette %.4f", d.name, name, k, args.n_seeds,
                  mean["ari"], mean["nmi"], mean["silhouette"])
@@ -152,25 +155,34 @@ def write_umap(d: data.CellData, feature_sets: dict, args, out_dir: Path) -> Pat
 
 
 def run(args):
+    common.check_output_file(args.save_result, "--save_result")
     device = common.resolve_device(args)
-    encoder, universe, _ = common.load_pretrained_or_explain(args.pretrained_model)
+    encoder, universe, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
     datasets = common.labelled_datasets(args)
     umap_name = None if args.no_umap else (args.umap_dataset or datasets[0].name)
     if umap_name is not None and umap_name not in [d.name for d in datasets]:
         raise data.DataError(f"--umap_dataset {umap_name} is not among the labelled datasets loaded: "
                              f"{[d.name for d in datasets]}")
     out = Path(args.save_result)
-    common.write_args_json(args, out)
-    frame = None
-    for d in tqdm(datasets, desc="clustering datasets"):
+    settings = results.settings_of(args, RESULT_SETTINGS)
+    digest = results.model_digest(ckpt)
+    run_id = results.run_identity(digest, settings)
+    finished = results.done_keys(results.read_results(out, RESULT_COLUMNS), RESULT_KEY)
+    results.record_identity(out, run_id, digest, settings, args)
+    seeds = [str(s) for s in range(args.seed, args.seed + args.n_seeds)]
+    for d in common.progress(datasets, desc="clustering datasets"):
+        done = all((d.name, s, f, run_id) in finished for s in seeds for f in FEATURE_SETS)
+        if done and d.name != umap_name:
+            log.info("%s: already in %s under run identity %s; not redone", d.name, out, run_id)
+            continue
         feature_sets = {"PCA": pca_features(d, args.pca_dim, args.pca_fit_cells, args.seed),
-                        "scPretrain": common.representations(encoder, universe, d, device=device)}
-        rows = cluster_dataset(d, feature_sets, args)
+                        "scPretrain": common.dataset_representation(encoder, universe, d, device=device)}
+        rows = [] if done else cluster_dataset(d, feature_sets, args, run_id)
         if rows:
-            frame = finetune.append_results(out, rows)
+            results.append_results(out, rows, RESULT_COLUMNS)
         if d.name == umap_name:
             write_umap(d, feature_sets, args, out.parent)
-    return frame
+    return results.read_results(out, RESULT_COLUMNS)
 
 
 def main(args):

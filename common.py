@@ -1,28 +1,84 @@
-"""What every script shares: flags defined once, logging, seeding, the device, representations.
+"""What every script shares: flags defined once, logging and progress bars, seeding, the device.
 
 Importing does nothing; scripts call these from their ``parse_args`` and ``main``.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
-from model import CheckpointError, Encoder, encoder_from_checkpoint, load_checkpoint
+from model import CheckpointError, Encoder, encoder_from_checkpoint, load_checkpoint, represent
 
 log = logging.getLogger("scpretrain")
 
 DEFAULT_MODEL = data.REPO_DIR / "models" / "pretrained.pt"
 RESULTS_DIR = data.REPO_DIR / "results"
 PRETRAIN_HINT = "run `python main.py --is_pretrain --kmeans` first, or pass --pretrained_model FILE"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of cells, epochs, batches, clusters, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (0 meaning "off" or "all", as the flag's help says)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (a learning rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got '{text}'") from None
+    if not (np.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got '{text}'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
+
+
+def log_level(text: str) -> str:
+    level = str(text).upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"unknown level '{text}'; choose one of {', '.join(LOG_LEVELS)}")
+    return level
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -35,31 +91,81 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--url_template", default=data.DEFAULT_URL_TEMPLATE,
                    help="download URL of a missing dataset, {name} is replaced (default: %(default)s)")
     g.add_argument("--label_key", default=data.DEFAULT_LABEL_KEY, help="obs column with cell types (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seeds numpy, torch, splits and K-means (default: %(default)s)")
+    g.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seeds numpy, torch, splits and K-means (default: %(default)s)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto = cuda when available (default: %(default)s)")
     g.add_argument("--cuda", action="store_true", help="the original's flag: same as --device cuda")
-    g.add_argument("--hid", type=int, default=200, help="encoder width (default: %(default)s)")
-    g.add_argument("--fold1", type=int, default=1, help="outer repeats (default: %(default)s)")
-    g.add_argument("--fold2", type=int, default=1, help="inner repeats; fold1 x fold2 seeded repeats (default: %(default)s)")
-    g.add_argument("--per_train", type=float, default=0.6, help="training share of cells (default: %(default)s)")
-    g.add_argument("--per_val", type=float, default=0.1, help="validation share of cells (default: %(default)s)")
-    g.add_argument("--max_tr_num", type=int, default=1000, help="at most this many training cells (default: %(default)s)")
-    g.add_argument("--log_level", default="INFO", help="logging level (default: %(default)s)")
+    g.add_argument("--hid", type=positive_int, default=200, help="encoder width (default: %(default)s)")
+    g.add_argument("--fold1", type=positive_int, default=1, help="outer repeats (default: %(default)s)")
+    g.add_argument("--fold2", type=positive_int, default=1,
+                   help="inner repeats; fold1 x fold2 seeded repeats (default: %(default)s)")
+    g.add_argument("--per_train", type=fraction, default=0.6, help="training share of cells (default: %(default)s)")
+    g.add_argument("--per_val", type=fraction, default=0.1,
+                   help="validation share of cells; per_train + per_val < 1 (default: %(default)s)")
+    g.add_argument("--max_tr_num", type=positive_int, default=1000,
+                   help="at most this many training cells (default: %(default)s)")
+    add_log_level_arg(g)
     return parser
 
 
+def add_log_level_arg(parser) -> None:
+    parser.add_argument("--log_level", type=log_level, default="INFO",
+                        help=f"one of {', '.join(LOG_LEVELS)} (default: %(default)s)")
+
+
+def check_split_fractions(parser: argparse.ArgumentParser, args) -> None:
+    """Train and validation shares must leave test cells."""
+    if args.per_train + args.per_val >= 1:
+        parser.error(f"--per_train {args.per_train} + --per_val {args.per_val} must be < 1 (the rest are test cells)")
+
+
+def check_output_file(path, flag: str) -> Path:
+    """Before any data is read: ``path`` can be written as a file (not a folder; its folder exists
+    or can be made, and takes a new file). Errors name the flag."""
+    path = Path(path)
+    if path.is_dir():
+        raise data.DataError(f"{flag} {path}: is a folder; give a file path")
+    check_output_dir(path.parent, flag, path)
+    return path
+
+
+def check_output_dir(folder, flag: str, shown=None) -> Path:
+    """``folder`` exists or can be made, and a file can be created in it."""
+    folder, shown = Path(folder), shown or folder
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise data.DataError(f"{flag} {shown}: cannot write there ({exc.strerror or exc}); "
+                             "choose a writable path") from None
+    return folder
+
+
 def run_script(run, args):
-    """A script's ``main``: logging, seeds, then ``run(args)``; bad input or a bad checkpoint
-    ends the program with its message and exit code 2 instead of a traceback."""
+    """A script's ``main``: logging, seeds, then ``run(args)``. Exit status by convention: bad
+    input or a bad checkpoint ends with its message and 1, Ctrl-C with one line and 130
+    (argparse has already used 2 for a bad command line)."""
     setup_logging(getattr(args, "log_level", "INFO"))
     seed_everything(getattr(args, "seed", 0))
     flush_denormals()
     try:
-        return run(args)
+        with logging_redirect_tqdm():
+            return run(args)
     except (data.DataError, CheckpointError) as exc:
         log.error("%s", exc)
-        sys.exit(2)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        log.error("interrupted; run the same command again to continue (finished results are kept%s)",
+                  ", pre-training with --resume" if getattr(args, "is_pretrain", False) else "")
+        sys.exit(130)
+
+
+def progress(iterable=None, disable: bool = False, **kwargs):
+    """A tqdm bar on a terminal only: on a log file, CI or nohup (stderr not a TTY) no bar frames
+    are written, only the log lines."""
+    return tqdm(iterable, disable=True if disable else None, **kwargs)
 
 
 def flush_denormals() -> None:
@@ -73,7 +179,7 @@ def flush_denormals() -> None:
 
 
 def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=getattr(logging, str(level).upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, log_level(level)),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
 
 
@@ -131,38 +237,28 @@ def labelled_datasets(args) -> list[data.CellData]:
     skipped = [d.name for d in datasets if not d.is_labelled]
     if skipped:
         log.info("unlabelled, left out: %s", ", ".join(skipped))
-    labelled = [data.labelled_cells(d) for d in datasets if d.is_labelled]
+    labelled = with_two_classes([data.labelled_cells(d) for d in datasets if d.is_labelled])
     if not labelled:
-        raise data.DataError("none of the chosen datasets is labelled; nothing to classify or cluster")
+        raise data.DataError("none of the chosen datasets is labelled with two or more cell types; "
+                             "nothing to classify or cluster")
     return labelled
 
 
-@torch.no_grad()
-def encode_cells(encoder: Encoder, X, batch_size: int = 4096, device="cpu", log1p: bool = True) -> np.ndarray:
-    """``sigmoid(encoder(log1p x))`` for every row of a CSR matrix aligned to the encoder's genes."""
-    encoder = encoder.to(device).eval()
-    out = []
-    for rows in data.iter_batches(X.shape[0], batch_size):
-        batch = torch.from_numpy(data.densify_log1p(X, rows, log=log1p)).to(device, non_blocking=True)
-        out.append(encoder(batch).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, encoder.linear.out_features), np.float32)
+def with_two_classes(datasets: list[data.CellData]) -> list[data.CellData]:
+    """The datasets with at least two cell types; the others are left out with a warning (one
+    class gives no classification or clustering score worth a row)."""
+    kept = []
+    for d in datasets:
+        n_types = len(np.unique(d.labels))
+        if n_types < 2:
+            log.warning("%s: one cell type only (%s); left out", d.name, d.labels[0])
+            continue
+        kept.append(d)
+    return kept
 
 
-def representations(encoder: Encoder, universe: np.ndarray, dataset: data.CellData, device="cpu") -> np.ndarray:
-    """Pretrained representation of a dataset whose genes are mapped; logs the coverage."""
+def dataset_representation(encoder: Encoder, universe: np.ndarray, dataset: data.CellData, device="cpu") -> np.ndarray:
+    """The pretrained representation of every cell of a dataset whose genes are mapped
+    (aligned to the encoder's gene universe, which logs the coverage)."""
     aligned = data.align_to_universe(dataset, universe)
-    return encode_cells(encoder, aligned.X, device=device)
-
-
-def args_to_dict(args) -> dict:
-    """The run's arguments as JSON-able values (for checkpoints and result sidecars)."""
-    out = {}
-    for key, value in vars(args).items():
-        out[key] = str(value) if isinstance(value, Path) else value
-    return json.loads(json.dumps(out, default=str))
-
-
-def write_args_json(args, csv_path) -> Path:
-    path = Path(str(csv_path) + ".args.json")
-    data.atomic_write(path, lambda fh: json.dump(args_to_dict(args), fh, indent=2, sort_keys=True))
-    return path
+    return represent(encoder, data.features(aligned), device=device)

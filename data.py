@@ -2,7 +2,9 @@
 
 Every reader returns a :class:`CellData`: a cell x gene ``scipy.sparse.csr_matrix`` of float32
 raw values plus gene symbols, cell names, labels and species. Matrices stay sparse until a
-mini-batch is densified (:func:`densify_log1p`). Importing this module does nothing.
+mini-batch is densified (:func:`dense_rows`). Raw values become the encoder's input in one place,
+:func:`features`; a matrix named ``features`` holds transformed values, one named ``X`` (of a
+``CellData``) raw ones. Importing this module does nothing.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ DEFAULT_URL_TEMPLATE = "https://cblast.gao-lab.org/{name}/{name}.h5"
 DEFAULT_LABEL_KEY = "cell_ontology_class"
 MISSING_LABELS = {"", "na", "nan", "none", "unknown"}
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+RAW_VALUES, LOG1P_VALUES = "raw", "log1p"
 
 
 class DataError(ValueError):
@@ -39,7 +42,9 @@ class DataError(ValueError):
 
 @dataclass
 class CellData:
-    """One dataset in memory. ``X`` holds raw values (counts or TPM), cells x genes."""
+    """One dataset in memory: ``X`` is cells x genes, its ``values`` say what it holds:
+    ``"raw"`` (counts or TPM, the default) or ``"log1p"`` (already transformed by the user, fed to
+    the encoder as it is)."""
 
     name: str
     X: sp.csr_matrix
@@ -48,6 +53,7 @@ class CellData:
     labels: np.ndarray | None  # str per cell; "" where missing; None if unlabelled
     species: str  # "human" or "mouse"
     source: str = ""
+    values: str = "raw"  # RAW_VALUES or LOG1P_VALUES
 
     @property
     def n_cells(self) -> int:
@@ -347,22 +353,43 @@ def build_gene_universe(datasets: Sequence[CellData]) -> np.ndarray:
     return np.array(sorted(universe), dtype=object)
 
 
-def align_to_universe(data: CellData, universe: Sequence[str]) -> CellData:
-    """Reorder ``data``'s columns onto ``universe`` by one vectorised index lookup, staying sparse.
+@dataclass(frozen=True)
+class GeneLookup:
+    """Where each of a dataset's genes sits in a gene universe (-1 where it is not there)."""
+
+    positions: np.ndarray  # int64, one per dataset gene
+    n_universe: int
+
+    @property
+    def n_found(self) -> int:
+        return int((self.positions >= 0).sum())
+
+
+def gene_lookup(data: CellData, universe: Sequence[str], whose: str = "the gene universe's") -> GeneLookup:
+    """The one lookup of a dataset's (mapped) genes in a universe: alignment, pretrained-weight
+    initialisation and coverage checks all use it. Logs the coverage with both denominators;
+    a dataset sharing no gene is an error."""
+    universe_index = universe if isinstance(universe, pd.Index) else pd.Index(universe)
+    positions = universe_index.get_indexer(pd.Index(data.genes)).astype(np.int64)
+    lookup = GeneLookup(positions, len(universe_index))
+    n = lookup.n_found
+    if n == 0:
+        raise DataError(f"{data.source or data.name}: shares no gene with {whose} {len(universe_index)} genes "
+                        f"(e.g. {list(universe_index[:3])}); check the species and the gene symbols")
+    log.info("%s: covers %d of %s %d genes (%.1f%%); %d of its own %d (%.1f%%)", data.name, n, whose,
+             len(universe_index), 100.0 * n / len(universe_index), n, data.n_genes, 100.0 * n / data.n_genes)
+    return lookup
+
+
+def align_to_universe(data: CellData, universe: Sequence[str], lookup: GeneLookup | None = None) -> CellData:
+    """Reorder ``data``'s columns onto ``universe``, staying sparse.
 
     Genes of the universe missing from the dataset are zero columns; genes outside the
-    universe are dropped. Logs the coverage.
+    universe are dropped. ``lookup`` (from :func:`gene_lookup`) is computed when not given.
     """
-    universe_index = universe if isinstance(universe, pd.Index) else pd.Index(universe)
-    target = universe_index.get_indexer(pd.Index(data.genes)).astype(np.int64)
-    n_found = int((target >= 0).sum())
-    if n_found == 0:
-        raise DataError(f"{data.source or data.name}: shares no gene with the gene universe "
-                        f"({len(universe_index)} genes, e.g. {list(universe_index[:3])})")
-    log.info("%s: covers %d of %d universe genes (%.1f%%)", data.name, n_found, len(universe_index),
-             100.0 * n_found / len(universe_index))
-    X = remap_columns(data.X, target, len(universe_index))
-    return replace(data, X=X, genes=np.asarray(universe_index, dtype=object))
+    lookup = gene_lookup(data, universe) if lookup is None else lookup
+    X = remap_columns(data.X, lookup.positions, lookup.n_universe)
+    return replace(data, X=X, genes=np.asarray(universe, dtype=object))
 
 
 def remap_columns(X: sp.csr_matrix, target: np.ndarray, n_cols: int) -> sp.csr_matrix:
@@ -395,6 +422,37 @@ def remap_columns(X: sp.csr_matrix, target: np.ndarray, n_cols: int) -> sp.csr_m
     return out
 
 
+# --------------------------------------------------------------------------- features
+
+
+def log1p_features(X: sp.csr_matrix) -> sp.csr_matrix:
+    """``log1p`` of raw values, sharing the index arrays (only the values are copied).
+
+    scPretrain: log1p of the raw values, no library-size normalisation.
+    """
+    X = sp.csr_matrix(X)
+    return sp.csr_matrix((np.log1p(X.data), X.indices, X.indptr), shape=X.shape)
+
+
+def features(data: CellData) -> sp.csr_matrix:
+    """The encoder's input for a dataset: ``log1p`` of raw values, or already-transformed values
+    as they are. The one place raw values are transformed."""
+    if data.values == LOG1P_VALUES:
+        return sp.csr_matrix(data.X)
+    return log1p_features(data.X)
+
+
+def pca_features(features: sp.csr_matrix, fit_rows: np.ndarray, n_components: int, seed: int):
+    """PCA of feature rows, fitted on ``fit_rows`` only; returns (all cells' components, components, mean)."""
+    from sklearn.decomposition import PCA
+
+    fit = features[fit_rows].toarray()
+    n_components = int(min(n_components, fit.shape[0] - 1, fit.shape[1]))
+    pca = PCA(n_components=n_components, random_state=seed).fit(fit)
+    transformed = np.vstack([pca.transform(features[rows].toarray()) for rows in iter_batches(features.shape[0], 4096)])
+    return transformed.astype(np.float32), pca.components_.astype(np.float32), pca.mean_.astype(np.float32)
+
+
 # --------------------------------------------------------------------------- labels, splits, batches
 
 
@@ -415,12 +473,9 @@ def split_cells(n_cells: int, seed: int, per_train: float = 0.6, per_val: float 
     return order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:]
 
 
-def densify_log1p(X: sp.csr_matrix, rows: np.ndarray | None = None, log: bool = True) -> np.ndarray:
-    """Dense float32 ``log1p`` of the chosen rows; log1p touches only the non-zeros."""
-    sub = X[rows] if rows is not None else X
-    if log:
-        sub = sub.copy() if sub is X else sub
-        np.log1p(sub.data, out=sub.data)
+def dense_rows(features: sp.csr_matrix, rows: np.ndarray | None = None) -> np.ndarray:
+    """The chosen rows (all when ``rows`` is None) as a dense float32 array, values unchanged."""
+    sub = features[rows] if rows is not None else features
     return sub.toarray().astype(np.float32, copy=False)
 
 

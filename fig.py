@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 import common
-import data
+import results
 from metrics import METRIC_NAMES
 
 log = logging.getLogger("scpretrain.fig")
@@ -63,7 +63,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for s in SOURCES:
         parser.add_argument(f"--{s.name}_csv", default=None,
                             help=f"the {s.name} results (default: RESULTS_DIR/{s.filename}, written by `{s.made_by}`)")
-    parser.add_argument("--log_level", default="INFO", help="logging level (default: %(default)s)")
+    parser.add_argument("--run_id", default=None,
+                        help="plot the rows of this run identity (default: each file's newest; rows of "
+                             "different identities are never averaged together)")
+    common.add_log_level_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -72,28 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def read_result_csv(path, source: Source) -> pd.DataFrame:
     """A result CSV, checked: the required columns are there and the metrics are numbers."""
-    path = Path(path)
-    try:
-        frame = pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        raise data.DataError(f"{path}: is empty; expected the columns {source.required}") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise data.DataError(f"{path}: cannot be read as CSV ({exc})") from None
-    missing = [c for c in source.required if c not in frame.columns]
-    if missing:
-        raise data.DataError(f"{path}: missing required columns {missing} (found: {list(frame.columns)}); "
-                             f"is it a {source.name} result written by `{source.made_by}`?")
-    for column in source.metrics:
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = values.isna() & frame[column].notna()
-        if bad.any():
-            examples = list(pd.unique(frame.loc[bad, column].astype(str)))[:3]
-            raise data.DataError(f"{path}: column '{column}' must hold numbers, found {examples} "
-                                 f"in {int(bad.sum())} rows")
-        frame[column] = values.astype(float)
-    for column in ["dataset", *source.extra_cols, source.method_col]:
-        frame[column] = frame[column].astype(str)
-    return frame
+    return results.read_checked(path, source.required, source.metrics, f"a {source.name} result written by "
+                                f"`{source.made_by}`", ["dataset", *source.extra_cols, source.method_col])
 
 
 def paired_means(frame: pd.DataFrame, method_col: str, baseline: str, metric: str,
@@ -151,7 +134,8 @@ def scatter(paired: pd.DataFrame, x_label: str, y_label: str, title: str, stem: 
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title(f"{title}\nscPretrain wins {wins} of {n}")
-    ax.legend(loc="lower right", fontsize="small")
+    # outside the axes: a legend on the data would hide points (a loss at high x, low y, say)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="small", frameon=False)
     return save(fig, stem)
 
 
@@ -216,7 +200,7 @@ def load_sources(args) -> dict:
         if not path.exists():
             log.info("note: %s not found; run `%s` to make it. No %s figures.", path, source.made_by, source.name)
             continue
-        frame = read_result_csv(path, source)
+        frame, _ = results.choose_identity(read_result_csv(path, source), args.run_id, path)
         if frame.empty:
             log.info("note: %s holds no rows; no %s figures", path, source.name)
             continue
@@ -257,8 +241,7 @@ def run(args) -> list[Path]:
     if not frames:
         log.info("note: no result CSV found in %s; nothing to plot", args.results_dir)
         return []
-    out_dir = Path(args.results_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = common.check_output_dir(args.results_dir, "--results_dir")
     written = make_figures(frames, out_dir)
     log.info("%d figure files written to %s", len(written), out_dir)
     return written

@@ -18,37 +18,39 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
 import common
 import data
-import kmeans
 import metrics
-from model import Classifier, init_encoder_from_pretrained, make_adam
+import results
+from model import Classifier, apply_in_batches, dense_batch, init_encoder_from_pretrained, make_adam
 
 log = logging.getLogger("scpretrain.finetune")
 
 METHODS = ("scPretrain", "Without pretraining")
-RESULT_KEY = ["dataset", "seed", "method"]
+RESULT_KEY = ["dataset", "seed", "method", results.RUN_ID]
+RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
+# the arguments that change the sweep's numbers (with the pretrained model, the run identity)
+RESULT_SETTINGS = ("label_key", "hid", "per_train", "per_val", "max_tr_num", "ft_lr", "ft_batch_size", "ft_epoch",
+                   "patience", "pca_ft", "pca_dim")
 
 
 def add_finetune_args(parser) -> None:
     g = parser.add_argument_group("fine-tuning sweep")
-    g.add_argument("--ft_lr", type=float, default=0.002, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--ft_batch_size", type=int, default=5000, help="mini-batch size (default: %(default)s)")
-    g.add_argument("--ft_epoch", type=int, default=500, help="at most this many epochs (default: %(default)s)")
-    g.add_argument("--patience", type=int, default=30, help="stop after this many epochs without a better "
+    g.add_argument("--ft_lr", type=common.positive_float, default=0.002, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--ft_batch_size", type=common.positive_int, default=5000, help="mini-batch size (default: %(default)s)")
+    g.add_argument("--ft_epoch", type=common.positive_int, default=500, help="at most this many epochs (default: %(default)s)")
+    g.add_argument("--patience", type=common.positive_int, default=30, help="stop after this many epochs without a better "
                                                             "validation accuracy (default: %(default)s)")
     g.add_argument("--pca_ft", action="store_true", help="classify PCA features fitted on train+validation cells")
-    g.add_argument("--pca_dim", type=int, default=500, help="PCA components for --pca_ft (default: %(default)s)")
+    g.add_argument("--pca_dim", type=common.positive_int, default=500, help="PCA components for --pca_ft (default: %(default)s)")
     g.add_argument("--np_input", default=None, help="fine-tune on this numpy folder only")
     g.add_argument("--ann_input", default=None, help="fine-tune on this .h5ad only")
     g.add_argument("--save_result", default=str(common.RESULTS_DIR / "finetune.csv"),
                    help="CSV the rows are appended to (default: %(default)s)")
-    g.add_argument("--jobs", type=int, default=1, help="datasets fine-tuned in parallel processes (default: %(default)s)")
-    g.add_argument("--threads", type=int, default=0,
+    g.add_argument("--jobs", type=common.positive_int, default=1, help="datasets fine-tuned in parallel processes (default: %(default)s)")
+    g.add_argument("--threads", type=common.non_negative_int, default=0,
                    help="torch threads per job; 0 = cores / jobs (default: %(default)s)")
 
 
@@ -59,7 +61,7 @@ class Task:
     dataset: data.CellData
     seed: int
     repeat: int
-    pretrained: dict | None  # {"state": encoder state, "universe": genes}
+    pretrained: dict | None  # {"state": encoder state, "lookup": the dataset's genes in its universe}
 
 
 def finetune_datasets(args) -> list[data.CellData]:
@@ -70,28 +72,20 @@ def finetune_datasets(args) -> list[data.CellData]:
         d = data.map_dataset_genes(d)
         if not d.is_labelled:
             raise data.DataError(f"{path}: has no labels to fine-tune on")
-        return [data.labelled_cells(d)]
+        datasets = common.with_two_classes([data.labelled_cells(d)])
+        if not datasets:
+            raise data.DataError(f"{path}: holds one cell type only; there is nothing to classify")
+        return datasets
     return common.labelled_datasets(args)
 
 
-def pca_features(X_log: sp.csr_matrix, fit_rows: np.ndarray, n_components: int, seed: int):
-    """PCA fitted on ``fit_rows`` only; returns (features of all cells, components, mean)."""
-    from sklearn.decomposition import PCA
-
-    fit = X_log[fit_rows].toarray()
-    n_components = int(min(n_components, fit.shape[0] - 1, fit.shape[1]))
-    pca = PCA(n_components=n_components, random_state=seed).fit(fit)
-    transformed = np.vstack([pca.transform(X_log[rows].toarray()) for rows in data.iter_batches(X_log.shape[0], 4096)])
-    return transformed.astype(np.float32), pca.components_.astype(np.float32), pca.mean_.astype(np.float32)
-
-
-def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, genes,
+def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, n_genes: int,
                      pca=None) -> Classifier:
     """Same random init for both methods; scPretrain then copies pretrained columns by gene name."""
     torch.manual_seed(seed)
-    clf = Classifier(len(genes), n_classes, args.hid)
+    clf = Classifier(n_genes, n_classes, args.hid)
     if pretrained is not None:
-        init_encoder_from_pretrained(clf.encoder, pretrained["state"], pretrained["universe"], genes)
+        init_encoder_from_pretrained(clf.encoder, pretrained["state"], pretrained["lookup"])
     if pca is not None:  # the gene-space encoder on PCA inputs: W x + b = (W C^T) x_pca + (W mean + b)
         components, mean = (torch.from_numpy(a) for a in pca)
         with torch.no_grad():
@@ -102,18 +96,9 @@ def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, g
     return clf
 
 
-def _rows(features, rows) -> torch.Tensor:
-    if sp.issparse(features):
-        return torch.from_numpy(data.densify_log1p(features, rows, log=False))
-    return torch.from_numpy(features[rows])
-
-
-@torch.no_grad()
 def predict_proba(clf: Classifier, features, rows: np.ndarray, device, batch_size: int = 4096) -> np.ndarray:
     clf.eval()
-    out = [torch.softmax(clf(_rows(features, r).to(device)), 1).cpu().numpy()
-           for r in np.array_split(rows, max(1, int(np.ceil(len(rows) / batch_size))))]
-    return np.concatenate(out)
+    return apply_in_batches(lambda x: torch.softmax(clf(x), 1), features, rows, device, batch_size)
 
 
 def train_classifier(clf: Classifier, features, codes, split, args, seed: int, device) -> tuple[Classifier, int]:
@@ -121,8 +106,8 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     train_idx, val_idx, _ = split
     clf = clf.to(device)
     optimizer = make_adam(clf.parameters(), args.ft_lr)
-    x_train, y_train = _rows(features, train_idx).to(device), torch.as_tensor(codes[train_idx]).to(device)
-    x_val, y_val = _rows(features, val_idx).to(device), torch.as_tensor(codes[val_idx]).to(device)
+    x_train, y_train = dense_batch(features, train_idx).to(device), torch.as_tensor(codes[train_idx]).to(device)
+    x_val, y_val = dense_batch(features, val_idx).to(device), torch.as_tensor(codes[val_idx]).to(device)
     rng = np.random.default_rng(seed)
     best_acc, best_state, wait, epoch = -1.0, None, 0, 0
     for epoch in range(1, args.ft_epoch + 1):
@@ -146,27 +131,27 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     return clf, epoch
 
 
-def run_task(task: Task, args, device) -> list[dict]:
+def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[dict]:
     """Both methods on one dataset x repeat; one result row each."""
     d = task.dataset
     codes, classes = data.encode_labels(d.labels)
     split = common.split_for(d, task.seed, args)
-    features = kmeans.log1p_csr(d.X)
+    features = data.features(d)
     pca = None
     if args.pca_ft:
         fit_rows = np.concatenate(split[:2])
-        features, components, mean = pca_features(features, fit_rows, args.pca_dim, task.seed)
+        features, components, mean = data.pca_features(features, fit_rows, args.pca_dim, task.seed)
         pca = (components, mean)
     base = {"dataset": d.name, "species": d.species, "n_cells": d.n_cells, "n_genes": d.n_genes,
             "n_classes": len(classes), "n_train": len(split[0]), "n_val": len(split[1]), "n_test": len(split[2]),
-            "seed": task.seed, "repeat": task.repeat, "pca_ft": bool(args.pca_ft)}
+            "seed": task.seed, "repeat": task.repeat, "pca_ft": bool(args.pca_ft), results.RUN_ID: run_id}
     rows = []
     for method in METHODS:
         if method == "scPretrain" and task.pretrained is None:
             continue
         t0 = time.time()
         clf = build_classifier(len(classes), task.seed, args,
-                               task.pretrained if method == "scPretrain" else None, d.genes, pca)
+                               task.pretrained if method == "scPretrain" else None, d.n_genes, pca)
         clf, epochs = train_classifier(clf, features, codes, split, args, task.seed, device)
         scores = predict_proba(clf, features, split[2], device)
         result = metrics.classification_metrics(codes[split[2]], scores)
@@ -174,43 +159,11 @@ def run_task(task: Task, args, device) -> list[dict]:
     return rows
 
 
-def _worker(task: Task, args, threads: int) -> list[dict]:
+def _worker(task: Task, args, threads: int, run_id: str) -> list[dict]:
     common.flush_denormals()
     torch.set_num_threads(threads)
     common.setup_logging(args.log_level)
-    return run_task(task, args, common.resolve_device(args))
-
-
-def check_coverage(d: data.CellData, universe) -> int:
-    covered = int(pd.Index(universe).get_indexer(pd.Index(d.genes)).__ge__(0).sum())
-    log.info("%s: the pretrained gene universe covers %d of its %d genes (%.1f%%)", d.name, covered, d.n_genes,
-             100.0 * covered / d.n_genes)
-    if covered == 0:
-        raise data.DataError(f"{d.source or d.name}: none of its genes is in the pretrained model's gene universe; "
-                             "fine-tuning would start from a random encoder. Check the species and gene symbols.")
-    return covered
-
-
-def read_results(path: Path) -> pd.DataFrame:
-    if not path.exists():
-        return pd.DataFrame()
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise data.DataError(f"{path}: existing results cannot be read ({exc}); move it away") from None
-
-
-def append_results(path: Path, rows: list[dict]) -> pd.DataFrame:
-    """Existing rows plus ``rows``, rewritten atomically."""
-    frame = pd.concat([read_results(path), pd.DataFrame(rows)], ignore_index=True)
-    data.atomic_write(path, lambda fh: frame.to_csv(fh, index=False))
-    return frame
-
-
-def done_keys(frame: pd.DataFrame) -> set:
-    if frame.empty or not set(RESULT_KEY) <= set(frame.columns):
-        return set()
-    return set(map(tuple, frame[RESULT_KEY].astype(str).values))
+    return run_task(task, args, common.resolve_device(args), run_id)
 
 
 def summarise(frame: pd.DataFrame) -> str:
@@ -226,48 +179,69 @@ def summarise(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def result_settings(args) -> dict:
+    settings = results.settings_of(args, RESULT_SETTINGS)
+    if not args.pca_ft:
+        settings.pop("pca_dim")  # used only with --pca_ft
+    return settings
+
+
+def sweep_tasks(args, datasets, pretrained_ckpt, run_id: str, finished: set) -> list[Task]:
+    """One task per dataset and repeat not yet in the results under this run identity."""
+    seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
+    methods = METHODS if pretrained_ckpt is not None else METHODS[1:]
+    tasks = []
+    for d in datasets:
+        pretrained = None
+        if pretrained_ckpt is not None:  # the one gene lookup of this dataset; logs its coverage
+            lookup = data.gene_lookup(d, pretrained_ckpt["gene_universe"], whose="the pretrained model's")
+            pretrained = {"state": pretrained_ckpt["model"], "lookup": lookup}
+        tasks += [Task(d, s, r, pretrained) for r, s in enumerate(seeds)
+                  if not all((d.name, str(s), m, run_id) in finished for m in methods)]
+    return tasks
+
+
 def run_sweep(args, device) -> pd.DataFrame:
     datasets = finetune_datasets(args)
-    pretrained = None
+    ckpt = None
     if args.pretrained_model:
-        encoder, universe, _ = common.load_pretrained_or_explain(args.pretrained_model)
-        pretrained = {"state": encoder.state_dict(), "universe": universe}
-        for d in datasets:
-            check_coverage(d, universe)
+        _, _, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
     else:
         log.warning("no --pretrained_model: running the 'Without pretraining' baseline only")
     out = Path(args.save_result)
-    finished = done_keys(read_results(out))
-    seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
-    tasks = [Task(d, s, r, pretrained) for d in datasets for r, s in enumerate(seeds)
-             if not all((d.name, str(s), m) in finished for m in METHODS[pretrained is None:])]
-    skipped = len(datasets) * len(seeds) - len(tasks)
+    settings = result_settings(args)
+    digest = results.model_digest(ckpt)
+    run_id = results.run_identity(digest, settings)
+    finished = results.done_keys(results.read_results(out, RESULT_COLUMNS), RESULT_KEY)
+    tasks = sweep_tasks(args, datasets, ckpt, run_id, finished)
+    skipped = len(datasets) * args.fold1 * args.fold2 - len(tasks)
     if skipped:
-        log.info("%d dataset x repeat runs already in %s; not redone", skipped, out)
-    common.write_args_json(args, out)
-    for rows in tqdm(_run_tasks(tasks, args, device), total=len(tasks), desc="datasets"):
-        append_results(out, rows)
+        log.info("%d dataset x repeat runs of run identity %s already in %s; not redone", skipped, run_id, out)
+    results.record_identity(out, run_id, digest, settings, args)
+    for rows in common.progress(_run_tasks(tasks, args, device, run_id), total=len(tasks), desc="datasets"):
+        results.append_results(out, rows, RESULT_COLUMNS)
         for r in rows:
             log.info("%s seed %s %s: accuracy %.4f kappa %.4f auprc %.4f auroc %.4f (%d epochs)", r["dataset"],
                      r["seed"], r["method"], r["accuracy"], r["kappa"], r["auprc"], r["auroc"], r["epochs"])
-    frame = read_results(out)
+    frame = results.read_results(out, RESULT_COLUMNS)
     if not frame.empty:
-        log.info("results in %s\n%s", out, summarise(frame))
+        mine, _ = results.choose_identity(frame, run_id, out)
+        log.info("results in %s (run identity %s)\n%s", out, run_id, summarise(mine))
     return frame
 
 
-def _run_tasks(tasks, args, device):
+def _run_tasks(tasks, args, device, run_id: str):
     """Rows of each task, in task order; in ``--jobs`` worker processes when asked."""
     jobs = max(1, int(args.jobs))
     threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
     if jobs == 1 or len(tasks) <= 1:
         torch.set_num_threads(threads)
         for task in tasks:
-            yield run_task(task, args, device)
+            yield run_task(task, args, device, run_id)
         return
     import multiprocessing
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_worker, task, args, threads) for task in tasks]
+        futures = [pool.submit(_worker, task, args, threads, run_id) for task in tasks]
         for future in futures:
             yield future.result()

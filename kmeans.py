@@ -181,12 +181,6 @@ def _update(centroids, sums, counts, rows: _Rows, gen: np.random.Generator) -> t
     return new
 
 
-def log1p_csr(X: sp.csr_matrix) -> sp.csr_matrix:
-    """``log1p`` of a CSR matrix, sharing its index arrays (only the values are copied)."""
-    X = sp.csr_matrix(X)
-    return sp.csr_matrix((np.log1p(X.data), X.indices, X.indptr), shape=X.shape)
-
-
 def pseudo_labels(X, avg_cluster_num: int = 100, n_iter: int = 20, seed: int = 0,
                   device: str | torch.device = "cpu", max_cells: int = 0) -> list[np.ndarray]:
     """K-means labels of the rows of ``X`` at scPretrain's three granularities."""

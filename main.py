@@ -33,6 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     pretrain.add_pretrain_args(parser)
     finetune.add_finetune_args(parser)
     args = parser.parse_args(argv)
+    common.check_split_fractions(parser, args)
     if args.pca_pt:
         parser.error("--pca_pt (pre-training on per-dataset PCA inputs) is not available in this version: "
                      "each dataset's own PCA basis would feed one shared encoder, and the checkpoint could "
@@ -42,6 +43,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args) -> object:
+    if args.is_pretrain:
+        common.check_output_file(args.save_model, "--save_model")
+    else:
+        common.check_output_file(args.save_result, "--save_result")
     device = common.resolve_device(args)
     if args.is_pretrain:
         distributed = pretrain.init_distributed(device)

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import numpy as np
-import pandas as pd
+import scipy.sparse as sp
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+import data
 from data import atomic_write
 
 CHECKPOINT_KIND = "scpretrain-encoder"
@@ -174,23 +175,50 @@ class Classifier(nn.Module):
 
 
 @torch.no_grad()
-def init_encoder_from_pretrained(encoder: Encoder, pretrained_state: dict, gene_universe: Sequence[str],
-                                 dataset_genes: Sequence[str]) -> int:
+def init_encoder_from_pretrained(encoder: Encoder, pretrained_state: dict, lookup: data.GeneLookup) -> int:
     """Copy, for each gene of the dataset, the pretrained weight column of the same gene.
 
-    Genes the universe lacks keep their random init; the bias is copied. Returns the number
-    of dataset genes that found a pretrained column.
+    ``lookup`` places the dataset's genes in the pretrained gene universe
+    (:func:`data.gene_lookup`). Genes the universe lacks keep their random init; the bias is
+    copied. Returns the number of dataset genes that found a pretrained column.
     """
     weight = pretrained_state["linear.weight"]
     if weight.shape[0] != encoder.linear.weight.shape[0]:
         raise CheckpointError(f"pretrained encoder has {weight.shape[0]} hidden units, the classifier "
                               f"{encoder.linear.weight.shape[0]}; pass --hid {weight.shape[0]}")
-    source = pd.Index(gene_universe).get_indexer(pd.Index(dataset_genes))
+    source = lookup.positions
     found = np.flatnonzero(source >= 0)
     target = encoder.linear.weight
     target[:, torch.as_tensor(found)] = weight[:, torch.as_tensor(source[found])].to(target)
     encoder.linear.bias.copy_(pretrained_state["linear.bias"])
     return len(found)
+
+
+def dense_batch(features, rows: np.ndarray) -> torch.Tensor:
+    """Rows of a feature matrix (CSR, or dense numpy for PCA inputs) as a float32 tensor."""
+    if sp.issparse(features):
+        return torch.from_numpy(data.dense_rows(features, rows))
+    return torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32))
+
+
+@torch.no_grad()
+def apply_in_batches(fn, features, rows: np.ndarray | None = None, device="cpu",
+                     batch_size: int = 4096) -> np.ndarray:
+    """``fn`` (a network's forward) on the chosen rows of ``features``, one dense batch at a time,
+    so that only one batch is ever dense; returns the stacked outputs as a numpy array."""
+    rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
+    out = [fn(dense_batch(features, rows[batch]).to(device, non_blocking=True)).cpu().numpy()
+           for batch in data.iter_batches(len(rows), batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def represent(encoder: Encoder, features, rows: np.ndarray | None = None, device="cpu",
+              batch_size: int = 4096) -> np.ndarray:
+    """A cell's scPretrain representation ``sigmoid(encoder(x))`` for every chosen row of a
+    feature matrix aligned to the encoder's genes; the one function every script uses."""
+    encoder = encoder.to(device).eval()
+    out = apply_in_batches(encoder, features, rows, device, batch_size)
+    return out if len(out) else np.zeros((0, encoder.linear.out_features), np.float32)
 
 
 def make_adam(params, lr: float) -> torch.optim.Adam:

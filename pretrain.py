@@ -19,28 +19,28 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 import common
 import data
 import kmeans
+import results
 from model import (RESUME_KIND, CheckpointError, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, offset_targets)
+                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, offset_targets, represent)
 
 log = logging.getLogger("scpretrain.pretrain")
 
 
 def add_pretrain_args(parser) -> None:
     g = parser.add_argument_group("pre-training")
-    g.add_argument("--pt_lr", type=float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--pt_epoch", type=int, default=50, help="at most this many epochs (default: %(default)s)")
-    g.add_argument("--pt_patience", type=int, default=5, help="stop after this many epochs without a lower loss (default: %(default)s)")
-    g.add_argument("--batch_num", type=int, default=30, help="steps per epoch; batch of a dataset = n/batch_num (default: %(default)s)")
-    g.add_argument("--avg_cluster_num", type=int, default=100, help="a in k = n//a, n//(a//2), n//(2a)+1 (default: %(default)s)")
-    g.add_argument("--kmeans_iter", type=int, default=20, help="K-means iterations (default: %(default)s)")
+    g.add_argument("--pt_lr", type=common.positive_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--pt_epoch", type=common.positive_int, default=50, help="at most this many epochs (default: %(default)s)")
+    g.add_argument("--pt_patience", type=common.positive_int, default=5, help="stop after this many epochs without a lower loss (default: %(default)s)")
+    g.add_argument("--batch_num", type=common.positive_int, default=30, help="steps per epoch; batch of a dataset = n/batch_num (default: %(default)s)")
+    g.add_argument("--avg_cluster_num", type=common.positive_int, default=100, help="a in k = n//a, n//(a//2), n//(2a)+1 (default: %(default)s)")
+    g.add_argument("--kmeans_iter", type=common.positive_int, default=20, help="K-means iterations (default: %(default)s)")
     g.add_argument("--kmeans_on", choices=["log1p", "raw"], default="log1p",
                    help="phase-1 K-means input; 'raw' is the original's (default: %(default)s)")
-    g.add_argument("--kmeans_max_cells", type=int, default=0,
+    g.add_argument("--kmeans_max_cells", type=common.non_negative_int, default=0,
                    help="fit K-means centroids on at most this many sampled cells, then assign all "
                         "(0 = all cells, as the original; default: %(default)s)")
     g.add_argument("--no_sigmoid_logits", action="store_true",
@@ -61,7 +61,7 @@ class Collection:
     """The pre-training inputs: names and log1p CSR matrices aligned to one gene universe."""
 
     names: list[str]
-    features: list[sp.csr_matrix]  # log1p values, cells x universe genes
+    features: list[sp.csr_matrix]  # the encoder's input (data.features), cells x universe genes
     raw: list[sp.csr_matrix | None]  # raw values, kept only when K-means wants them
     gene_universe: np.ndarray
 
@@ -77,7 +77,7 @@ def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw
         aligned = data.align_to_universe(d, universe)
         names.append(d.name)
         del d
-        features.append(kmeans.log1p_csr(aligned.X))
+        features.append(data.features(aligned))
         raw.append(aligned.X if keep_raw else None)
     return Collection(names, features, raw, universe)
 
@@ -122,9 +122,9 @@ def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[
     labels = None
     if rank == 0:
         labels = []
-        for i, name in enumerate(tqdm(coll.names, desc="K-means", disable=rank != 0)):
+        for i, name in enumerate(common.progress(coll.names, desc="K-means", disable=rank != 0)):
             if encoder is not None:
-                X = common.encode_cells(encoder, coll.features[i], device=device, log1p=False)
+                X = represent(encoder, coll.features[i], device=device)
             else:
                 X = coll.raw[i] if args.kmeans_on == "raw" else coll.features[i]
             t0 = time.time()
@@ -226,7 +226,8 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     # nothing here waits for the device but the logged loss; a prefetch thread measured no
     # faster on this 2-core CPU)
     hosts = (prepare_step(coll, targets, rows, rank, world, sparse) for rows in steps)
-    bar = tqdm(hosts, total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
+    bar = common.progress(hosts, total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False,
+                          disable=rank != 0)
     for step, host in enumerate(bar):
         if host is None:
             continue
@@ -243,45 +244,74 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     return float(loss_sum) / len(steps)
 
 
-def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -> dict:
-    """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0).
+# the arguments that change a pre-training run's numbers; --resume refuses when any differs
+# (extending --pt_epoch / --pt_patience is allowed; --batch_format changes only float rounding)
+RESULT_SETTINGS = ("pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter", "kmeans_on", "kmeans_max_cells",
+                   "no_sigmoid_logits", "seed", "pretrain_output")
 
-    ``datasets`` is consumed (emptied) to keep one copy of each matrix in memory.
-    """
-    rank, world = dist_info()
-    phase = 2 if args.pretrain_output else 1
-    encoder, base_cfg, universe = None, None, None
-    if phase == 2:
-        if not args.pretrained_model:
-            raise CheckpointError("phase 2 (--pretrain_output) needs --pretrained_model FILE from phase 1")
-        ckpt = load_checkpoint(args.pretrained_model)
-        encoder, base_cfg = encoder_from_checkpoint(ckpt)
-        universe = ckpt["gene_universe"]
-    coll = build_collection(datasets, universe, keep_raw=(phase == 1 and args.kmeans_on == "raw"))
-    cfg = ModelConfig(n_genes=len(coll.gene_universe), hid=base_cfg.hid if base_cfg else args.hid,
-                      sigmoid_logits=not args.no_sigmoid_logits)
-    save_path = Path(args.save_model)
-    resume_path = resume_path_for(save_path)
-    state = load_resume(resume_path, coll, args, phase) if args.resume else None
-    labels = state["pseudo_labels"] if state else compute_pseudo_labels(coll, args, device, encoder)
+
+@dataclass
+class Start:
+    """Where a phase starts: phase 2 continues the phase-1 encoder on its gene universe."""
+
+    phase: int
+    encoder: torch.nn.Module | None = None
+    cfg: ModelConfig | None = None
+    gene_universe: list | None = None
+    model_digest: str = results.NO_MODEL
+
+
+def phase_start(args) -> Start:
+    if not args.pretrain_output:
+        return Start(phase=1)
+    if not args.pretrained_model:
+        raise CheckpointError("phase 2 (--pretrain_output) needs --pretrained_model FILE from phase 1")
+    ckpt = load_checkpoint(args.pretrained_model)
+    encoder, cfg = encoder_from_checkpoint(ckpt)
+    if cfg.hid != args.hid:
+        log.info("phase 2 keeps the phase-1 encoder's %d hidden units (--hid %d not used)", cfg.hid, args.hid)
+    return Start(2, encoder, cfg, ckpt["gene_universe"], results.model_digest(ckpt))
+
+
+def model_config(start: Start, coll: Collection, args) -> ModelConfig:
+    return ModelConfig(n_genes=len(coll.gene_universe), hid=start.cfg.hid if start.cfg else args.hid,
+                       sigmoid_logits=not args.no_sigmoid_logits)
+
+
+def run_settings(args, start: Start, coll: Collection) -> dict:
+    """Everything that changes this run's numbers: --resume must find the same."""
+    settings = results.settings_of(args, RESULT_SETTINGS)
+    settings.update(datasets=list(coll.names), gene_universe=results.short_digest(
+        "\n".join(map(str, coll.gene_universe)).encode()), start_model=start.model_digest)
+    return settings
+
+
+def build_model(cfg: ModelConfig, labels, start: Start, args, device):
+    """The model (shared encoder, side-by-side heads), its optimiser, and the step module that
+    DistributedDataParallel wraps when there are several processes."""
     counts = [[int(np.max(lab)) + 1 for lab in per_d] for per_d in labels]
-    targets = [offset_targets(per_d, c) for per_d, c in zip(labels, counts)]
-
-    torch.manual_seed(args.seed + phase)
-    model = PretrainModel(cfg, counts, encoder).to(device)
+    torch.manual_seed(args.seed + start.phase)
+    model = PretrainModel(cfg, counts, start.encoder).to(device)
     optimizer = make_adam(model.parameters(), args.pt_lr)
-    progress = {"epoch": 0, "best_loss": float("inf"), "wait": 0, "losses": []}
-    if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        progress = {k: state[k] for k in progress}
-        log.info("resuming phase %d after epoch %d (loss %.4f)", phase, progress["epoch"], progress["losses"][-1])
     step_module = MultiTaskStep(model)
-    if world > 1:
+    if dist_info()[1] > 1:
         # the only buffers are the constant head-segment matrices: nothing to broadcast each step
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True,
                                                                 broadcast_buffers=False)
+    targets = [offset_targets(per_d, c) for per_d, c in zip(labels, counts)]
+    return model, optimizer, step_module, targets
 
+
+def new_progress() -> dict:
+    return {"epoch": 0, "best_loss": float("inf"), "wait": 0, "losses": []}
+
+
+def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, settings, args, device, phase,
+               resume_path: Path) -> dict:
+    """Epochs until --pt_epoch or --pt_patience epochs without a lower loss; an epoch checkpoint
+    after each, so that --resume can continue."""
+    rank, _ = dist_info()
+    n_cells = sum(X.shape[0] for X in coll.features)
     while progress["epoch"] < args.pt_epoch and progress["wait"] < args.pt_patience:
         epoch = progress["epoch"] + 1
         t0 = time.time()
@@ -290,22 +320,52 @@ def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -
         progress.update(epoch=epoch, best_loss=min(loss, progress["best_loss"]),
                         wait=0 if improved else progress["wait"] + 1, losses=progress["losses"] + [loss])
         if rank == 0:
-            n = sum(X.shape[0] for X in coll.features)
+            seconds = max(time.time() - t0, 1e-9)
             log.info("phase %d epoch %d: loss %.4f%s (%.1fs, %.0f cells/s)", phase, epoch, loss,
-                     "" if improved else f" (no improvement for {progress['wait']})", time.time() - t0,
-                     n / max(time.time() - t0, 1e-9))
-            save_resume(resume_path, model, optimizer, progress, labels, coll, args, phase)
+                     "" if improved else f" (no improvement for {progress['wait']})", seconds, n_cells / seconds)
+            save_resume(resume_path, model, optimizer, progress, labels, coll, settings, phase)
     if progress["wait"] >= args.pt_patience:
         log.info("early stop: no lower loss for %d epochs", args.pt_patience)
-    final = encoder_checkpoint(model.encoder, cfg, coll.gene_universe, common.args_to_dict(args), phase,
+    return progress
+
+
+def save_final(model, cfg, coll, progress, args, phase: int, save_path: Path) -> dict:
+    """The self-describing encoder checkpoint, written by rank 0; the epoch checkpoint goes."""
+    final = encoder_checkpoint(model.encoder, cfg, coll.gene_universe, results.args_to_dict(args), phase,
                                progress["epoch"], progress["losses"][-1] if progress["losses"] else float("nan"))
     final["losses"] = list(map(float, progress["losses"]))
     final["datasets"] = list(coll.names)
-    if rank == 0:
+    if dist_info()[0] == 0:
         atomic_torch_save(final, save_path)
-        resume_path.unlink(missing_ok=True)
+        resume_path_for(save_path).unlink(missing_ok=True)
         log.info("saved phase-%d encoder to %s", phase, save_path)
     return final
+
+
+def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -> dict:
+    """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0).
+
+    ``datasets`` is consumed (emptied) to keep one copy of each matrix in memory.
+    """
+    start = phase_start(args)
+    coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and args.kmeans_on == "raw"))
+    settings = run_settings(args, start, coll)
+    save_path = Path(args.save_model)
+    resume_path = resume_path_for(save_path)
+    state = load_resume(resume_path, settings, start.phase) if args.resume else None
+    labels = state["pseudo_labels"] if state else compute_pseudo_labels(coll, args, device, start.encoder)
+    cfg = model_config(start, coll, args)
+    model, optimizer, step_module, targets = build_model(cfg, labels, start, args, device)
+    progress = new_progress()
+    if state:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        progress = {k: state[k] for k in progress}
+        log.info("resuming phase %d after epoch %d (loss %.4f)", start.phase, progress["epoch"],
+                 progress["losses"][-1])
+    progress = run_epochs(model, optimizer, step_module, coll, targets, labels, progress, settings, args, device,
+                          start.phase, resume_path)
+    return save_final(model, cfg, coll, progress, args, start.phase, save_path)
 
 
 # --------------------------------------------------------------------------- resume
@@ -315,7 +375,8 @@ def resume_path_for(save_path: Path) -> Path:
     return save_path.with_name(save_path.name + ".resume")
 
 
-def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection, args, phase: int) -> None:
+def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection, settings: dict,
+                phase: int) -> None:
     atomic_torch_save({
         "kind": RESUME_KIND,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # saved at once: no copy needed
@@ -325,21 +386,27 @@ def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection
         "datasets": list(coll.names),
         "gene_universe": [str(g) for g in coll.gene_universe],
         "phase": phase,
-        "seed": args.seed,
+        "settings": settings,
     }, path)
 
 
-def load_resume(path: Path, coll: Collection, args, phase: int) -> dict | None:
-    """The interrupted run's state, after checking it belongs to this run."""
+def load_resume(path: Path, settings: dict, phase: int) -> dict | None:
+    """The interrupted run's state, after checking that every result-changing setting matches."""
     if not path.exists():
         log.warning("--resume: no epoch checkpoint at %s; starting from the beginning", path)
         return None
     state = load_checkpoint(path, kind=RESUME_KIND)
-    expected = {"datasets": list(coll.names), "phase": phase, "seed": args.seed,
-                "gene_universe": [str(g) for g in coll.gene_universe]}
-    differs = [k for k, v in expected.items() if state.get(k) != v]
+    saved = state.get("settings")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: written by an older version without its settings; delete it or run "
+                              "without --resume")
+    differs = [f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
+               for key, value in settings.items() if saved.get(key) != value]
+    if state.get("phase") != phase:
+        differs.append(f"phase: {state.get('phase')} in the checkpoint, {phase} now")
     if differs:
-        raise CheckpointError(f"{path}: was written by a different run (differs in {differs}); "
-                              "delete it or run without --resume")
+        raise CheckpointError(f"{path}: --resume needs the settings of the interrupted run; these differ:\n  "
+                              + "\n  ".join(differs) + "\nrun with the checkpoint's values, or without --resume "
+                              "to start again (only --pt_epoch and --pt_patience may change)")
     state["pseudo_labels"] = [[lab.numpy() for lab in per_d] for per_d in state["pseudo_labels"]]
     return state

@@ -18,19 +18,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 import common
 import data
-import finetune
-import kmeans
 import metrics
+import results
 
 log = logging.getLogger("scpretrain.offshelf")
 
 CLASSIFIERS = ("rf", "svm", "lr")
 FEATURE_SETS = ("PCA", "scPretrain")
 PCA_FIT_CELLS = 500  # scPretrain: the PCA is fitted on the first 500 (training) cells
+RESULT_KEY = ["dataset", "seed", "classifier", "features", results.RUN_ID]
+RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
+RESULT_SETTINGS = ("label_key", "per_train", "per_val", "max_tr_num", "pca_dim")  # change the numbers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,13 +43,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="encoder checkpoint giving the scPretrain features (default: %(default)s)")
     parser.add_argument("--save_result", default=str(common.RESULTS_DIR / "offshelf.csv"),
                         help="CSV the rows are appended to (default: %(default)s)")
-    parser.add_argument("--pca_dim", type=int, default=200,
+    parser.add_argument("--pca_dim", type=common.positive_int, default=200,
                         help="PCA components, fewer when the cells or genes allow fewer (default: %(default)s)")
+    parser.add_argument("--run_id", default=None,
+                        help="summarise the rows of this run identity (default: the newest in --save_result)")
     common.add_common_args(parser)
-    return parser.parse_args(argv)
-
-
-# --------------------------------------------------------------------------- shared with clus.py
+    args = parser.parse_args(argv)
+    common.check_split_fractions(parser, args)
+    return args
 
 
 # --------------------------------------------------------------------------- classifiers
@@ -91,30 +93,34 @@ def evaluate(clf_name: str, features: np.ndarray, codes: np.ndarray, split, n_cl
     return metrics.classification_metrics(codes[test_idx], class_scores(clf, features[test_idx], n_classes))
 
 
-def pca_on_training_cells(X_log, train_idx: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+def pca_on_training_cells(features, train_idx: np.ndarray, n_components: int, seed: int) -> np.ndarray:
     fit_rows = train_idx[:PCA_FIT_CELLS]  # train_idx is already shuffled by the seeded split
-    features, components, _ = finetune.pca_features(X_log, fit_rows, n_components, seed)
+    pca, components, _ = data.pca_features(features, fit_rows, n_components, seed)
     if components.shape[0] < n_components:
         log.info("PCA: %d components (fitted on %d cells x %d genes allow no more than that)",
-                 components.shape[0], len(fit_rows), X_log.shape[1])
-    return features
+                 components.shape[0], len(fit_rows), features.shape[1])
+    return pca
 
 
-def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], args) -> list[dict]:
-    """All repeats of one dataset: both feature sets on each repeat's split."""
+def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], args, run_id: str,
+                finished: set = frozenset()) -> list[dict]:
+    """All repeats of one dataset not yet in the results: both feature sets on each repeat's split."""
     codes, classes = data.encode_labels(d.labels)
-    X_log = kmeans.log1p_csr(d.X)
+    features = data.features(d)
     rows = []
     for repeat, seed in enumerate(seeds):
+        if all((d.name, str(seed), args.clf, name, run_id) in finished for name in FEATURE_SETS):
+            continue
         split = common.split_for(d, seed, args)
         if len(np.unique(codes[split[0]])) < 2:
             log.warning("%s seed %d: the training cells hold one cell type only; skipped", d.name, seed)
             continue
         base = {"dataset": d.name, "species": d.species, "n_cells": d.n_cells, "n_genes": d.n_genes,
                 "n_classes": len(classes), "n_train": len(split[0]), "n_val": len(split[1]),
-                "n_test": len(split[2]), "seed": seed, "repeat": repeat, "classifier": args.clf}
+                "n_test": len(split[2]), "seed": seed, "repeat": repeat, "classifier": args.clf,
+                results.RUN_ID: run_id}
         t0 = time.time()
-        feature_sets = {"PCA": pca_on_training_cells(X_log, split[0], args.pca_dim, seed),
+        feature_sets = {"PCA": pca_on_training_cells(features, split[0], args.pca_dim, seed),
                         "scPretrain": representation}
         pca_seconds = time.time() - t0
         for name in FEATURE_SETS:
@@ -129,21 +135,27 @@ def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], 
 
 
 def run(args):
+    common.check_output_file(args.save_result, "--save_result")
     device = common.resolve_device(args)
-    encoder, universe, _ = common.load_pretrained_or_explain(args.pretrained_model)
+    encoder, universe, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
     datasets = common.labelled_datasets(args)
     seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
     out = Path(args.save_result)
-    common.write_args_json(args, out)
-    frame = None
-    for d in tqdm(datasets, desc=f"{args.clf} datasets"):
-        representation = common.representations(encoder, universe, d, device=device)
-        rows = run_dataset(d, representation, seeds, args)
+    settings = results.settings_of(args, RESULT_SETTINGS)
+    digest = results.model_digest(ckpt)
+    run_id = results.run_identity(digest, settings)
+    finished = results.done_keys(results.read_results(out, RESULT_COLUMNS), RESULT_KEY)
+    results.record_identity(out, run_id, digest, settings, args)
+    for d in common.progress(datasets, desc=f"{args.clf} datasets"):
+        representation = common.dataset_representation(encoder, universe, d, device=device)
+        rows = run_dataset(d, representation, seeds, args, run_id, finished)
         if rows:
-            frame = finetune.append_results(out, rows)
-    if frame is not None:
-        summary = frame[frame["classifier"] == args.clf].groupby("features")[list(metrics.METRIC_NAMES)].mean()
-        log.info("results in %s; mean over datasets and repeats (%s):\n%s", out, args.clf,
+            results.append_results(out, rows, RESULT_COLUMNS)
+    frame = results.read_results(out, RESULT_COLUMNS)
+    if not frame.empty:
+        mine, chosen = results.choose_identity(frame[frame["classifier"] == args.clf], args.run_id or run_id, out)
+        summary = mine.groupby("features")[list(metrics.METRIC_NAMES)].mean()
+        log.info("results in %s; mean over datasets and repeats (%s, run identity %s):\n%s", out, args.clf, chosen,
                  summary.to_string(float_format=lambda v: f"{v:.4f}"))
     return frame
 

@@ -17,7 +17,7 @@ from helpers import toy_counts, toy_dataset_file
 from model import CheckpointError, Encoder, ModelConfig, atomic_torch_save, encoder_checkpoint
 
 OFFSHELF_COLUMNS = ["dataset", "species", "n_cells", "n_genes", "n_classes", "n_train", "n_val", "n_test", "seed",
-                    "repeat", "classifier", "features", "accuracy", "kappa", "auprc", "auroc", "n_scored_classes",
+                    "repeat", "classifier", "run_id", "features", "accuracy", "kappa", "auprc", "auroc", "n_scored_classes",
                     "seconds"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -65,14 +65,20 @@ def test_offshelf_writes_one_row_per_dataset_repeat_and_feature_set(fixtures, tm
     assert (tmp_path / "offshelf.csv.args.json").exists()
 
 
-def test_offshelf_pca_row_matches_sklearn_and_appends(fixtures, tmp_path):
+def test_offshelf_pca_row_matches_sklearn_and_skips_finished_rows(fixtures, tmp_path):
     out = tmp_path / "offshelf.csv"
-    args = rf_svm_lr.parse_args(["--clf", "lr", "--save_result", str(out), *common_flags(fixtures, fixtures["datasets"][0])])
+    flags = ["--clf", "lr", *common_flags(fixtures, fixtures["datasets"][0])]
+    args = rf_svm_lr.parse_args(["--save_result", str(out), *flags])
     rf_svm_lr.main(args)
-    rf_svm_lr.main(args)
+    rf_svm_lr.main(args)  # same model, settings and seed: nothing to redo
     rows = pd.read_csv(out)
-    first, second = (part.drop(columns="seconds").reset_index(drop=True) for part in (rows.iloc[:2], rows.iloc[2:]))
-    assert len(rows) == 4 and first.equals(second)  # appended, and the same seed gives the same numbers
+    assert len(rows) == 2
+    rf_svm_lr.main(rf_svm_lr.parse_args(["--save_result", str(tmp_path / "again.csv"), *flags]))
+    again = pd.read_csv(tmp_path / "again.csv")
+    assert rows.drop(columns="seconds").equals(again.drop(columns="seconds"))  # same seed, same numbers
+    rf_svm_lr.main(rf_svm_lr.parse_args(["--save_result", str(out), *flags, "--pca_dim", "5"]))
+    grown = pd.read_csv(out)  # another setting: another run identity, appended beside the first
+    assert len(grown) == 4 and grown["run_id"].nunique() == 2
     # independent: split, log1p, PCA on the first 500 training cells, logistic regression
     X, types = toy_counts(120, 50, 3, 1)
     train, _, test = data.split_cells(120, 0, 0.6, 0.1, 1000, 1000)
@@ -102,7 +108,7 @@ def test_missing_pretrained_model_says_how_to_make_one(fixtures, tmp_path):
     for script in (rf_svm_lr, clus):
         with pytest.raises(SystemExit) as exit_info:
             script.main(script.parse_args(argv))
-        assert exit_info.value.code == 2
+        assert exit_info.value.code == 1
     assert not (tmp_path / "o.csv").exists()
 
 
@@ -206,7 +212,7 @@ def test_malformed_csv_names_the_file_and_the_problem(tmp_path):
         fig.read_result_csv(bad, fig.FINETUNE)
     with pytest.raises(SystemExit) as exit_info:
         fig.main(fig.parse_args(["--results_dir", str(tmp_path), "--log_level", "WARNING"]))
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 1
     frame = finetune_frame().astype({"auprc": object})
     frame.loc[0, "auprc"] = "high"
     frame.to_csv(bad, index=False)

@@ -1,3 +1,4 @@
+from dataclasses import replace
 """data.py: readers, gene mapping, the gene universe, alignment, splits, labels, batches, bad inputs."""
 import warnings
 
@@ -312,16 +313,19 @@ def test_encode_labels_sorted_and_order_independent():
     assert list(classes[codes_rev]) == labels[::-1]
 
 
-def test_densify_log1p_equals_numpy():
+def test_features_and_dense_rows_equal_numpy():
     rng = np.random.default_rng(5)
     X = sp.random(30, 8, density=0.4, format="csr", dtype=np.float32, random_state=rng) * 50
     before = X.copy()
     rows = np.array([4, 0, 17, 4])
-    out = data.densify_log1p(X, rows)
+    d = data.CellData("toy", X, np.array([f"G{i}" for i in range(8)], dtype=object),
+                      np.array([f"c{i}" for i in range(30)], dtype=object), None, "human")
+    out = data.dense_rows(data.features(d), rows)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, np.log1p(X.toarray()[rows]), rtol=1e-6)
-    np.testing.assert_allclose(data.densify_log1p(X), np.log1p(X.toarray()), rtol=1e-6)
-    np.testing.assert_array_equal(data.densify_log1p(X, rows, log=False), X.toarray()[rows])
+    np.testing.assert_array_equal(data.dense_rows(X, rows), X.toarray()[rows])
+    already = replace(d, values=data.LOG1P_VALUES)  # transformed by the user: fed as it is
+    np.testing.assert_array_equal(data.features(already).toarray(), X.toarray())
     assert (X != before).nnz == 0  # the source matrix is left untouched
 
 

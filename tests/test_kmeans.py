@@ -7,6 +7,7 @@ from sklearn.datasets import make_blobs
 
 import torch
 
+import data
 import kmeans
 from helpers import toy_counts
 
@@ -43,7 +44,7 @@ def sparse_counts():
     """A small log1p count matrix, about 15 % non-zero, with cell-type structure."""
     counts, _ = toy_counts(n_cells=500, n_genes=200, n_types=5, seed=4)
     keep = np.random.default_rng(4).random(counts.shape) < 0.35
-    X = kmeans.log1p_csr(sp.csr_matrix(counts * keep))
+    X = data.log1p_features(sp.csr_matrix(counts * keep))
     assert 0.05 < X.nnz / np.prod(X.shape) < 0.3
     return X
 
@@ -158,8 +159,8 @@ def test_pseudo_labels_gives_three_label_arrays(sparse_counts):
         np.testing.assert_array_equal(a, b)
 
 
-def test_log1p_csr_shares_structure():
+def test_log1p_features_share_structure():
     X = sp.csr_matrix(np.array([[0, 3, 0], [1, 0, 7]], dtype=np.float32))
-    L = kmeans.log1p_csr(X)
+    L = data.log1p_features(X)
     np.testing.assert_allclose(L.toarray(), np.log1p(X.toarray()))
     np.testing.assert_array_equal(X.data, [3, 1, 7])  # input untouched

@@ -71,8 +71,9 @@ def test_interrupted_run_resumes_to_the_same_encoder(collection, tmp_path, monke
         return real_epoch(*args, **kwargs)
 
     monkeypatch.setattr(pretrain, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exc:  # Ctrl-C: one line, exit 130
         main.main(pretrain_args(collection, tmp_path / "cut.pt", "--pt_epoch", "4"))
+    assert exc.value.code == 130
     assert (tmp_path / "cut.pt.resume").exists() and not (tmp_path / "cut.pt").exists()
     monkeypatch.setattr(pretrain, "train_epoch", real_epoch)
     resumed = main.main(pretrain_args(collection, tmp_path / "cut.pt", "--pt_epoch", "4", "--resume"))
@@ -85,11 +86,12 @@ def test_resume_refuses_another_runs_checkpoint(collection, tmp_path, monkeypatc
     real_epoch = pretrain.train_epoch
     monkeypatch.setattr(pretrain, "train_epoch",
                         lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[-1] == 2 else real_epoch(*a, **k))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit):
         main.main(pretrain_args(collection, tmp_path / "cut.pt"))
     monkeypatch.setattr(pretrain, "train_epoch", real_epoch)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exc:
         main.main(pretrain_args(collection, tmp_path / "cut.pt", "--resume", "--seed", "7"))
+    assert exc.value.code == 1
 
 
 def test_phase2_reclusters_the_encoder_output_and_continues(collection, tmp_path):
@@ -151,7 +153,8 @@ def test_sweep_writes_paired_rows_and_args(collection, pretrained, tmp_path):
         assert frame[m].between(-1, 1).all()
     assert frame.loc[frame.dataset == "alpha", "n_train"].iloc[0] == int(0.6 * 150)
     saved = json.loads((tmp_path / "ft.csv.args.json").read_text())
-    assert saved["fold2"] == 2
+    (run_id,) = frame["run_id"].unique()
+    assert saved["identities"][run_id]["args"]["fold2"] == 2
     assert pd.read_csv(out).shape == frame.shape
 
 
@@ -159,7 +162,7 @@ def test_sweep_resumes_without_redoing_rows(collection, pretrained, tmp_path, mo
     out = tmp_path / "ft.csv"
     main.main(sweep_args(collection, pretrained, out))
     calls = []
-    monkeypatch.setattr(finetune, "run_task", lambda task, *a: calls.append(task) or [])
+    monkeypatch.setattr(finetune, "run_task", lambda task, *a, **k: calls.append(task) or [])
     frame = main.main(sweep_args(collection, pretrained, out))
     assert calls == [] and len(frame) == 4
     main.main(sweep_args(collection, pretrained, out, "--fold2", "2"))
@@ -191,8 +194,8 @@ def test_pca_projection_of_the_encoder_is_exact_in_the_pca_subspace():
     genes = np.array([f"G{i}" for i in range(12)], dtype=object)
     components = np.linalg.qr(rng.normal(size=(12, 5)))[0].T.astype(np.float32)
     mean = rng.random(12).astype(np.float32)
-    gene_clf = finetune.build_classifier(3, 0, args, None, genes)
-    pca_clf = finetune.build_classifier(3, 0, args, None, genes, pca=(components, mean))
+    gene_clf = finetune.build_classifier(3, 0, args, None, len(genes))
+    pca_clf = finetune.build_classifier(3, 0, args, None, len(genes), pca=(components, mean))
     x_pca = rng.normal(size=(4, 5)).astype(np.float32)
     x = x_pca @ components + mean
     with torch.no_grad():
