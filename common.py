@@ -109,6 +109,15 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def add_input_args(parser) -> None:
+    """How input files are read (h5ad values and gene symbols)."""
+
+
+def input_options(args) -> dict:
+    """The reading options of ``add_input_args`` as keyword arguments of ``data.read_any``."""
+    return {}
+
+
 def add_log_level_arg(parser) -> None:
     parser.add_argument("--log_level", type=log_level, default="INFO",
                         help=f"one of {', '.join(LOG_LEVELS)} (default: %(default)s)")

@@ -182,11 +182,11 @@ def read_h5ad(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = No
     except Exception as exc:  # anndata raises many types; name the file
         raise DataError(f"{path}: cannot be read as h5ad ({exc})") from exc
     columns = list(adata.obs.columns)
-    if label_key not in columns:
+    if label_key is not None and label_key not in columns:
         raise DataError(f"{path}: no label column '{label_key}' in obs; available columns: {columns}")
     X, genes, which = _h5ad_raw_matrix(adata, path)
     log.info("%s: using %s as raw expression", path.name, which)
-    labels = np.asarray(adata.obs[label_key].astype(str).values, dtype=object)
+    labels = None if label_key is None else np.asarray(adata.obs[label_key].astype(str).values, dtype=object)
     cells = np.asarray(adata.obs_names, dtype=object)
     return finish_dataset(name or path.stem, X, genes, cells, labels, species, path)
 
@@ -462,6 +462,16 @@ def encode_labels(labels: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return codes.astype(np.int64), classes.astype(object)
 
 
+def validation_split(n_cells: int, seed: int, per_val: float = 0.1, max_val: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train, validation) of all cells: validation = min(int(per_val n), max_val), at least
+    one cell; every other cell trains (a reference for annotation has no test cells)."""
+    order = np.random.default_rng(seed).permutation(n_cells)
+    n_val = max(1, min(int(per_val * n_cells), max_val))
+    if n_cells - n_val < 2:
+        raise DataError(f"{n_cells} cells are too few for a training and a validation set")
+    return order[n_val:], order[:n_val]
+
+
 def split_cells(n_cells: int, seed: int, per_train: float = 0.6, per_val: float = 0.1,
                 max_train: int = 1000, max_val: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded shuffle split: train = min(int(per_train n), max_train), val likewise, test = rest."""
@@ -623,16 +633,25 @@ def labelled_cells(data: CellData) -> CellData:
 
 
 def atomic_write(path, write_fn, mode: str = "w") -> None:
-    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, then rename it over ``path``.
+    """Call ``write_fn(fileobj)`` on a temporary file next to ``path``, then rename it over ``path``."""
 
-    The file gets the permissions a plain ``open`` would give it (mkstemp makes it 0600).
-    """
+    def write(tmp: str) -> None:
+        with open(tmp, mode) as fh:
+            write_fn(fh)
+
+    atomic_write_path(path, write)
+
+
+def atomic_write_path(path, write_fn) -> None:
+    """Call ``write_fn(temporary_path)`` (for writers that take a file name), then rename the
+    temporary file over ``path``: never a half-written file. The file gets the permissions a plain
+    ``open`` would give it (mkstemp makes it 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as fh:
-            write_fn(fh)
+        write_fn(tmp)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)

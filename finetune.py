@@ -8,7 +8,6 @@ resumes where it stopped. Importing does nothing.
 """
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
@@ -20,11 +19,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+import classifier
 import common
 import data
 import metrics
 import results
-from model import Classifier, apply_in_batches, dense_batch, init_encoder_from_pretrained, make_adam
+from classifier import build_classifier, predict_proba, train_classifier
 
 log = logging.getLogger("scpretrain.finetune")
 
@@ -37,12 +37,8 @@ RESULT_SETTINGS = ("label_key", "hid", "per_train", "per_val", "max_tr_num", "ft
 
 
 def add_finetune_args(parser) -> None:
+    classifier.add_classifier_args(parser)
     g = parser.add_argument_group("fine-tuning sweep")
-    g.add_argument("--ft_lr", type=common.positive_float, default=0.002, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--ft_batch_size", type=common.positive_int, default=5000, help="mini-batch size (default: %(default)s)")
-    g.add_argument("--ft_epoch", type=common.positive_int, default=500, help="at most this many epochs (default: %(default)s)")
-    g.add_argument("--patience", type=common.positive_int, default=30, help="stop after this many epochs without a better "
-                                                            "validation accuracy (default: %(default)s)")
     g.add_argument("--pca_ft", action="store_true", help="classify PCA features fitted on train+validation cells")
     g.add_argument("--pca_dim", type=common.positive_int, default=500, help="PCA components for --pca_ft (default: %(default)s)")
     g.add_argument("--np_input", default=None, help="fine-tune on this numpy folder only")
@@ -79,58 +75,6 @@ def finetune_datasets(args) -> list[data.CellData]:
     return common.labelled_datasets(args)
 
 
-def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, n_genes: int,
-                     pca=None) -> Classifier:
-    """Same random init for both methods; scPretrain then copies pretrained columns by gene name."""
-    torch.manual_seed(seed)
-    clf = Classifier(n_genes, n_classes, args.hid)
-    if pretrained is not None:
-        init_encoder_from_pretrained(clf.encoder, pretrained["state"], pretrained["lookup"])
-    if pca is not None:  # the gene-space encoder on PCA inputs: W x + b = (W C^T) x_pca + (W mean + b)
-        components, mean = (torch.from_numpy(a) for a in pca)
-        with torch.no_grad():
-            weight, bias = clf.encoder.linear.weight.clone(), clf.encoder.linear.bias.clone()
-            clf.encoder.linear = torch.nn.Linear(components.shape[0], args.hid)
-            clf.encoder.linear.weight.copy_(weight @ components.T)
-            clf.encoder.linear.bias.copy_(bias + weight @ mean)
-    return clf
-
-
-def predict_proba(clf: Classifier, features, rows: np.ndarray, device, batch_size: int = 4096) -> np.ndarray:
-    clf.eval()
-    return apply_in_batches(lambda x: torch.softmax(clf(x), 1), features, rows, device, batch_size)
-
-
-def train_classifier(clf: Classifier, features, codes, split, args, seed: int, device) -> tuple[Classifier, int]:
-    """Adam with early stopping on validation accuracy; returns the best model and epochs run."""
-    train_idx, val_idx, _ = split
-    clf = clf.to(device)
-    optimizer = make_adam(clf.parameters(), args.ft_lr)
-    x_train, y_train = dense_batch(features, train_idx).to(device), torch.as_tensor(codes[train_idx]).to(device)
-    x_val, y_val = dense_batch(features, val_idx).to(device), torch.as_tensor(codes[val_idx]).to(device)
-    rng = np.random.default_rng(seed)
-    best_acc, best_state, wait, epoch = -1.0, None, 0, 0
-    for epoch in range(1, args.ft_epoch + 1):
-        clf.train()
-        for batch in data.iter_batches(len(train_idx), args.ft_batch_size, rng):
-            batch = torch.as_tensor(batch, device=device)
-            loss = torch.nn.functional.cross_entropy(clf(x_train[batch]), y_train[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        clf.eval()
-        with torch.no_grad():
-            acc = float((clf(x_val).argmax(1) == y_val).float().mean())
-        if acc > best_acc:
-            best_acc, best_state, wait = acc, copy.deepcopy(clf.state_dict()), 0
-        else:
-            wait += 1
-            if wait >= args.patience:
-                break
-    clf.load_state_dict(best_state)
-    return clf, epoch
-
-
 def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[dict]:
     """Both methods on one dataset x repeat; one result row each."""
     d = task.dataset
@@ -152,7 +96,7 @@ def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[d
         t0 = time.time()
         clf = build_classifier(len(classes), task.seed, args,
                                task.pretrained if method == "scPretrain" else None, d.n_genes, pca)
-        clf, epochs = train_classifier(clf, features, codes, split, args, task.seed, device)
+        clf, epochs, _ = train_classifier(clf, features, codes, split, args, task.seed, device)
         scores = predict_proba(clf, features, split[2], device)
         result = metrics.classification_metrics(codes[split[2]], scores)
         rows.append({**base, "method": method, **result, "epochs": epochs, "seconds": round(time.time() - t0, 3)})

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import warnings
+
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -15,6 +17,7 @@ import data
 from data import atomic_write
 
 CHECKPOINT_KIND = "scpretrain-encoder"
+CLASSIFIER_KIND = "scpretrain-classifier"
 RESUME_KIND = "scpretrain-resume"
 FORMAT_VERSION = 1
 
@@ -31,10 +34,11 @@ class ModelConfig:
 
 
 class SparseBatch(NamedTuple):
-    """A batch of cells as a torch CSR tensor, and the CSR of its transpose for the weight gradient."""
+    """A batch of cells as a torch CSR tensor, and the CSR of its transpose for the weight gradient
+    (None for inference)."""
 
     x: torch.Tensor  # cells x genes
-    x_t: torch.Tensor  # genes x cells
+    x_t: torch.Tensor | None  # genes x cells
 
 
 class _SparseInputLinear(torch.autograd.Function):
@@ -170,8 +174,36 @@ class Classifier(nn.Module):
         self.hidden = nn.Linear(hid, hid // 2)
         self.out = nn.Linear(hid // 2, n_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out(torch.sigmoid(self.hidden(self.encoder(x))))
+    def classify(self, z: torch.Tensor) -> torch.Tensor:
+        """Class logits of representations ``z = encoder(x)``."""
+        return self.out(torch.sigmoid(self.hidden(z)))
+
+    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+        return self.classify(self.encoder(x))
+
+
+def sparse_input(X: sp.csr_matrix, device) -> SparseBatch:
+    """A CSR block as an encoder input for inference (no transpose: no gradient is needed); only
+    its non-zeros are multiplied."""
+    return SparseBatch(torch_csr(sp.csr_matrix(X, dtype=np.float32), torch.device(device)), None)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on the device: pinned and copied without blocking on a GPU, as it is on the CPU."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def torch_csr(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
+    """A scipy CSR matrix as a torch sparse CSR tensor (zero-copy on the CPU)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(to_device(torch.from_numpy(X.indptr), device),
+                                       to_device(torch.from_numpy(X.indices), device),
+                                       to_device(torch.from_numpy(X.data), device), size=X.shape)
+
+
 
 
 @torch.no_grad()
@@ -254,6 +286,34 @@ def encoder_checkpoint(encoder: Encoder, cfg: ModelConfig, gene_universe: Sequen
         "epoch": int(epoch),
         "loss": float(loss),
     }
+
+
+def classifier_checkpoint(clf: Classifier, genes: Sequence[str], classes: Sequence[str], info: dict) -> dict:
+    """A trained classifier, self-describing: weights, its genes in order, its classes in order,
+    and ``info`` (label key, reference, validation accuracy, training settings, ...)."""
+    return {
+        "kind": CLASSIFIER_KIND,
+        "format_version": FORMAT_VERSION,
+        "model": {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()},
+        "model_args": {"n_genes": clf.encoder.linear.in_features, "hid": clf.encoder.linear.out_features,
+                       "n_classes": clf.out.out_features},
+        "gene_universe": [str(g) for g in genes],
+        "classes": [str(c) for c in classes],
+        **info,
+    }
+
+
+def classifier_from_checkpoint(ckpt: dict, path="checkpoint") -> Classifier:
+    args = ckpt.get("model_args", {})
+    try:
+        clf = Classifier(int(args["n_genes"]), int(args["n_classes"]), int(args["hid"]))
+        clf.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: classifier weights do not match its model_args ({exc})") from None
+    if len(ckpt.get("classes", [])) != clf.out.out_features or len(ckpt.get("gene_universe", [])) != \
+            clf.encoder.linear.in_features:
+        raise CheckpointError(f"{path}: its classes or genes disagree with its weights")
+    return clf.eval()
 
 
 def load_checkpoint(path, kind: str = CHECKPOINT_KIND) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,8 @@ import data
 import kmeans
 import results
 from model import (RESUME_KIND, CheckpointError, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, offset_targets, represent)
+                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, offset_targets, represent,
+                   to_device, torch_csr)
 
 log = logging.getLogger("scpretrain.pretrain")
 
@@ -162,20 +162,6 @@ def epoch_batches(n_cells: list[int], batch_num: int, seed: int, phase: int, epo
     return [[parts[d][s] for d in range(len(n_cells))] for s in range(batch_num)]
 
 
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
-
-
-def _torch_csr(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(_to_device(torch.from_numpy(X.indptr), device),
-                                       _to_device(torch.from_numpy(X.indices), device),
-                                       _to_device(torch.from_numpy(X.data), device), size=X.shape)
-
-
 def sparse_input(args, device: torch.device) -> bool:
     """Whether ``--batch_format`` sends CSR batches to the encoder on this device."""
     return args.batch_format == "sparse" or (args.batch_format == "auto" and device.type != "cuda")
@@ -208,11 +194,11 @@ def step_inputs(host: HostStep, device: torch.device):
     """(encoder input, targets, dataset ids, denominators) on the device; the encoder input is a
     ``SparseBatch`` or a dense float32 tensor."""
     if host.X_t is not None:
-        x = SparseBatch(_torch_csr(host.X, device), _torch_csr(host.X_t, device))
+        x = SparseBatch(torch_csr(host.X, device), torch_csr(host.X_t, device))
     else:
-        x = _to_device(torch.from_numpy(host.X.toarray()), device)
-    ts = [_to_device(torch.from_numpy(t), device) for t in host.targets]
-    return x, ts, host.used, _to_device(torch.tensor(host.denominators), device)
+        x = to_device(torch.from_numpy(host.X.toarray()), device)
+    ts = [to_device(torch.from_numpy(t), device) for t in host.targets]
+    return x, ts, host.used, to_device(torch.tensor(host.denominators), device)
 
 
 def train_epoch(step_module, optimizer, coll: Collection, targets, args, device, phase: int, epoch: int) -> float:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import classifier
 import finetune
 import main
 import pretrain
@@ -194,8 +195,8 @@ def test_pca_projection_of_the_encoder_is_exact_in_the_pca_subspace():
     genes = np.array([f"G{i}" for i in range(12)], dtype=object)
     components = np.linalg.qr(rng.normal(size=(12, 5)))[0].T.astype(np.float32)
     mean = rng.random(12).astype(np.float32)
-    gene_clf = finetune.build_classifier(3, 0, args, None, len(genes))
-    pca_clf = finetune.build_classifier(3, 0, args, None, len(genes), pca=(components, mean))
+    gene_clf = classifier.build_classifier(3, 0, args, None, len(genes))
+    pca_clf = classifier.build_classifier(3, 0, args, None, len(genes), pca=(components, mean))
     x_pca = rng.normal(size=(4, 5)).astype(np.float32)
     x = x_pca @ components + mean
     with torch.no_grad():

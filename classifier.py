@@ -1,0 +1,104 @@
+"""The cell-type classifier: built from a pretrained encoder or at random, trained with early
+stopping on validation accuracy, and scored. The sweep (finetune.py) and annotate.py both train
+it here, so that a classifier made for annotation is exactly the one the sweep evaluates.
+Importing does nothing.
+"""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+import common
+import data
+from model import Classifier, apply_in_batches, dense_batch, init_encoder_from_pretrained, make_adam
+
+DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once, larger sets per batch
+
+
+def add_classifier_args(parser) -> None:
+    g = parser.add_argument_group("classifier training")
+    g.add_argument("--ft_lr", type=common.positive_float, default=0.002, help="Adam learning rate (default: %(default)s)")
+    g.add_argument("--ft_batch_size", type=common.positive_int, default=5000, help="mini-batch size (default: %(default)s)")
+    g.add_argument("--ft_epoch", type=common.positive_int, default=500, help="at most this many epochs (default: %(default)s)")
+    g.add_argument("--patience", type=common.positive_int, default=30, help="stop after this many epochs without a better "
+                                                                            "validation accuracy (default: %(default)s)")
+
+
+def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, n_genes: int,
+                     pca=None) -> Classifier:
+    """Same random init for both methods; scPretrain then copies pretrained columns by gene name."""
+    torch.manual_seed(seed)
+    clf = Classifier(n_genes, n_classes, args.hid)
+    if pretrained is not None:
+        init_encoder_from_pretrained(clf.encoder, pretrained["state"], pretrained["lookup"])
+    if pca is not None:  # the gene-space encoder on PCA inputs: W x + b = (W C^T) x_pca + (W mean + b)
+        components, mean = (torch.from_numpy(a) for a in pca)
+        with torch.no_grad():
+            weight, bias = clf.encoder.linear.weight.clone(), clf.encoder.linear.bias.clone()
+            clf.encoder.linear = torch.nn.Linear(components.shape[0], args.hid)
+            clf.encoder.linear.weight.copy_(weight @ components.T)
+            clf.encoder.linear.bias.copy_(bias + weight @ mean)
+    return clf
+
+
+def predict_proba(clf: Classifier, features, rows: np.ndarray, device, batch_size: int = 4096) -> np.ndarray:
+    clf.eval()
+    return apply_in_batches(lambda x: torch.softmax(clf(x), 1), features, rows, device, batch_size)
+
+
+def train_classifier(clf: Classifier, features, codes, split, args, seed: int, device) -> tuple[Classifier, int, float]:
+    """Adam with early stopping on validation accuracy; returns the best model, the epochs run and
+    its validation accuracy. Training cells are densified once when they fit in
+    ``DENSE_TRAIN_BYTES``, else batch by batch (the same numbers, memory bounded)."""
+    train_idx, val_idx, _ = split
+    clf = clf.to(device)
+    optimizer = make_adam(clf.parameters(), args.ft_lr)
+    train_rows = TrainingRows(features, train_idx, device)
+    y_train = torch.as_tensor(codes[train_idx]).to(device)
+    val_rows = TrainingRows(features, val_idx, device)
+    y_val = codes[val_idx]
+    rng = np.random.default_rng(seed)
+    best_acc, best_state, wait, epoch = -1.0, None, 0, 0
+    for epoch in range(1, args.ft_epoch + 1):
+        clf.train()
+        for batch in data.iter_batches(len(train_idx), args.ft_batch_size, rng):
+            loss = torch.nn.functional.cross_entropy(clf(train_rows.batch(batch)),
+                                                     y_train[torch.as_tensor(batch, device=device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        clf.eval()
+        acc = val_rows.accuracy(clf, y_val)
+        if acc > best_acc:
+            best_acc, best_state, wait = acc, copy.deepcopy(clf.state_dict()), 0
+        else:
+            wait += 1
+            if wait >= args.patience:
+                break
+    clf.load_state_dict(best_state)
+    return clf, epoch, best_acc
+
+
+class TrainingRows:
+    """Some rows of a feature matrix, dense on the device when they fit ``DENSE_TRAIN_BYTES``,
+    else left sparse and densified a batch at a time."""
+
+    def __init__(self, features, rows: np.ndarray, device):
+        self.features, self.rows, self.device = features, np.asarray(rows), device
+        self.dense = None
+        if len(self.rows) * features.shape[1] * 4 <= DENSE_TRAIN_BYTES:
+            self.dense = dense_batch(features, self.rows).to(device)
+
+    def batch(self, positions: np.ndarray) -> torch.Tensor:
+        if self.dense is not None:
+            return self.dense[torch.as_tensor(positions, device=self.device)]
+        return dense_batch(self.features, self.rows[positions]).to(self.device)
+
+    @torch.no_grad()
+    def accuracy(self, clf: Classifier, codes: np.ndarray) -> float:
+        if self.dense is not None:
+            return float((clf(self.dense).argmax(1) == torch.as_tensor(codes, device=self.device)).float().mean())
+        predicted = apply_in_batches(clf, self.features, self.rows, self.device).argmax(1)
+        return float(np.mean(predicted == codes))
