@@ -375,6 +375,11 @@ def query_anndata(path, query: data.CellData):
 # --------------------------------------------------------------------------- scoring against the query's labels
 
 
+def with_extension(stem: Path, extension: str) -> Path:
+    """``stem`` + ``extension`` (``Path.with_suffix`` would replace a dotted part of the stem)."""
+    return stem.with_name(stem.name + extension)
+
+
 def read_label_map(path) -> dict:
     """Model label -> query label from a two-column CSV; empty targets have no counterpart."""
     try:
@@ -410,7 +415,7 @@ def evaluate_against_labels(args, out: Path, table: pd.DataFrame, obs: pd.DataFr
         contingency = pd.crosstab(pd.Series(given, name=args.query_label_key),
                                   pd.Series(table[column].to_numpy(), name=column))
         stem = out.with_name(f"{out.stem}.contingency_{column}")
-        data.atomic_write(stem.with_suffix(".csv"), lambda fh: contingency.to_csv(fh))
+        data.atomic_write(with_extension(stem, ".csv"), lambda fh: contingency.to_csv(fh))
         draw_contingency(contingency, stem, f"{Path(args.query).stem}: {args.query_label_key} vs {column}")
         log.info("contingency of %s vs %s in %s.csv/.png/.pdf", args.query_label_key, column, stem)
     if not args.label_map:
@@ -447,7 +452,7 @@ def draw_contingency(contingency: pd.DataFrame, stem: Path, title: str) -> list[
     ax.set_ylabel(f"{contingency.index.name} (cells)")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of the row's cells")
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    paths = [with_extension(stem, ".png"), with_extension(stem, ".pdf")]
     for path in paths:
         fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
