@@ -68,7 +68,8 @@ def finetune_datasets(args) -> list[data.CellData]:
     """The labelled datasets of the sweep, genes mapped, unlabelled cells dropped."""
     if args.np_input or args.ann_input:
         path = args.np_input or args.ann_input
-        d = data.read_any(path, args.label_key)
+        d = data.read_any(path, args.label_key, layer=args.layer, gene_symbols=args.gene_symbols,
+                          log_transformed=args.log_transformed)
         d = data.map_dataset_genes(d)
         if not d.is_labelled:
             raise data.DataError(f"{path}: has no labels to fine-tune on")
