@@ -230,7 +230,7 @@ def load_datasets(args, names: Sequence[str] | None = None) -> list[data.CellDat
 def load_pretrained(path) -> tuple[Encoder, np.ndarray, dict]:
     """The encoder, its gene universe and the whole checkpoint."""
     ckpt = load_checkpoint(path)
-    encoder, _ = encoder_from_checkpoint(ckpt)
+    encoder, _ = encoder_from_checkpoint(ckpt, path)
     return encoder.eval(), np.asarray(ckpt["gene_universe"], dtype=object), ckpt
 
 

@@ -267,7 +267,7 @@ def phase_start(args) -> Start:
     if not args.pretrained_model:
         raise CheckpointError("phase 2 (--pretrain_output) needs --pretrained_model FILE from phase 1")
     ckpt = load_checkpoint(args.pretrained_model)
-    encoder, cfg = encoder_from_checkpoint(ckpt)
+    encoder, cfg = encoder_from_checkpoint(ckpt, args.pretrained_model)
     if cfg.hid != args.hid:
         log.info("phase 2 keeps the phase-1 encoder's %d hidden units (--hid %d not used)", cfg.hid, args.hid)
     return Start(2, encoder, cfg, ckpt["gene_universe"], results.model_digest(ckpt))
