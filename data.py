@@ -229,7 +229,7 @@ def check_csr_layout(path, shape, data, indices, indptr) -> None:
 def build_csr(data, indices, indptr, shape, path) -> sp.csr_matrix:
     """A CSR matrix from its arrays, after checking they agree with each other."""
     indices, indptr, data = np.asarray(indices), np.asarray(indptr), np.asarray(data)
-    check_csr_layout(path, shape, (data.shape, data.dtype), (indices.shape, indices.dtype), (indptr.shape, indptr.dtype))
+    check_csr_layout(path, shape, *((a.shape, a.dtype) for a in (data, indices, indptr)))
     n_rows, n_cols = shape
     if indptr[0] != 0 or indptr[-1] != len(data) or np.any(np.diff(indptr) < 0):
         raise DataError(f"{path}: indptr is not a non-decreasing 0..{len(data)} sequence")

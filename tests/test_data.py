@@ -437,7 +437,70 @@ def bad_h5_files():
                        "not numeric"),
         "shape scalar": (lambda p: write_raw_h5(p, exprs={**csr_group(GOOD_X), "shape": 2}, var_names=GOOD_GENES),
                          "2 entries"),
+        "shape float": (lambda p: write_raw_h5(p, exprs={**csr_group(GOOD_X), "shape": np.array([2.0, 3.0])},
+                                               var_names=GOOD_GENES), "'exprs/shape' must be 2 integers"),
+        "float indices": (with_csr(indices=lambda g: g["indices"].astype(np.float64)),
+                          "CSR 'indices' holds float64 values; index arrays must be integers"),
+        "float indptr": (with_csr(indptr=lambda g: g["indptr"].astype(np.float32)),
+                         "CSR 'indptr' holds float32 values"),
+        "data longer than indices": (with_csr(data=lambda g: np.append(g["data"], 1.0)),
+                                     "data (4,) and indices (3) differ in length"),
+        "dense exprs larger than stored": (lambda p: _with_h5(write_raw_h5(p, var_names=GOOD_GENES), lambda h5: (
+            h5.create_dataset("exprs", shape=(10**6, 10**6), dtype="f4", chunks=(100, 100)))),
+            "'exprs' declares shape (1000000, 1000000) (4,000,000,000,000 bytes) but the file stores 0 bytes"),
+        "CSR data larger than stored": (with_csr(data=lambda g: None, indices=lambda g: None, post=lambda h5: [
+            h5["exprs"].create_dataset(k, shape=(10**12,), dtype=t, chunks=(10**4,), compression="gzip")
+            for k, t in (("data", "f4"), ("indices", "i4"))]), "'exprs/data' declares shape (1000000000000,)"),
+        "absurd width, few values": (with_csr(shape=lambda g: np.array([2, 10**12])),
+                                     "3 gene names for a matrix of 1000000000000 genes"),
+        "dangling soft link": (lambda p: _with_h5(write_raw_h5(p, var_names=GOOD_GENES), lambda h5: h5.__setitem__(
+            "exprs", h5py.SoftLink("/nowhere"))), "cannot read 'exprs' (KeyError"),
+        "external link to a missing file": (lambda p: _with_h5(write_raw_h5(p, exprs=csr_group(GOOD_X)), lambda h5: (
+            h5.__setitem__("var_names", h5py.ExternalLink("missing.h5", "/var_names")))), "cannot read 'var_names'"),
+        "corrupt object header": (_corrupt_header("exprs/indices"), "cannot read 'exprs/indices' (KeyError"),
+        "CSR member a group": (with_csr(data=lambda g: None, post=lambda h5: h5["exprs"].create_group("data")),
+                               "'exprs/data' is a group, expected an array"),
+        "var_names a group": (lambda p: _with_h5(write_raw_h5(p, exprs=csr_group(GOOD_X)), lambda h5: (
+            h5.create_group("var_names"))), "'var_names' is a group"),
+        "obs an array": (lambda p: write_raw_h5(p, exprs=csr_group(GOOD_X), var_names=GOOD_GENES, obs=np.ones(2)),
+                         "cannot read 'obs' (AttributeError"),
+        "labels 2-D": (lambda p: _with_h5(write_cellblast_h5(p, GOOD_X, ["A", "B", "C"]), lambda h5: (
+            h5["obs"].__setitem__("cell_ontology_class", np.array([[b"T", b"B"]])))),
+            "label column 'obs/cell_ontology_class' must be 1-D (one entry per cell or gene), got shape (1, 2)"),
+        "var_names 2-D": (lambda p: write_raw_h5(p, exprs=csr_group(GOOD_X), var_names=GOOD_GENES.reshape(1, 3)),
+                          "'var_names' must be 1-D"),
     }
+
+
+def with_csr(post=None, **changes):
+    """A writer of the good CSR file with some members replaced (None: left out) and ``post(h5)`` run after."""
+    def write(p):
+        g = csr_group(GOOD_X)
+        for key, change in changes.items():
+            g[key] = change(g)
+        g = {k: v for k, v in g.items() if v is not None}
+        write_raw_h5(p, exprs=g, var_names=GOOD_GENES)
+        return _with_h5(p, post) if post else p
+    return write
+
+
+def _with_h5(path, edit):
+    with h5py.File(path, "a") as h5:
+        edit(h5)
+    return path
+
+
+def _corrupt_header(member):
+    """A writer of a good file whose ``member``'s object header is overwritten with junk."""
+    def write(p):
+        write_cellblast_h5(p, GOOD_X, ["A", "B", "C"])
+        with h5py.File(p, "r") as h5:
+            address = h5py.h5o.get_info(h5[member].id).addr
+        with open(p, "r+b") as fh:
+            fh.seek(address)
+            fh.write(b"\xff" * 64)
+        return p
+    return write
 
 
 def _add_labels(path, n):
@@ -452,7 +515,8 @@ def test_bad_cellblast_h5_gives_data_error_naming_file(tmp_path, defect):
     path = write(tmp_path / "bad.h5")
     with pytest.raises(DataError) as err:
         data.read_cellblast_h5(path)
-    assert str(path) in str(err.value) and expected in str(err.value)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
 
 
 def test_folder_given_as_h5_named(tmp_path):
@@ -820,3 +884,99 @@ def test_flags_reach_load_datasets_and_ann_input(tmp_path):
     np.testing.assert_array_equal(d.X.toarray(), counts)
     defaults = main.parse_args([])
     assert (defaults.layer, defaults.gene_symbols, defaults.log_transformed) == (None, None, False)
+
+
+# --------------------------------------------------------------------------- more bad files: h5ad, .npy
+
+
+def bad_h5ad_files():
+    """name: (write(path), the one-line message expected after the path)."""
+    def huge_member(p):  # a tiny file whose uns declares 4 TB
+        write_adata(p, counts_matrix(), SYMBOLS)
+        return _with_h5(p, lambda h5: h5["uns"].create_dataset("big", shape=(10**6, 10**6), dtype="f4",
+                                                                chunks=(100, 100)))
+
+    def dangling_X(p):
+        write_adata(p, counts_matrix(), SYMBOLS)
+
+        def relink(h5):
+            del h5["X"]
+            h5["X"] = h5py.SoftLink("/nowhere")
+        return _with_h5(p, relink)
+
+    def corrupt_header(p):
+        write_adata(p, counts_matrix(), SYMBOLS)
+        with h5py.File(p, "r") as h5:
+            address = h5py.h5o.get_info(h5["obs"].id).addr
+        with open(p, "r+b") as fh:
+            fh.seek(address)
+            fh.write(b"\xff" * 64)
+        return p
+
+    return {
+        "declared size beyond storage": (huge_member, "'uns/big' declares shape (1000000, 1000000)"),
+        "X a dangling link": (dangling_X, "cannot be read as h5ad"),
+        "corrupt object header": (corrupt_header, "cannot read"),
+        "folder": (lambda p: p.mkdir() or p, "is a folder, not an h5ad file"),
+        "text": (lambda p: written(p, b"plain text"), "not an HDF5 file (expected an h5ad)"),
+    }
+
+
+@pytest.mark.parametrize("defect", list(bad_h5ad_files()))
+def test_bad_h5ad_file_is_one_line_naming_it(tmp_path, defect):
+    write, expected = bad_h5ad_files()[defect]
+    path = write(tmp_path / "bad.h5ad")
+    with pytest.raises(DataError) as err:
+        data.read_h5ad(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
+
+
+def written(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def npy_with_header(path, shape, dtype="<f4", payload=b"\0" * 16):
+    """A .npy whose header declares ``shape`` followed by ``payload`` bytes of data."""
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": dtype, "fortran_order": False, "shape": shape})
+        fh.write(payload)
+    return path
+
+
+def bad_npy_folders():
+    """name: (write(folder): the bad file, the one-line message expected after that file's path)."""
+    def good(folder, **arrays):
+        arrays = {"feature": GOOD_X, "gene_list": np.array(["A", "B", "C"]), "label": np.array(["T", "B"]), **arrays}
+        for key, value in arrays.items():
+            np.save(folder / f"{key}.npy", value)
+
+    def truncated(folder):
+        good(folder)
+        raw = (folder / "feature.npy").read_bytes()
+        (folder / "feature.npy").write_bytes(raw[:-4])
+        return folder / "feature.npy"
+
+    return {
+        "header asks for terabytes": (lambda f: good(f) or npy_with_header(f / "feature.npy", (10**6, 10**6)),
+                                      "header declares shape (1000000, 1000000) of float32 (4,000,000,000,000 bytes)"
+                                      " but the file holds 16 bytes of data"),
+        "truncated": (truncated, "header declares shape (2, 3) of float32 (24 bytes) but the file holds 20 bytes"),
+        "not npy": (lambda f: good(f) or written(f / "feature.npy", b"plain text"),
+                    "not a readable .npy file"),
+        "labels 2-D": (lambda f: good(f, label=np.array([["T", "B"]])) or f / "label.npy",
+                       "the labels must be 1-D (one entry per cell or gene), got shape (1, 2)"),
+        "gene list 2-D": (lambda f: good(f, gene_list=np.array([["A", "B", "C"]])) or f / "gene_list.npy",
+                          "the gene list must be 1-D"),
+    }
+
+
+@pytest.mark.parametrize("defect", list(bad_npy_folders()))
+def test_bad_npy_file_is_one_line_naming_it(tmp_path, defect):
+    write, expected = bad_npy_folders()[defect]
+    bad_file = write(tmp_path)
+    with pytest.raises(DataError) as err:
+        data.read_numpy_dir(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad_file}: ") and expected in msg and "\n" not in msg
