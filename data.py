@@ -86,7 +86,7 @@ def _decode(values, path, what: str) -> np.ndarray:
 
 # h5py reports a damaged file, a dangling soft or external link, a missing member or a member of
 # the wrong kind with any of these; each becomes one DataError naming the file and the member.
-H5PY_ERRORS = (KeyError, OSError, TypeError, ValueError, RuntimeError, AttributeError, UnicodeDecodeError)
+H5PY_ERRORS = (KeyError, OSError, TypeError, ValueError, RuntimeError, AttributeError)
 # A filtered (compressed) dataset may declare more bytes than it stores, but deflate cannot do
 # better than ~1032:1; a dataset declaring more than this is a header that lies about its size.
 MAX_COMPRESSION_RATIO = 1100
@@ -125,8 +125,13 @@ def check_stored_size(dataset, path, member: str) -> None:
 
     Unfiltered storage must hold every declared byte; filtered storage at most
     ``MAX_COMPRESSION_RATIO`` times what it stores (plus 1 MiB of slack for tiny datasets). A
-    header asking for terabytes from a small file is refused instead of allocated.
+    header asking for terabytes from a small file is refused instead of allocated. Virtual
+    datasets (their storage lives in other files) are left to h5py.
     """
+    import h5py
+
+    if dataset.id.get_create_plist().get_layout() == h5py.h5d.VIRTUAL:
+        return
     declared = int(np.prod([int(s) for s in dataset.shape], dtype=object)) * dataset.dtype.itemsize
     stored = dataset.id.get_storage_size()
     filtered = dataset.id.get_create_plist().get_nfilters() > 0
@@ -179,7 +184,7 @@ def _read_h5_matrix(h5, path: Path) -> sp.csr_matrix:
     if missing:
         raise DataError(f"{path}: 'exprs' group lacks {missing}")
     shape_node = _h5_dataset(h5, "exprs/shape", path)
-    if shape_node.dtype.kind not in "iu" or shape_node.size > 16:
+    if shape_node.dtype.kind not in "iu":
         raise DataError(f"{path}: 'exprs/shape' must be 2 integers, got {shape_node.size} of dtype {shape_node.dtype}")
     with _reading(path, "exprs/shape"):
         shape = tuple(int(s) for s in np.ravel(shape_node[()]))
@@ -431,6 +436,9 @@ def h5ad_gene_symbols(adata, source: _H5adSource, path, gene_symbols: str | None
     if column in source.var.columns:
         symbols = source.var[column]
     elif column in adata.var.columns:
+        if not adata.var.index.is_unique:
+            raise DataError(f"{path}: var_names are not unique, so var['{column}'] cannot be matched to raw.var; "
+                            "make var_names unique and try again")
         symbols = adata.var[column].reindex(ids)
     else:
         where = "raw.var or var" if source.from_raw else "var"
