@@ -32,7 +32,7 @@ SILHOUETTE_CELLS = 5000  # silhouette is O(n^2): scored on a seeded sample of th
 CLUSTER_METRICS = ("ari", "nmi", "silhouette")
 RESULT_KEY = ["dataset", "seed", "features", results.RUN_ID]
 RESULT_COLUMNS = [*RESULT_KEY, *CLUSTER_METRICS]
-RESULT_SETTINGS = ("label_key", "pca_dim", "pca_fit_cells")  # change the numbers
+RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "pca_dim", "pca_fit_cells")  # change the numbers
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -91,6 +91,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--url_template", default=data.DEFAULT_URL_TEMPLATE,
                    help="download URL of a missing dataset, {name} is replaced (default: %(default)s)")
     g.add_argument("--label_key", default=data.DEFAULT_LABEL_KEY, help="obs column with cell types (default: %(default)s)")
+    add_input_args(g)
     g.add_argument("--seed", type=non_negative_int, default=0,
                    help="seeds numpy, torch, splits and K-means (default: %(default)s)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
@@ -109,13 +110,25 @@ def add_common_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def add_input_args(parser) -> None:
+def add_input_args(g) -> None:
     """How input files are read (h5ad values and gene symbols)."""
+    g.add_argument("--layer", default=None,
+                   help="h5ad only: take values from this layer ('X', 'raw' = raw.X, or a layers key); "
+                        "default: the first of X, raw.X, layers named like 'counts' that holds raw values")
+    g.add_argument("--gene_symbols", default=None,
+                   help="h5ad only: var column holding gene symbols (default: var_names, or var['feature_name'] "
+                        "when var_names are Ensembl IDs)")
+    g.add_argument("--log_transformed", action="store_true",
+                   help="the values are already log-normalised: use them as they are, no log1p "
+                        "(h5ad: X unless --layer) (default: off)")
+
+
+INPUT_OPTIONS = ("layer", "gene_symbols", "log_transformed")
 
 
 def input_options(args) -> dict:
     """The reading options of ``add_input_args`` as keyword arguments of ``data.read_any``."""
-    return {}
+    return {key: getattr(args, key) for key in INPUT_OPTIONS}
 
 
 def add_log_level_arg(parser) -> None:
@@ -223,13 +236,13 @@ def split_for(data_obj: data.CellData, seed: int, args):
 
 def load_datasets(args, names: Sequence[str] | None = None) -> list[data.CellData]:
     return data.load_collection(names if names is not None else args.datasets, args.dataset_dir,
-                                args.url_template, args.label_key)
+                                args.url_template, args.label_key, **input_options(args))
 
 
 def load_pretrained(path) -> tuple[Encoder, np.ndarray, dict]:
     """The encoder, its gene universe and the whole checkpoint."""
     ckpt = load_checkpoint(path)
-    encoder, _ = encoder_from_checkpoint(ckpt)
+    encoder, _ = encoder_from_checkpoint(ckpt, path)
     return encoder.eval(), np.asarray(ckpt["gene_universe"], dtype=object), ckpt
 
 

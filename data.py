@@ -14,7 +14,9 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -71,64 +73,169 @@ class CellData:
 # --------------------------------------------------------------------------- readers
 
 
-def _decode(values) -> np.ndarray:
-    """Byte strings (as Cell BLAST stores them) to a numpy array of str."""
+def _decode(values, path, what: str) -> np.ndarray:
+    """Byte strings (as Cell BLAST stores them) to a 1-D numpy array of str; other shapes refused."""
     arr = np.asarray(values)
+    if arr.ndim != 1:
+        raise DataError(f"{path}: {what} must be 1-D (one entry per cell or gene), got shape {arr.shape}; "
+                        "write it as a flat array")
     if arr.dtype.kind == "S" or arr.dtype == object:
         return np.array([v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in arr], dtype=object)
     return arr.astype(str).astype(object)
 
 
-def _open_h5(path: Path):
+# h5py reports a damaged file, a dangling soft or external link, a missing member or a member of
+# the wrong kind with any of these; each becomes one DataError naming the file and the member.
+H5PY_ERRORS = (KeyError, OSError, TypeError, ValueError, RuntimeError, AttributeError)
+# A filtered (compressed) dataset may declare more bytes than it stores, but deflate cannot do
+# better than ~1032:1; a dataset declaring more than this is a header that lies about its size.
+MAX_COMPRESSION_RATIO = 1100
+
+
+@contextmanager
+def _reading(path, member: str):
+    """Turn h5py's exceptions while reading ``member`` into one DataError naming the file."""
+    try:
+        yield
+    except DataError:
+        raise
+    except H5PY_ERRORS as exc:
+        raise DataError(f"{path}: cannot read '{member}' ({type(exc).__name__}: {exc}); the file is damaged or "
+                        "not in the expected layout; download or write it again") from None
+
+
+def _open_h5(path: Path, kind: str = "a Cell BLAST .h5"):
     import h5py
 
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a Cell BLAST .h5 file")
+        raise DataError(f"{path}: is a folder, not {kind} file")
     with open(path, "rb") as fh:
         if fh.read(8) != HDF5_SIGNATURE:
-            raise DataError(f"{path}: not an HDF5 file (expected a Cell BLAST .h5)")
+            raise DataError(f"{path}: not an HDF5 file (expected {kind})")
     try:
         return h5py.File(path, "r")
-    except OSError as exc:
+    except H5PY_ERRORS as exc:
         raise DataError(f"{path}: cannot be opened as HDF5 ({exc})") from exc
 
 
+def check_stored_size(dataset, path, member: str) -> None:
+    """Refuse an HDF5 dataset that declares more bytes than its file can hold, before reading it.
+
+    Unfiltered storage must hold every declared byte; filtered storage at most
+    ``MAX_COMPRESSION_RATIO`` times what it stores (plus 1 MiB of slack for tiny datasets). A
+    header asking for terabytes from a small file is refused instead of allocated. Virtual
+    datasets (their storage lives in other files) are left to h5py.
+    """
+    import h5py
+
+    if dataset.id.get_create_plist().get_layout() == h5py.h5d.VIRTUAL:
+        return
+    declared = int(np.prod([int(s) for s in dataset.shape], dtype=object)) * dataset.dtype.itemsize
+    stored = dataset.id.get_storage_size()
+    filtered = dataset.id.get_create_plist().get_nfilters() > 0
+    limit = MAX_COMPRESSION_RATIO * stored + (1 << 20) if filtered else stored
+    if declared > limit:
+        raise DataError(f"{path}: '{member}' declares shape {tuple(dataset.shape)} ({declared:,} bytes) but the file "
+                        f"stores {stored:,} bytes for it; the file is truncated or damaged; download or write it again")
+
+
+def check_all_stored_sizes(h5, path) -> None:
+    """:func:`check_stored_size` of every dataset in an open HDF5 file (reached by hard links)."""
+    import h5py
+
+    def visit(name, node):
+        if isinstance(node, h5py.Dataset):
+            check_stored_size(node, path, name)
+
+    with _reading(path, "the file's members"):
+        h5.visititems(visit)
+
+
+def _h5_dataset(h5, member: str, path):
+    """``h5[member]`` as a dataset whose declared size the file can hold."""
+    import h5py
+
+    with _reading(path, member):
+        node = h5[member]
+        if not isinstance(node, h5py.Dataset):
+            raise DataError(f"{path}: '{member}' is a group, expected an array; write it as one dataset")
+        check_stored_size(node, path, member)
+    return node
+
+
+def _read_h5_array(h5, member: str, path) -> np.ndarray:
+    node = _h5_dataset(h5, member, path)
+    with _reading(path, member):
+        return node[()]
+
+
 def _read_h5_matrix(h5, path: Path) -> sp.csr_matrix:
+    import h5py
+
     if "exprs" not in h5:
         raise DataError(f"{path}: no 'exprs' matrix (found: {sorted(h5.keys())})")
-    node = h5["exprs"]
-    if hasattr(node, "shape") and not hasattr(node, "keys"):  # a dense dataset
-        try:
-            dense = np.asarray(node[()], dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"{path}: dense 'exprs' is not numeric ({exc})") from exc
-        if dense.ndim != 2:
-            raise DataError(f"{path}: dense 'exprs' must be 2-D, got shape {dense.shape}")
-        return sp.csr_matrix(dense)
+    with _reading(path, "exprs"):
+        node = h5["exprs"]
+    if isinstance(node, h5py.Dataset):
+        return _read_dense_exprs(node, path)
     missing = [k for k in ("data", "indices", "indptr", "shape") if k not in node]
     if missing:
         raise DataError(f"{path}: 'exprs' group lacks {missing}")
-    try:
-        shape = tuple(int(s) for s in np.ravel(node["shape"][()]))
-        data = np.asarray(node["data"][()], dtype=np.float32)
-        indices = np.asarray(node["indices"][()])
-        indptr = np.asarray(node["indptr"][()])
-    except (TypeError, ValueError) as exc:
-        raise DataError(f"{path}: 'exprs' arrays are not numeric ({exc})") from exc
+    shape_node = _h5_dataset(h5, "exprs/shape", path)
+    if shape_node.dtype.kind not in "iu":
+        raise DataError(f"{path}: 'exprs/shape' must be 2 integers, got {shape_node.size} of dtype {shape_node.dtype}")
+    with _reading(path, "exprs/shape"):
+        shape = tuple(int(s) for s in np.ravel(shape_node[()]))
+    parts = {k: _h5_dataset(h5, f"exprs/{k}", path) for k in ("data", "indices", "indptr")}
+    check_csr_layout(path, shape, **{k: (v.shape, v.dtype) for k, v in parts.items()})
+    if parts["data"].dtype.kind not in "biuf":
+        raise DataError(f"{path}: 'exprs/data' holds {parts['data'].dtype} values, expected numbers")
+    with _reading(path, "exprs"):
+        data = np.asarray(parts["data"][()], dtype=np.float32)
+        indices, indptr = parts["indices"][()], parts["indptr"][()]
     return build_csr(data, indices, indptr, shape, path)
+
+
+def _read_dense_exprs(node, path) -> sp.csr_matrix:
+    if node.ndim != 2:
+        raise DataError(f"{path}: dense 'exprs' must be 2-D, got shape {node.shape}")
+    if node.dtype.kind not in "biuf":
+        raise DataError(f"{path}: dense 'exprs' is not numeric (dtype {node.dtype})")
+    with _reading(path, "exprs"):
+        check_stored_size(node, path, "exprs")
+        dense = np.asarray(node[()], dtype=np.float32)
+    return sp.csr_matrix(dense)
+
+
+def check_csr_layout(path, shape, data, indices, indptr) -> None:
+    """The CSR arrays' (shape, dtype) agree with each other and with the matrix shape.
+
+    Checked on what a file declares, before its arrays are read, and again by :func:`build_csr`.
+    """
+    if len(shape) != 2:
+        raise DataError(f"{path}: 'exprs/shape' must have 2 entries, got {shape}")
+    if min(shape) < 0:
+        raise DataError(f"{path}: 'exprs/shape' holds a negative size {shape}")
+    for member, (arr_shape, dtype) in (("indices", indices), ("indptr", indptr)):
+        if np.dtype(dtype).kind not in "iu":
+            raise DataError(f"{path}: CSR '{member}' holds {dtype} values; index arrays must be integers "
+                            "(write them as int32 or int64)")
+        if len(arr_shape) != 1:
+            raise DataError(f"{path}: CSR '{member}' must be 1-D, got shape {tuple(arr_shape)}")
+    n_rows, data_shape, n_indices, n_indptr = shape[0], tuple(data[0]), indices[0][0], indptr[0][0]
+    if n_indptr != n_rows + 1:
+        raise DataError(f"{path}: indptr has {n_indptr} entries but shape says {n_rows} cells (+1 expected)")
+    if data_shape != (n_indices,):
+        raise DataError(f"{path}: data {data_shape} and indices ({n_indices}) differ in length")
 
 
 def build_csr(data, indices, indptr, shape, path) -> sp.csr_matrix:
     """A CSR matrix from its arrays, after checking they agree with each other."""
-    if len(shape) != 2:
-        raise DataError(f"{path}: 'exprs/shape' must have 2 entries, got {shape}")
+    indices, indptr, data = np.asarray(indices), np.asarray(indptr), np.asarray(data)
+    check_csr_layout(path, shape, *((a.shape, a.dtype) for a in (data, indices, indptr)))
     n_rows, n_cols = shape
-    if len(indptr) != n_rows + 1:
-        raise DataError(f"{path}: indptr has {len(indptr)} entries but shape says {n_rows} cells (+1 expected)")
-    if len(data) != len(indices):
-        raise DataError(f"{path}: data ({len(data)}) and indices ({len(indices)}) differ in length")
     if indptr[0] != 0 or indptr[-1] != len(data) or np.any(np.diff(indptr) < 0):
         raise DataError(f"{path}: indptr is not a non-decreasing 0..{len(data)} sequence")
     if len(indices) and (indices.min() < 0 or indices.max() >= n_cols):
@@ -140,12 +247,13 @@ def build_csr(data, indices, indptr, shape, path) -> sp.csr_matrix:
 
 
 def _read_h5_labels(h5, path: Path, label_key: str, strict: bool) -> np.ndarray | None:
-    columns = sorted(h5["obs"].keys()) if "obs" in h5 else []
+    with _reading(path, "obs"):
+        columns = sorted(h5["obs"].keys()) if "obs" in h5 else []
     if label_key not in columns:
         if strict:
             raise DataError(f"{path}: no label column '{label_key}' in obs; available columns: {columns}")
         return None
-    return _decode(h5["obs"][label_key][()])
+    return _decode(_read_h5_array(h5, f"obs/{label_key}", path), path, f"label column 'obs/{label_key}'")
 
 
 def read_cellblast_h5(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = None,
@@ -153,57 +261,247 @@ def read_cellblast_h5(path, label_key: str = DEFAULT_LABEL_KEY, species: str | N
     """Read a Cell BLAST ``.h5``: CSR group or dense ``exprs``, byte-string names, ``obs`` columns.
 
     A dataset without the label column is unlabelled (pre-training only) unless
-    ``strict_label_key`` asks for an error listing the available columns.
+    ``strict_label_key`` asks for an error listing the available columns. Sizes the file declares
+    are checked against what it stores before anything is read; any h5py error is one DataError.
     """
     path = Path(path)
     with _open_h5(path) as h5:
         X = _read_h5_matrix(h5, path)
         if "var_names" not in h5:
             raise DataError(f"{path}: no 'var_names' (gene symbols)")
-        genes = _decode(h5["var_names"][()])
-        cells = _decode(h5["obs_names"][()]) if "obs_names" in h5 else _default_cell_names(X.shape[0])
+        genes = _decode(_read_h5_array(h5, "var_names", path), path, "'var_names'")
+        cells = (_decode(_read_h5_array(h5, "obs_names", path), path, "'obs_names'") if "obs_names" in h5
+                 else _default_cell_names(X.shape[0]))
         labels = _read_h5_labels(h5, path, label_key, strict_label_key)
-        stored_species = h5.attrs.get("species")
+        with _reading(path, "species attribute"):
+            stored_species = h5.attrs.get("species")
     if species is None and stored_species is not None:
         species = stored_species.decode() if isinstance(stored_species, bytes) else str(stored_species)
     return finish_dataset(name or path.stem, X, genes, cells, labels, species, path)
 
 
-def read_h5ad(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = None,
-              name: str | None = None) -> CellData:
-    """Read an ``.h5ad``; uses ``X`` when it holds raw values, else ``raw.X`` (and says which)."""
+# --------------------------------------------------------------------------- h5ad
+
+# Layer names that hold counts by convention (compared lower-case), tried after X and raw.X.
+COUNT_LAYER_NAMES = ("counts", "raw_counts", "count", "raw", "umi", "umis", "umi_counts", "rawcounts")
+# log1p of counts per 10,000 stays below ~10, of counts per million below ~14, log2(CPM + 1)
+# below 20; counts, TPM and CPM exceed it (a TPM row sums to 1e6 over ~20k genes: mean 50).
+LOG_MAX = 20.0
+SCALED_VALUES, BAD_VALUES = "scaled", "bad"
+ENSEMBL_ID = r"^ENS[A-Z]*G\d{6,}(\.\d+)?$"
+CELLXGENE_SYMBOLS = "feature_name"
+
+
+def value_kind(X) -> tuple[str, str]:
+    """What a matrix holds, and why we think so: ``(RAW_VALUES, why)`` for counts, TPM or other
+    unlogged values, ``(LOG1P_VALUES, why)`` for log-normalised values, ``(SCALED_VALUES, why)``
+    for negative (scaled or centred) values, ``(BAD_VALUES, why)`` for NaN or infinity.
+
+    The rule, in order: any negative value -> scaled; all stored values whole numbers -> raw
+    counts (however small); largest value above ``LOG_MAX`` -> raw (TPM, CPM: log-normalised data
+    never get there); rows that sum to one constant -> raw (normalised, not logged); otherwise
+    log-normalised (non-integer and small; when rows of ``expm1`` sum to a constant such as 1e4,
+    the reason says so: the signature of log1p of normalised counts).
+    """
+    values = np.asarray(X.data if sp.issparse(X) else X).ravel()
+    if values.size == 0:
+        return RAW_VALUES, "no stored values"
+    if not np.all(np.isfinite(values)):
+        return BAD_VALUES, "NaN or infinite values"
+    low, high = float(values.min()), float(values.max())
+    if low < 0:
+        return SCALED_VALUES, f"scaled or centred values, down to {low:.3g}"
+    if np.all(np.mod(values, 1) == 0):
+        return RAW_VALUES, "raw counts"
+    if high > LOG_MAX:
+        return RAW_VALUES, f"TPM-like values, non-integer up to {high:.3g}"
+    if _rows_sum_to_constant(X):
+        return RAW_VALUES, "normalised values whose rows sum to one constant, not logged"
+    expm1 = X.copy() if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+    if sp.issparse(expm1):
+        expm1.data = np.expm1(expm1.data.astype(np.float64))
+    else:
+        expm1 = np.expm1(expm1)
+    if _rows_sum_to_constant(expm1):
+        total = float(np.median(np.asarray(expm1.sum(axis=1)).ravel()))
+        return LOG1P_VALUES, f"log-normalised values, rows of expm1 summing to {total:.3g}"
+    return LOG1P_VALUES, f"log-normalised values, non-integer and at most {high:.3g}"
+
+
+def _rows_sum_to_constant(X, tolerance: float = 0.02) -> bool:
+    """At least 95 % of the non-empty rows (two or more) sum to within ``tolerance`` of their median."""
+    sums = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    sums = sums[sums > 0]
+    if len(sums) < 2:
+        return False
+    median = float(np.median(sums))
+    return float(np.mean(np.abs(sums - median) <= tolerance * median)) >= 0.95
+
+
+@dataclass
+class _H5adSource:
+    """One place an AnnData keeps a matrix: its name in messages, the matrix, its ``var``."""
+
+    name: str  # "X", "raw.X" or "layers['counts']"
+    X: object
+    var: pd.DataFrame
+    from_raw: bool = False
+
+
+def _h5ad_source(adata, layer: str, path) -> _H5adSource:
+    """``X``, ``raw`` (``adata.raw.X``) or a layer; an unknown name lists what exists."""
+    if layer == "X" and adata.X is not None:
+        return _H5adSource("X", adata.X, adata.var)
+    if layer == "raw" and adata.raw is not None:
+        return _H5adSource("raw.X", adata.raw.X, adata.raw.var, from_raw=True)
+    if layer in adata.layers:
+        return _H5adSource(f"layers['{layer}']", adata.layers[layer], adata.var)
+    raise DataError(f"{path}: no layer '{layer}'; available: {_h5ad_layer_names(adata)} "
+                    "(pass one of them to --layer)")
+
+
+def _h5ad_layer_names(adata) -> list[str]:
+    names = (["X"] if adata.X is not None else []) + (["raw"] if adata.raw is not None else [])
+    return names + [k for k in adata.layers.keys() if k not in names]
+
+
+def _h5ad_candidates(adata) -> list[_H5adSource]:
+    """Where raw counts are looked for, in order: X, raw.X, then layers with a count name."""
+    names = (["X"] if adata.X is not None else []) + (["raw"] if adata.raw is not None else [])
+    names += [k for k in adata.layers.keys() if k.lower() in COUNT_LAYER_NAMES and k not in names]
+    return [_h5ad_source(adata, n, None) for n in names]
+
+
+def choose_h5ad_values(adata, path, layer: str | None = None, log_transformed: bool = False):
+    """The matrix to read from an AnnData and what it holds: ``(source, RAW_VALUES or LOG1P_VALUES, why)``.
+
+    With ``layer``, that matrix (its values must fit ``log_transformed``). Without: ``X`` when
+    ``log_transformed``, else the first of X, raw.X and count-named layers that holds raw values
+    by :func:`value_kind`; a file with only log-normalised values is refused, naming
+    ``--log_transformed``.
+    """
+    available = _h5ad_layer_names(adata)
+    if layer is not None or log_transformed:
+        source = _h5ad_source(adata, "X" if layer is None else layer, path)
+        kind, why = value_kind(source.X)
+        if kind == BAD_VALUES:
+            raise DataError(f"{path}: {source.name} holds {why}; fix or drop those entries")
+        if kind == SCALED_VALUES:
+            raise DataError(f"{path}: {source.name} holds {why}: neither counts nor log-normalised values; "
+                            f"choose another with --layer (available: {available})")
+        if kind == LOG1P_VALUES and not log_transformed:
+            raise DataError(f"{path}: {source.name} holds {why}; pass --log_transformed to use them as they are, "
+                            f"or choose raw counts with --layer (available: {available})")
+        if kind == RAW_VALUES and log_transformed:
+            log.warning("%s: %s looks like raw values (%s), but --log_transformed feeds them to the encoder "
+                        "without log1p", Path(path).name, source.name, why)
+        return source, (LOG1P_VALUES if log_transformed else RAW_VALUES), why
+    tried = []
+    for source in _h5ad_candidates(adata):
+        kind, why = value_kind(source.X)
+        if kind == BAD_VALUES:  # bad data, not a sign to look elsewhere
+            raise DataError(f"{path}: {source.name} holds {why}; fix or drop those entries")
+        if kind == RAW_VALUES:
+            return source, RAW_VALUES, why
+        tried.append((source.name, kind, why))
+    found = "; ".join(f"{name}: {why}" for name, _, why in tried) or "no matrix at all"
+    if any(kind == LOG1P_VALUES for _, kind, _ in tried):
+        raise DataError(f"{path}: no raw counts, only log-normalised values ({found}); pass --log_transformed to "
+                        f"use them as already-transformed features (with --layer to choose one of {available}), "
+                        "or add the counts to the file (e.g. as layers['counts'])")
+    raise DataError(f"{path}: no raw counts in X, raw.X or a counts layer ({found}); add the counts to the file "
+                    "(e.g. as layers['counts']) or choose a matrix with --layer")
+
+
+def h5ad_gene_symbols(adata, source: _H5adSource, path, gene_symbols: str | None = None) -> tuple[np.ndarray, bool]:
+    """Gene symbols for ``source``'s columns and whether they came from a ``var`` column.
+
+    ``gene_symbols`` names a column of ``var`` (of ``raw.var`` for ``raw.X`` when it is there;
+    else ``var``'s column matched by gene ID). Without it, Ensembl IDs in ``var_names`` with a
+    ``feature_name`` column (CELLxGENE schema) take their symbols from that column; otherwise
+    ``var_names``. A gene with no symbol in the column keeps its ``var_names`` entry.
+    """
+    ids = pd.Index(source.var.index.astype(str))
+    column = gene_symbols
+    if column is None:
+        if not _looks_ensembl(ids):
+            return np.asarray(ids, dtype=object), False
+        if CELLXGENE_SYMBOLS not in source.var.columns and CELLXGENE_SYMBOLS not in adata.var.columns:
+            log.warning("%s: var_names look like Ensembl IDs (e.g. %s); genes are matched by symbol, so pass "
+                        "--gene_symbols COLUMN (var columns: %s)", Path(path).name, ids[0], list(adata.var.columns))
+            return np.asarray(ids, dtype=object), False
+        column = CELLXGENE_SYMBOLS
+        log.info("%s: var_names are Ensembl IDs; gene symbols from var['%s'] (CELLxGENE schema)",
+                 Path(path).name, column)
+    if column in source.var.columns:
+        symbols = source.var[column]
+    elif column in adata.var.columns:
+        if not adata.var.index.is_unique:
+            raise DataError(f"{path}: var_names are not unique, so var['{column}'] cannot be matched to raw.var; "
+                            "make var_names unique and try again")
+        symbols = adata.var[column].reindex(ids)
+    else:
+        where = "raw.var or var" if source.from_raw else "var"
+        raise DataError(f"{path}: no column '{column}' in {where} for --gene_symbols; "
+                        f"available columns: {list(adata.var.columns)}")
+    symbols = pd.Series(symbols.to_numpy(dtype=object), index=ids).astype("string").str.strip()
+    missing = symbols.isna() | (symbols == "")
+    symbols[missing] = ids[missing.to_numpy()]
+    return symbols.to_numpy(dtype=object).astype(str).astype(object), True
+
+
+def _looks_ensembl(ids: pd.Index) -> bool:
+    sample = pd.Series(ids[:2000], dtype=str)
+    return len(sample) > 0 and float(sample.str.match(ENSEMBL_ID).mean()) > 0.5
+
+
+def sum_duplicate_columns(X: sp.csr_matrix, genes: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, int]:
+    """Columns with the same gene symbol summed into one (first occurrence's place); returns the
+    matrix, the unique symbols and how many columns were merged away."""
+    codes, uniques = pd.factorize(np.asarray(genes, dtype=object))
+    if len(uniques) == len(codes):
+        return X, np.asarray(genes, dtype=object), 0
+    merge = sp.csr_matrix((np.ones(len(codes), np.float32), (np.arange(len(codes)), codes)),
+                          shape=(len(codes), len(uniques)))
+    return sp.csr_matrix(X @ merge, dtype=np.float32), np.asarray(uniques, dtype=object), len(codes) - len(uniques)
+
+
+def read_h5ad(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = None, name: str | None = None,
+              layer: str | None = None, gene_symbols: str | None = None,
+              log_transformed: bool = False) -> CellData:
+    """Read an ``.h5ad``: values chosen by :func:`choose_h5ad_values` (the log says which),
+    symbols by :func:`h5ad_gene_symbols`, labels from ``obs[label_key]`` (a missing column is an
+    error listing the available ones).
+
+    Duplicate ``var_names`` are refused as in every reader; but symbols taken from a ``var``
+    column (``--gene_symbols``, CELLxGENE's ``feature_name``) often repeat for distinct gene
+    IDs, so their columns are summed, with a warning. ``log_transformed`` marks the values as
+    already transformed (``CellData.values == LOG1P_VALUES``: no second log1p).
+    """
     import anndata
 
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
+    with _open_h5(path, "an h5ad") as h5:
+        check_all_stored_sizes(h5, path)
     try:
         adata = anndata.read_h5ad(path)
     except Exception as exc:  # anndata raises many types; name the file
-        raise DataError(f"{path}: cannot be read as h5ad ({exc})") from exc
+        raise DataError(f"{path}: cannot be read as h5ad ({type(exc).__name__}: {exc})") from None
     columns = list(adata.obs.columns)
     if label_key is not None and label_key not in columns:
         raise DataError(f"{path}: no label column '{label_key}' in obs; available columns: {columns}")
-    X, genes, which = _h5ad_raw_matrix(adata, path)
-    log.info("%s: using %s as raw expression", path.name, which)
     labels = None if label_key is None else np.asarray(adata.obs[label_key].astype(str).values, dtype=object)
+    source, values, why = choose_h5ad_values(adata, path, layer, log_transformed)
+    log.info("%s: values from %s (%s%s)", path.name, source.name, why,
+             "; used as given, --log_transformed" if values == LOG1P_VALUES else "")
+    X = _to_csr32(source.X)
+    genes, from_column = h5ad_gene_symbols(adata, source, path, gene_symbols)
+    if from_column:
+        X, genes, n_merged = sum_duplicate_columns(X, genes)
+        if n_merged:
+            log.warning("%s: %d gene columns share a symbol with another; summing them", path.name, n_merged)
     cells = np.asarray(adata.obs_names, dtype=object)
-    return finish_dataset(name or path.stem, X, genes, cells, labels, species, path)
-
-
-def _is_raw_like(X) -> bool:
-    """Raw counts/TPM are non-negative; scaled or centred data (as in many h5ad ``X``) is not."""
-    values = X.data if sp.issparse(X) else np.asarray(X)
-    # NaN is bad data (rejected later, naming the file), not a sign that X is scaled
-    return values.size == 0 or not float(np.nanmin(values)) < 0
-
-
-def _h5ad_raw_matrix(adata, path: Path):
-    if _is_raw_like(adata.X):
-        return _to_csr32(adata.X), np.asarray(adata.var_names, dtype=object), "X"
-    if adata.raw is not None and _is_raw_like(adata.raw.X):
-        return _to_csr32(adata.raw.X), np.asarray(adata.raw.var_names, dtype=object), "raw.X"
-    raise DataError(f"{path}: neither X nor raw.X holds non-negative expression values")
+    return finish_dataset(name or path.stem, X, genes, cells, labels, species, path, values)
 
 
 def _to_csr32(X) -> sp.csr_matrix:
@@ -223,20 +521,48 @@ def read_numpy_dir(path, species: str | None = None, name: str | None = None) ->
         raise DataError(f"{path / 'feature.npy'}: must be 2-D (cells x genes), got shape {feature.shape}")
     if feature.dtype.kind not in "biuf":
         raise DataError(f"{path / 'feature.npy'}: must hold numbers, got dtype {feature.dtype}")
-    genes = _decode(_load_npy(path / "gene_list.npy"))
+    genes = _decode(_load_npy(path / "gene_list.npy"), path / "gene_list.npy", "the gene list")
     labels = None
     if (path / "label.npy").exists():
-        labels = _decode(_load_npy(path / "label.npy"))
+        labels = _decode(_load_npy(path / "label.npy"), path / "label.npy", "the labels")
     X = sp.csr_matrix(feature.astype(np.float32, copy=False))
     return finish_dataset(name or path.name, X, genes, _default_cell_names(X.shape[0]), labels, species, path)
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    """``np.load`` after checking that the header's shape and dtype match the file's size."""
+    _check_npy_header(path)
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:  # corrupt file, or an object array (needs pickle)
         raise DataError(f"{path}: cannot be read as a .npy array of numbers or strings ({exc}); "
                         "save it with np.save from a numeric or str array") from exc
+
+
+def _check_npy_header(path: Path) -> None:
+    """A tiny file cannot ask for terabytes: shape x itemsize must be the bytes after the header."""
+    fix = "save it again with np.save from a numeric or str array"
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+            else:
+                raise DataError(f"{path}: .npy format version {version} is not supported; {fix}")
+            header_end = fh.tell()
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
+        raise DataError(f"{path}: not a readable .npy file ({exc}); {fix}") from None
+    if dtype.hasobject:
+        return  # np.load refuses it (needs pickle) with its own message
+    declared = int(np.prod([int(s) for s in shape], dtype=object)) * dtype.itemsize
+    stored = path.stat().st_size - header_end
+    if declared != stored:
+        raise DataError(f"{path}: header declares shape {shape} of {dtype} ({declared:,} bytes) but the file holds "
+                        f"{stored:,} bytes of data; it is truncated or damaged; {fix}")
 
 
 def _default_cell_names(n: int) -> np.ndarray:
@@ -246,14 +572,14 @@ def _default_cell_names(n: int) -> np.ndarray:
 # --------------------------------------------------------------------------- validation
 
 
-def finish_dataset(name, X, genes, cells, labels, species, path) -> CellData:
+def finish_dataset(name, X, genes, cells, labels, species, path, values: str = RAW_VALUES) -> CellData:
     """Validate a freshly read dataset and normalise its labels and species."""
     validate_matrix(X, genes, cells, path)
     labels = _normalise_labels(labels, X.shape[0], path)
     species = species or guess_species(genes)
     if species not in ("human", "mouse"):
         raise DataError(f"{path}: species must be 'human' or 'mouse', got '{species}'")
-    return CellData(str(name), X, genes, cells, labels, species, str(path))
+    return CellData(str(name), X, genes, cells, labels, species, str(path), values)
 
 
 def validate_matrix(X: sp.csr_matrix, genes: np.ndarray, cells: np.ndarray, path) -> None:
@@ -282,7 +608,9 @@ def _normalise_labels(labels, n_cells: int, path) -> np.ndarray | None:
     if labels is None:
         return None
     labels = np.asarray(labels, dtype=object)
-    if labels.ndim != 1 or len(labels) != n_cells:
+    if labels.ndim != 1:
+        raise DataError(f"{path}: labels must be 1-D (one per cell), got shape {labels.shape}")
+    if len(labels) != n_cells:
         raise DataError(f"{path}: {len(labels)} labels for {n_cells} cells")
     labels = np.array([str(v).strip() for v in labels], dtype=object)
     labels[pd.Series(labels).str.lower().isin(MISSING_LABELS).to_numpy()] = ""
@@ -326,14 +654,11 @@ def map_dataset_genes(data: CellData, orthologs: dict[str, str] | None = None) -
     if data.species == "mouse":
         n_mapped = int(np.sum(mapped != pd.Series(data.genes, dtype=str).str.upper().to_numpy()))
         log.info("%s: %d of %d mouse genes mapped to human orthologs", data.name, n_mapped, len(mapped))
-    codes, uniques = pd.factorize(mapped)
-    if len(uniques) == len(mapped):
-        return replace(data, genes=mapped)
-    log.warning("%s: %d gene columns collapse onto the same symbol after mapping; summing them",
-                data.name, len(mapped) - len(uniques))
-    merge = sp.csr_matrix((np.ones(len(codes), np.float32), (np.arange(len(codes)), codes)),
-                          shape=(len(codes), len(uniques)))
-    return replace(data, X=sp.csr_matrix(data.X @ merge, dtype=np.float32), genes=np.asarray(uniques, dtype=object))
+    X, genes, n_merged = sum_duplicate_columns(data.X, mapped)
+    if n_merged:
+        log.warning("%s: %d gene columns collapse onto the same symbol after mapping; summing them",
+                    data.name, n_merged)
+    return replace(data, X=X, genes=genes)
 
 
 def build_gene_universe(datasets: Sequence[CellData]) -> np.ndarray:
@@ -528,13 +853,15 @@ def download_dataset(name: str, dest: Path, url_template: str = DEFAULT_URL_TEMP
     """Fetch ``url_template.format(name=name)`` to ``dest`` via a temporary file renamed when complete.
 
     Any failure (offline, HTTP error, truncated body, not HDF5) raises one DataError that names
-    the dataset and URL, and leaves no partial file behind.
+    the dataset and URL, and leaves no partial file behind. Partial files of an earlier download
+    of the same dataset killed before it could clean up (``.NAME.h5.*.part``) are removed first.
     """
     from tqdm.auto import tqdm
 
     url = url_template.format(name=name)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_partial_downloads(dest)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     log.info("downloading %s from %s", name, url)
     try:
@@ -562,6 +889,16 @@ def download_dataset(name: str, dest: Path, url_template: str = DEFAULT_URL_TEMP
             os.unlink(tmp_name)
 
 
+def _remove_partial_downloads(dest: Path) -> None:
+    """Delete the ``.NAME.h5.*.part`` files a killed download of ``dest`` left in its folder."""
+    for stale in dest.parent.glob(f".{glob_escape(dest.name)}.*.part"):
+        try:
+            stale.unlink()
+            log.info("removed %s, left by an interrupted download", stale.name)
+        except FileNotFoundError:  # another process removed it first
+            pass
+
+
 def _copy_stream(response, out, bar, chunk: int = 1 << 20) -> int:
     received = 0
     while True:
@@ -573,24 +910,34 @@ def _copy_stream(response, out, bar, chunk: int = 1 << 20) -> int:
         bar.update(len(block))
 
 
-def read_any(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = None,
-             name: str | None = None, strict_label_key: bool = False) -> CellData:
-    """Dispatch on the path: a folder (numpy), ``.h5ad`` (anndata) or Cell BLAST ``.h5``."""
+def read_any(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = None, name: str | None = None,
+             strict_label_key: bool = False, layer: str | None = None, gene_symbols: str | None = None,
+             log_transformed: bool = False) -> CellData:
+    """Dispatch on the path: a folder (numpy), ``.h5ad`` (anndata) or Cell BLAST ``.h5``.
+
+    ``layer`` and ``gene_symbols`` apply to h5ad only; ``log_transformed`` to every format (the
+    values are fed to the encoder as they are, with no log1p).
+    """
     path = Path(path)
+    if path.suffix == ".h5ad" and not path.is_dir():
+        return read_h5ad(path, label_key, species, name, layer=layer, gene_symbols=gene_symbols,
+                         log_transformed=log_transformed)
     if path.is_dir():
-        return read_numpy_dir(path, species, name)
-    if path.suffix == ".h5ad":
-        return read_h5ad(path, label_key, species, name)
-    return read_cellblast_h5(path, label_key, species, name, strict_label_key)
+        d = read_numpy_dir(path, species, name)
+    else:
+        d = read_cellblast_h5(path, label_key, species, name, strict_label_key)
+    return replace(d, values=LOG1P_VALUES) if log_transformed else d
 
 
 def load_collection(names: Sequence[str] | None = None, dataset_dir=DATASET_DIR,
                     url_template: str = DEFAULT_URL_TEMPLATE, label_key: str = DEFAULT_LABEL_KEY,
-                    orthologs: dict[str, str] | None = None) -> list[CellData]:
+                    orthologs: dict[str, str] | None = None, layer: str | None = None,
+                    gene_symbols: str | None = None, log_transformed: bool = False) -> list[CellData]:
     """Read the chosen datasets (default: the embedded demo collection), genes mapped.
 
     ``names`` holds Cell BLAST names (downloaded when missing), paths, or the words ``demo`` /
-    ``paper`` for the demo collection and the paper's 66 datasets.
+    ``paper`` for the demo collection and the paper's 66 datasets. ``layer``, ``gene_symbols``
+    and ``log_transformed`` are passed to :func:`read_any` for every dataset.
     """
     names = expand_dataset_names(names)
     table = read_collection_table()
@@ -599,7 +946,8 @@ def load_collection(names: Sequence[str] | None = None, dataset_dir=DATASET_DIR,
     for entry in names:
         path = resolve_dataset_path(entry, dataset_dir, url_template)
         species = table.loc[entry, "species"] if entry in table.index else None
-        data = read_any(path, label_key, species=species, name=Path(entry).stem if path.suffix else entry)
+        data = read_any(path, label_key, species=species, name=Path(entry).stem if path.suffix else entry,
+                        layer=layer, gene_symbols=gene_symbols, log_transformed=log_transformed)
         out.append(map_dataset_genes(data, orthologs))
         log.info("%s: %d cells x %d genes, %s, %s", data.name, data.n_cells, data.n_genes, data.species,
                  f"{len(np.unique(data.labels[data.labels != '']))} labelled types" if data.is_labelled

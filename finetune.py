@@ -32,8 +32,8 @@ METHODS = ("scPretrain", "Without pretraining")
 RESULT_KEY = ["dataset", "seed", "method", results.RUN_ID]
 RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
 # the arguments that change the sweep's numbers (with the pretrained model, the run identity)
-RESULT_SETTINGS = ("label_key", "hid", "per_train", "per_val", "max_tr_num", "ft_lr", "ft_batch_size", "ft_epoch",
-                   "patience", "pca_ft", "pca_dim")
+RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "hid", "per_train", "per_val", "max_tr_num", "ft_lr",
+                   "ft_batch_size", "ft_epoch", "patience", "pca_ft", "pca_dim")
 
 
 def add_finetune_args(parser) -> None:
@@ -64,7 +64,7 @@ def finetune_datasets(args) -> list[data.CellData]:
     """The labelled datasets of the sweep, genes mapped, unlabelled cells dropped."""
     if args.np_input or args.ann_input:
         path = args.np_input or args.ann_input
-        d = data.read_any(path, args.label_key)
+        d = data.read_any(path, args.label_key, **common.input_options(args))
         d = data.map_dataset_genes(d)
         if not d.is_labelled:
             raise data.DataError(f"{path}: has no labels to fine-tune on")

@@ -333,8 +333,30 @@ def load_checkpoint(path, kind: str = CHECKPOINT_KIND) -> dict:
     return ckpt
 
 
-def encoder_from_checkpoint(ckpt: dict) -> tuple[Encoder, ModelConfig]:
-    cfg = ModelConfig(**ckpt["model_args"])
-    encoder = Encoder(cfg.n_genes, cfg.hid)
-    encoder.load_state_dict(ckpt["model"])
+def encoder_from_checkpoint(ckpt: dict, source="checkpoint") -> tuple[Encoder, ModelConfig]:
+    """The encoder a checkpoint describes. Missing keys, unknown ``model_args`` and weights whose
+    shapes disagree with ``model_args`` are one CheckpointError naming ``source`` and what differs."""
+    try:
+        cfg = ModelConfig(**ckpt["model_args"])
+        encoder = Encoder(int(cfg.n_genes), int(cfg.hid))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{source}: 'model_args' missing or not valid ({type(exc).__name__}: {exc}); "
+                              "the checkpoint is damaged or not from scPretrain; train it again") from None
+    state = ckpt.get("model")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: no 'model' weights in the checkpoint; train it again")
+    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    problems = [f"missing {sorted(set(expected) - set(found))}"] if set(expected) - set(found) else []
+    problems += [f"unexpected {sorted(set(found) - set(expected))}"] if set(found) - set(expected) else []
+    problems += [f"'{k}' has shape {found[k]}, model_args {asdict(cfg)} need {shape}"
+                 for k, shape in expected.items() if k in found and found[k] != shape]
+    if problems:
+        raise CheckpointError(f"{source}: weights do not match the checkpoint's model_args: {'; '.join(problems)}; "
+                              "the checkpoint is damaged; train it again")
+    try:
+        encoder.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{source}: weights cannot be loaded ({exc}); the checkpoint is damaged; "
+                              "train it again") from None
     return encoder, cfg

@@ -232,8 +232,8 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
 
 # the arguments that change a pre-training run's numbers; --resume refuses when any differs
 # (extending --pt_epoch / --pt_patience is allowed; --batch_format changes only float rounding)
-RESULT_SETTINGS = ("pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter", "kmeans_on", "kmeans_max_cells",
-                   "no_sigmoid_logits", "seed", "pretrain_output")
+RESULT_SETTINGS = (*common.INPUT_OPTIONS, "pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter", "kmeans_on",
+                   "kmeans_max_cells", "no_sigmoid_logits", "seed", "pretrain_output")
 
 
 @dataclass
@@ -253,7 +253,7 @@ def phase_start(args) -> Start:
     if not args.pretrained_model:
         raise CheckpointError("phase 2 (--pretrain_output) needs --pretrained_model FILE from phase 1")
     ckpt = load_checkpoint(args.pretrained_model)
-    encoder, cfg = encoder_from_checkpoint(ckpt)
+    encoder, cfg = encoder_from_checkpoint(ckpt, args.pretrained_model)
     if cfg.hid != args.hid:
         log.info("phase 2 keeps the phase-1 encoder's %d hidden units (--hid %d not used)", cfg.hid, args.hid)
     return Start(2, encoder, cfg, ckpt["gene_universe"], results.model_digest(ckpt))

@@ -31,7 +31,7 @@ FEATURE_SETS = ("PCA", "scPretrain")
 PCA_FIT_CELLS = 500  # scPretrain: the PCA is fitted on the first 500 (training) cells
 RESULT_KEY = ["dataset", "seed", "classifier", "features", results.RUN_ID]
 RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
-RESULT_SETTINGS = ("label_key", "per_train", "per_val", "max_tr_num", "pca_dim")  # change the numbers
+RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "per_train", "per_val", "max_tr_num", "pca_dim")  # change the numbers
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -437,7 +437,70 @@ def bad_h5_files():
                        "not numeric"),
         "shape scalar": (lambda p: write_raw_h5(p, exprs={**csr_group(GOOD_X), "shape": 2}, var_names=GOOD_GENES),
                          "2 entries"),
+        "shape float": (lambda p: write_raw_h5(p, exprs={**csr_group(GOOD_X), "shape": np.array([2.0, 3.0])},
+                                               var_names=GOOD_GENES), "'exprs/shape' must be 2 integers"),
+        "float indices": (with_csr(indices=lambda g: g["indices"].astype(np.float64)),
+                          "CSR 'indices' holds float64 values; index arrays must be integers"),
+        "float indptr": (with_csr(indptr=lambda g: g["indptr"].astype(np.float32)),
+                         "CSR 'indptr' holds float32 values"),
+        "data longer than indices": (with_csr(data=lambda g: np.append(g["data"], 1.0)),
+                                     "data (4,) and indices (3) differ in length"),
+        "dense exprs larger than stored": (lambda p: _with_h5(write_raw_h5(p, var_names=GOOD_GENES), lambda h5: (
+            h5.create_dataset("exprs", shape=(10**6, 10**6), dtype="f4", chunks=(100, 100)))),
+            "'exprs' declares shape (1000000, 1000000) (4,000,000,000,000 bytes) but the file stores 0 bytes"),
+        "CSR data larger than stored": (with_csr(data=lambda g: None, indices=lambda g: None, post=lambda h5: [
+            h5["exprs"].create_dataset(k, shape=(10**12,), dtype=t, chunks=(10**4,), compression="gzip")
+            for k, t in (("data", "f4"), ("indices", "i4"))]), "'exprs/data' declares shape (1000000000000,)"),
+        "absurd width, few values": (with_csr(shape=lambda g: np.array([2, 10**12])),
+                                     "3 gene names for a matrix of 1000000000000 genes"),
+        "dangling soft link": (lambda p: _with_h5(write_raw_h5(p, var_names=GOOD_GENES), lambda h5: h5.__setitem__(
+            "exprs", h5py.SoftLink("/nowhere"))), "cannot read 'exprs' (KeyError"),
+        "external link to a missing file": (lambda p: _with_h5(write_raw_h5(p, exprs=csr_group(GOOD_X)), lambda h5: (
+            h5.__setitem__("var_names", h5py.ExternalLink("missing.h5", "/var_names")))), "cannot read 'var_names'"),
+        "corrupt object header": (_corrupt_header("exprs/indices"), "cannot read 'exprs/indices' (KeyError"),
+        "CSR member a group": (with_csr(data=lambda g: None, post=lambda h5: h5["exprs"].create_group("data")),
+                               "'exprs/data' is a group, expected an array"),
+        "var_names a group": (lambda p: _with_h5(write_raw_h5(p, exprs=csr_group(GOOD_X)), lambda h5: (
+            h5.create_group("var_names"))), "'var_names' is a group"),
+        "obs an array": (lambda p: write_raw_h5(p, exprs=csr_group(GOOD_X), var_names=GOOD_GENES, obs=np.ones(2)),
+                         "cannot read 'obs' (AttributeError"),
+        "labels 2-D": (lambda p: _with_h5(write_cellblast_h5(p, GOOD_X, ["A", "B", "C"]), lambda h5: (
+            h5["obs"].__setitem__("cell_ontology_class", np.array([[b"T", b"B"]])))),
+            "label column 'obs/cell_ontology_class' must be 1-D (one entry per cell or gene), got shape (1, 2)"),
+        "var_names 2-D": (lambda p: write_raw_h5(p, exprs=csr_group(GOOD_X), var_names=GOOD_GENES.reshape(1, 3)),
+                          "'var_names' must be 1-D"),
     }
+
+
+def with_csr(post=None, **changes):
+    """A writer of the good CSR file with some members replaced (None: left out) and ``post(h5)`` run after."""
+    def write(p):
+        g = csr_group(GOOD_X)
+        for key, change in changes.items():
+            g[key] = change(g)
+        g = {k: v for k, v in g.items() if v is not None}
+        write_raw_h5(p, exprs=g, var_names=GOOD_GENES)
+        return _with_h5(p, post) if post else p
+    return write
+
+
+def _with_h5(path, edit):
+    with h5py.File(path, "a") as h5:
+        edit(h5)
+    return path
+
+
+def _corrupt_header(member):
+    """A writer of a good file whose ``member``'s object header is overwritten with junk."""
+    def write(p):
+        write_cellblast_h5(p, GOOD_X, ["A", "B", "C"])
+        with h5py.File(p, "r") as h5:
+            address = h5py.h5o.get_info(h5[member].id).addr
+        with open(p, "r+b") as fh:
+            fh.seek(address)
+            fh.write(b"\xff" * 64)
+        return p
+    return write
 
 
 def _add_labels(path, n):
@@ -452,7 +515,8 @@ def test_bad_cellblast_h5_gives_data_error_naming_file(tmp_path, defect):
     path = write(tmp_path / "bad.h5")
     with pytest.raises(DataError) as err:
         data.read_cellblast_h5(path)
-    assert str(path) in str(err.value) and expected in str(err.value)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
 
 
 def test_folder_given_as_h5_named(tmp_path):
@@ -542,3 +606,377 @@ def test_load_collection_demo():
     for d in datasets:
         assert sp.isspmatrix_csr(d.X) and d.X.dtype == np.float32 and d.n_cells > 0
         assert not pd.Index(d.genes).duplicated().any()
+
+
+# --------------------------------------------------------------------------- h5ad layouts users have
+
+
+def counts_matrix(n_cells=30, n_genes=8, seed=2):
+    """Integer counts with no empty row (every cell has a library size)."""
+    X, _ = toy_counts(n_cells, n_genes, n_types=3, seed=seed)
+    X[:, 0] += 1
+    return X
+
+
+def log1p_cp10k(counts):
+    """What scanpy's normalize_total(target_sum=1e4) + log1p makes of counts."""
+    return np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+
+
+def tpm_like(counts):
+    gene_length = np.linspace(0.5, 4.0, counts.shape[1])
+    rate = counts / gene_length
+    return (rate / rate.sum(1, keepdims=True) * 1e6).astype(np.float32)
+
+
+VALUE_FIXTURES = {  # name: (build from counts, what value_kind must say)
+    "integer counts": (lambda c: c, data.RAW_VALUES),
+    "small integer counts (max 1)": (lambda c: (c > 2).astype(np.float32), data.RAW_VALUES),
+    "TPM-like, non-integer and large": (tpm_like, data.RAW_VALUES),
+    "normalised to 10 per cell, not logged": (lambda c: (c / c.sum(1, keepdims=True) * 10).astype(np.float32),
+                                             data.RAW_VALUES),
+    "log1p CP10k": (log1p_cp10k, data.LOG1P_VALUES),
+    "log1p of counts, no normalisation": (lambda c: np.log1p(c + 0.5).astype(np.float32), data.LOG1P_VALUES),
+    "scaled": (lambda c: ((c - c.mean(0)) / (c.std(0) + 1)).astype(np.float32), data.SCALED_VALUES),
+    "NaN": (lambda c: np.where(c > 5, np.nan, c).astype(np.float32), data.BAD_VALUES),
+}
+
+
+@pytest.mark.parametrize("fixture", list(VALUE_FIXTURES))
+@pytest.mark.parametrize("layout", ["dense", "sparse"])
+def test_value_kind_of_each_layout(fixture, layout):
+    build, expected = VALUE_FIXTURES[fixture]
+    X = build(counts_matrix())
+    kind, why = data.value_kind(sp.csr_matrix(X) if layout == "sparse" else X)
+    assert kind == expected, why
+
+
+def test_value_kind_names_the_log1p_signature():
+    _, why = data.value_kind(sp.csr_matrix(log1p_cp10k(counts_matrix())))
+    assert "expm1" in why and "1e+04" in why
+
+
+def write_adata(path, X, var_names, obs=None, raw_X=None, raw_var=None, layers=None, var=None):
+    """An h5ad built with anndata: X, an optional raw (its own var), layers and var columns."""
+    import anndata
+
+    n_cells = X.shape[0]
+    obs = obs if obs is not None else {"cell_ontology_class": [f"type_{i % 3}" for i in range(n_cells)]}
+    var_frame = pd.DataFrame(var or {}, index=list(var_names))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        adata = anndata.AnnData(X=X, obs=pd.DataFrame(obs, index=[f"c{i}" for i in range(n_cells)]), var=var_frame)
+        for key, value in (layers or {}).items():
+            adata.layers[key] = value
+        if raw_X is not None:
+            raw_var = raw_var if raw_var is not None else var_frame
+            adata.raw = anndata.AnnData(X=raw_X, obs=adata.obs, var=raw_var)
+        adata.write_h5ad(path)
+    return path
+
+
+ENSEMBL = [f"ENSG{i:011d}" for i in range(8)]
+SYMBOLS = ["INS", "GCG", "SST", "PPY", "KRT19", "CPA1", "GHRL", "PRSS1"]
+
+
+def h5ad_layouts():
+    """name: (write(path, counts), where the counts must be read from, the genes expected)."""
+    def cellxgene(p, c):  # Ensembl IDs, symbols in feature_name, counts in raw.X, log-normalised X
+        var = {"feature_name": SYMBOLS, "feature_biotype": ["gene"] * 8}
+        return write_adata(p, sp.csr_matrix(log1p_cp10k(c)), ENSEMBL, raw_X=sp.csr_matrix(c), var=var)
+
+    return {
+        "counts in X": (lambda p, c: write_adata(p, sp.csr_matrix(c), SYMBOLS), "X", SYMBOLS),
+        "dense counts in X, log1p in a layer": (
+            lambda p, c: write_adata(p, c, SYMBOLS, layers={"log1p": log1p_cp10k(c)}), "X", SYMBOLS),
+        "scaled X, counts in raw.X": (lambda p, c: write_adata(
+            p, VALUE_FIXTURES["scaled"][0](c), SYMBOLS, raw_X=c), "raw.X", SYMBOLS),
+        "CELLxGENE": (cellxgene, "raw.X", SYMBOLS),
+        "log1p X, counts in layers['counts']": (lambda p, c: write_adata(
+            p, sp.csr_matrix(log1p_cp10k(c)), SYMBOLS, layers={"counts": sp.csr_matrix(c)}),
+            "layers['counts']", SYMBOLS),
+        "log1p X and raw.X, counts in layers['UMI']": (lambda p, c: write_adata(
+            p, log1p_cp10k(c), SYMBOLS, raw_X=log1p_cp10k(c), layers={"other": log1p_cp10k(c), "UMI": c}),
+            "layers['UMI']", SYMBOLS),
+    }
+
+
+@pytest.mark.parametrize("layout", list(h5ad_layouts()))
+def test_read_h5ad_finds_the_counts_and_says_where(tmp_path, caplog, layout):
+    write, where, genes = h5ad_layouts()[layout]
+    counts = counts_matrix()
+    path = write(tmp_path / "cells.h5ad", counts)
+    with caplog.at_level("INFO", logger="scpretrain.data"):
+        d = data.read_h5ad(path)
+    np.testing.assert_array_equal(d.X.toarray(), counts)
+    assert list(d.genes) == genes and d.values == data.RAW_VALUES
+    assert f"cells.h5ad: values from {where} (raw counts)" in caplog.text
+
+
+def test_read_h5ad_tpm_in_X_counts_as_raw(tmp_path, caplog):
+    tpm = tpm_like(counts_matrix())
+    path = write_adata(tmp_path / "tpm.h5ad", tpm, SYMBOLS, layers={"counts": counts_matrix()})
+    with caplog.at_level("INFO", logger="scpretrain.data"):
+        d = data.read_h5ad(path)
+    np.testing.assert_allclose(d.X.toarray(), tpm)
+    assert "values from X (TPM-like values" in caplog.text
+
+
+def test_cellxgene_symbols_logged(tmp_path, caplog):
+    write, _, _ = h5ad_layouts()["CELLxGENE"]
+    path = write(tmp_path / "cxg.h5ad", counts_matrix())
+    with caplog.at_level("INFO", logger="scpretrain.data"):
+        data.read_h5ad(path)
+    assert "gene symbols from var['feature_name']" in caplog.text
+
+
+def pbmc68k_like(path, counts):
+    """Scaled X and log-normalised raw.X, as scanpy's pbmc68k_reduced: no counts anywhere."""
+    logn = log1p_cp10k(counts)
+    return write_adata(path, ((logn - logn.mean(0)) / (logn.std(0) + 1e-3)).astype(np.float32), SYMBOLS, raw_X=logn)
+
+
+LOG_ONLY_FILES = {  # name: write(path, counts)
+    "log1p X only": lambda p, c: write_adata(p, sp.csr_matrix(log1p_cp10k(c)), SYMBOLS),
+    "log1p X and raw.X": lambda p, c: write_adata(p, log1p_cp10k(c), SYMBOLS, raw_X=log1p_cp10k(c)),
+    "scaled X, log1p raw.X": pbmc68k_like,
+}
+
+
+@pytest.mark.parametrize("layout", list(LOG_ONLY_FILES))
+def test_only_log_normalised_values_refused_naming_the_flag(tmp_path, layout):
+    path = LOG_ONLY_FILES[layout](tmp_path / "logn.h5ad", counts_matrix())
+    with pytest.raises(DataError) as err:
+        data.read_h5ad(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: no raw counts, only log-normalised values") and "--log_transformed" in msg
+    assert "\n" not in msg
+
+
+def test_log_transformed_values_are_fed_as_they_are(tmp_path):
+    counts = counts_matrix()
+    path = pbmc68k_like(tmp_path / "pbmc.h5ad", counts)
+    d = data.read_h5ad(path, layer="raw", log_transformed=True)
+    assert d.values == data.LOG1P_VALUES
+    np.testing.assert_allclose(d.X.toarray(), log1p_cp10k(counts), rtol=1e-6)
+    np.testing.assert_allclose(data.features(d).toarray(), log1p_cp10k(counts), rtol=1e-6)  # no second log1p
+    x_only = LOG_ONLY_FILES["log1p X only"](tmp_path / "x.h5ad", counts)
+    d = data.read_h5ad(x_only, log_transformed=True)  # no --layer: X
+    np.testing.assert_allclose(data.features(d).toarray(), log1p_cp10k(counts), rtol=1e-6)
+
+
+def test_log_transformed_on_raw_counts_warns(tmp_path, caplog):
+    path = write_adata(tmp_path / "c.h5ad", counts_matrix(), SYMBOLS)
+    with caplog.at_level("WARNING", logger="scpretrain.data"):
+        assert data.read_h5ad(path, log_transformed=True).values == data.LOG1P_VALUES
+    assert "looks like raw values" in caplog.text
+
+
+def test_layer_option_picks_the_matrix(tmp_path):
+    counts = counts_matrix()
+    path = write_adata(tmp_path / "l.h5ad", counts * 2, SYMBOLS, raw_X=counts * 3, layers={"spliced": counts})
+    for layer, factor in (("X", 2), ("raw", 3), ("spliced", 1), (None, 2)):
+        np.testing.assert_array_equal(data.read_h5ad(path, layer=layer).X.toarray(), counts * factor)
+
+
+def bad_layer_choices():
+    """name: (write(path, counts), read options, the one-line message expected after the path)."""
+    counts_with_log_layer = lambda p, c: write_adata(p, c, SYMBOLS, layers={"logn": log1p_cp10k(c)})  # noqa: E731
+    return {
+        "unknown layer": (counts_with_log_layer, {"layer": "counts"},
+                          "no layer 'counts'; available: ['X', 'logn'] (pass one of them to --layer)"),
+        "log layer without the flag": (counts_with_log_layer, {"layer": "logn"},
+                                       "layers['logn'] holds log-normalised values"),
+        "scaled layer": (pbmc68k_like, {"layer": "X", "log_transformed": True}, "X holds scaled or centred values"),
+        "scaled X with the flag": (pbmc68k_like, {"log_transformed": True}, "choose another with --layer"),
+        "NaN in the chosen layer": (lambda p, c: write_adata(p, c, SYMBOLS, layers={"n": np.full_like(c, np.nan)}),
+                                    {"layer": "n"}, "layers['n'] holds NaN or infinite values"),
+        "missing symbol column": (lambda p, c: write_adata(p, c, ENSEMBL, var={"gene_ids": ENSEMBL}),
+                                  {"gene_symbols": "symbol"},
+                                  "no column 'symbol' in var for --gene_symbols; available columns: ['gene_ids']"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_layer_choices()))
+def test_bad_layer_or_symbol_choice_is_one_line(tmp_path, case):
+    write, options, expected = bad_layer_choices()[case]
+    path = write(tmp_path / "f.h5ad", counts_matrix())
+    with pytest.raises(DataError) as err:
+        data.read_h5ad(path, **options)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
+
+
+def test_gene_symbols_column_and_duplicates_summed(tmp_path, caplog):
+    counts = counts_matrix()
+    symbols = ["INS", "GCG", "INS", "PPY", "", "CPA1", "GCG", "PRSS1"]  # INS and GCG twice; one missing
+    path = write_adata(tmp_path / "s.h5ad", counts, ENSEMBL, var={"symbol": symbols})
+    with caplog.at_level("WARNING", logger="scpretrain.data"):
+        d = data.read_h5ad(path, gene_symbols="symbol")
+    expected = {"INS": counts[:, 0] + counts[:, 2], "GCG": counts[:, 1] + counts[:, 6], "PPY": counts[:, 3],
+                ENSEMBL[4]: counts[:, 4], "CPA1": counts[:, 5], "PRSS1": counts[:, 7]}
+    assert sorted(d.genes) == sorted(expected)
+    for j, gene in enumerate(d.genes):
+        np.testing.assert_array_equal(d.X[:, j].toarray().ravel(), expected[gene])
+    assert "2 gene columns share a symbol" in caplog.text
+
+
+def test_gene_symbols_from_raw_var_when_values_come_from_raw(tmp_path):
+    counts = counts_matrix()
+    raw_var = pd.DataFrame({"symbol": SYMBOLS}, index=ENSEMBL)
+    var = {"symbol": [s.lower() for s in SYMBOLS]}  # differs, so the test sees which one is used
+    path = write_adata(tmp_path / "r.h5ad", log1p_cp10k(counts), ENSEMBL, raw_X=counts, raw_var=raw_var, var=var)
+    assert list(data.read_h5ad(path, gene_symbols="symbol").genes) == SYMBOLS
+    no_symbols = pd.DataFrame(index=ENSEMBL[::-1])  # raw.var without the column, genes in another order
+    path = write_adata(tmp_path / "v.h5ad", log1p_cp10k(counts), ENSEMBL, raw_X=counts[:, ::-1], raw_var=no_symbols,
+                       var=var)
+    assert list(data.read_h5ad(path, gene_symbols="symbol").genes) == var["symbol"][::-1]  # var's, matched by ID
+
+
+def test_ensembl_ids_without_symbols_warn(tmp_path, caplog):
+    path = write_adata(tmp_path / "e.h5ad", counts_matrix(), ENSEMBL, var={"gene_ids": ENSEMBL})
+    with caplog.at_level("WARNING", logger="scpretrain.data"):
+        d = data.read_h5ad(path)
+    assert list(d.genes) == ENSEMBL and "pass --gene_symbols COLUMN" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore:Variable names are not unique")
+def test_duplicate_var_names_still_refused(tmp_path):
+    path = write_adata(tmp_path / "d.h5ad", counts_matrix(), SYMBOLS[:7] + ["INS"])
+    with pytest.raises(DataError, match="duplicate gene names"):
+        data.read_h5ad(path)
+
+
+def test_options_reach_every_reader(tmp_path):
+    counts = counts_matrix()
+    h5ad = write_adata(tmp_path / "a.h5ad", log1p_cp10k(counts), ENSEMBL, layers={"counts": counts},
+                       var={"symbol": SYMBOLS})
+    d = data.read_any(h5ad, layer="counts", gene_symbols="symbol")
+    assert list(d.genes) == SYMBOLS and d.values == data.RAW_VALUES
+    np.testing.assert_array_equal(d.X.toarray(), counts)
+    h5 = write_cellblast_h5(tmp_path / "b.h5", counts, SYMBOLS, ["T"] * len(counts))
+    folder = tmp_path / "np"
+    folder.mkdir()
+    np.save(folder / "feature.npy", counts)
+    np.save(folder / "gene_list.npy", np.array(SYMBOLS))
+    for path in (h5, folder):  # layer and gene_symbols do not apply; log_transformed does
+        assert data.read_any(path, layer="nope", gene_symbols="nope").values == data.RAW_VALUES
+        assert data.read_any(path, log_transformed=True).values == data.LOG1P_VALUES
+    loaded = data.load_collection([str(h5ad)], layer="X", log_transformed=True)
+    assert loaded[0].values == data.LOG1P_VALUES and loaded[0].n_genes == 8
+
+
+def test_flags_reach_load_datasets_and_ann_input(tmp_path):
+    import common
+    import finetune
+    import main
+
+    counts = counts_matrix()
+    path = write_adata(tmp_path / "a.h5ad", log1p_cp10k(counts), ENSEMBL, layers={"umis": counts},
+                       var={"symbol": SYMBOLS})
+    args = main.parse_args(["--datasets", str(path), "--layer", "X", "--gene_symbols", "symbol", "--log_transformed"])
+    (d,) = common.load_datasets(args)
+    assert d.values == data.LOG1P_VALUES and list(d.genes) == SYMBOLS
+    np.testing.assert_allclose(d.X.toarray(), log1p_cp10k(counts), rtol=1e-6)
+    args = main.parse_args(["--ann_input", str(path), "--gene_symbols", "symbol"])
+    (d,) = finetune.finetune_datasets(args)
+    assert d.values == data.RAW_VALUES and list(d.genes) == SYMBOLS
+    np.testing.assert_array_equal(d.X.toarray(), counts)
+    defaults = main.parse_args([])
+    assert (defaults.layer, defaults.gene_symbols, defaults.log_transformed) == (None, None, False)
+
+
+# --------------------------------------------------------------------------- more bad files: h5ad, .npy
+
+
+def bad_h5ad_files():
+    """name: (write(path), the one-line message expected after the path)."""
+    def huge_member(p):  # a tiny file whose uns declares 4 TB
+        write_adata(p, counts_matrix(), SYMBOLS)
+        return _with_h5(p, lambda h5: h5["uns"].create_dataset("big", shape=(10**6, 10**6), dtype="f4",
+                                                                chunks=(100, 100)))
+
+    def dangling_X(p):
+        write_adata(p, counts_matrix(), SYMBOLS)
+
+        def relink(h5):
+            del h5["X"]
+            h5["X"] = h5py.SoftLink("/nowhere")
+        return _with_h5(p, relink)
+
+    def corrupt_header(p):
+        write_adata(p, counts_matrix(), SYMBOLS)
+        with h5py.File(p, "r") as h5:
+            address = h5py.h5o.get_info(h5["obs"].id).addr
+        with open(p, "r+b") as fh:
+            fh.seek(address)
+            fh.write(b"\xff" * 64)
+        return p
+
+    return {
+        "declared size beyond storage": (huge_member, "'uns/big' declares shape (1000000, 1000000)"),
+        "X a dangling link": (dangling_X, "cannot be read as h5ad"),
+        "corrupt object header": (corrupt_header, "cannot read"),
+        "folder": (lambda p: p.mkdir() or p, "is a folder, not an h5ad file"),
+        "text": (lambda p: written(p, b"plain text"), "not an HDF5 file (expected an h5ad)"),
+    }
+
+
+@pytest.mark.parametrize("defect", list(bad_h5ad_files()))
+def test_bad_h5ad_file_is_one_line_naming_it(tmp_path, defect):
+    write, expected = bad_h5ad_files()[defect]
+    path = write(tmp_path / "bad.h5ad")
+    with pytest.raises(DataError) as err:
+        data.read_h5ad(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
+
+
+def written(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+def npy_with_header(path, shape, dtype="<f4", payload=b"\0" * 16):
+    """A .npy whose header declares ``shape`` followed by ``payload`` bytes of data."""
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(fh, {"descr": dtype, "fortran_order": False, "shape": shape})
+        fh.write(payload)
+    return path
+
+
+def bad_npy_folders():
+    """name: (write(folder): the bad file, the one-line message expected after that file's path)."""
+    def good(folder, **arrays):
+        arrays = {"feature": GOOD_X, "gene_list": np.array(["A", "B", "C"]), "label": np.array(["T", "B"]), **arrays}
+        for key, value in arrays.items():
+            np.save(folder / f"{key}.npy", value)
+
+    def truncated(folder):
+        good(folder)
+        raw = (folder / "feature.npy").read_bytes()
+        (folder / "feature.npy").write_bytes(raw[:-4])
+        return folder / "feature.npy"
+
+    return {
+        "header asks for terabytes": (lambda f: good(f) or npy_with_header(f / "feature.npy", (10**6, 10**6)),
+                                      "header declares shape (1000000, 1000000) of float32 (4,000,000,000,000 bytes)"
+                                      " but the file holds 16 bytes of data"),
+        "truncated": (truncated, "header declares shape (2, 3) of float32 (24 bytes) but the file holds 20 bytes"),
+        "not npy": (lambda f: good(f) or written(f / "feature.npy", b"plain text"),
+                    "not a readable .npy file"),
+        "labels 2-D": (lambda f: good(f, label=np.array([["T", "B"]])) or f / "label.npy",
+                       "the labels must be 1-D (one entry per cell or gene), got shape (1, 2)"),
+        "gene list 2-D": (lambda f: good(f, gene_list=np.array([["A", "B", "C"]])) or f / "gene_list.npy",
+                          "the gene list must be 1-D"),
+    }
+
+
+@pytest.mark.parametrize("defect", list(bad_npy_folders()))
+def test_bad_npy_file_is_one_line_naming_it(tmp_path, defect):
+    write, expected = bad_npy_folders()[defect]
+    bad_file = write(tmp_path)
+    with pytest.raises(DataError) as err:
+        data.read_numpy_dir(tmp_path)
+    msg = str(err.value)
+    assert msg.startswith(f"{bad_file}: ") and expected in msg and "\n" not in msg

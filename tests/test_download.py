@@ -199,3 +199,21 @@ def test_load_collection_downloads_missing_dataset(server, tmp_path):
     datasets = data.load_collection(["toy"], dataset_dir=tmp_path, url_template=server + "/ok/{name}.h5")
     assert [d.name for d in datasets] == ["toy"] and datasets[0].n_cells == 20
     np.testing.assert_array_equal(datasets[0].genes, [f"GENE{i}" for i in range(10)])
+
+
+@pytest.mark.parametrize("route", ["ok", "missing"])
+def test_partial_files_of_a_killed_download_are_removed(server, tmp_path, route, caplog):
+    """A process killed mid-download leaves .NAME.h5.*.part; the next download of NAME removes it,
+    whether or not it succeeds, and leaves other datasets' partial files alone."""
+    stale = [tmp_path / ".toy.h5.abc123.part", tmp_path / ".toy.h5.zz_9.part"]
+    other = tmp_path / ".toy2.h5.abc123.part"
+    for p in (*stale, other):
+        p.write_bytes(b"half a file")
+    with caplog.at_level("INFO", logger="scpretrain.data"):
+        try:
+            data.download_dataset("toy", tmp_path / "toy.h5", server + f"/{route}/{{name}}.h5",
+                                  timeout=SERVER_TIMEOUT_S)
+        except DataError:
+            assert route == "missing"
+    assert leftovers(tmp_path) == sorted([other.name] + (["toy.h5"] if route == "ok" else []))
+    assert "removed .toy.h5.abc123.part, left by an interrupted download" in caplog.text

@@ -230,17 +230,18 @@ class h5_rename_genes:
 
 def test_np_input_and_ann_input_on_the_demo(tmp_path):
     h5ad = os.path.join(ROOT, "dataset", "pbmc68k_reduced.h5ad")
-    demo = data.read_h5ad(h5ad, label_key="bulk_labels")
+    demo = data.read_h5ad(h5ad, label_key="bulk_labels", layer="raw", log_transformed=True)  # X is scaled
     pre = tmp_path / "pre.pt"
     main.main(main.parse_args(["--is_pretrain", "--datasets", h5ad, "--label_key", "bulk_labels", "--save_model",
-                               str(pre), "--pt_epoch", "1", "--hid", "16", "--log_level", "WARNING"]))
+                               str(pre), "--pt_epoch", "1", "--hid", "16", "--log_level", "WARNING",
+                               "--layer", "raw", "--log_transformed"]))
     folder = tmp_path / "npy"
     folder.mkdir()
     np.save(folder / "feature.npy", demo.X.toarray())
     np.save(folder / "label.npy", np.asarray(demo.labels, dtype=str))
     np.save(folder / "gene_list.npy", np.asarray(demo.genes, dtype=str))
     common = ["--pretrained_model", str(pre), "--ft_epoch", "15", "--patience", "3", "--hid", "16",
-              "--label_key", "bulk_labels", "--log_level", "WARNING"]
+              "--label_key", "bulk_labels", "--log_level", "WARNING", "--layer", "raw", "--log_transformed"]
     a = main.main(main.parse_args(["--ann_input", h5ad, "--save_result", str(tmp_path / "a.csv"), *common]))
     b = main.main(main.parse_args(["--np_input", str(folder), "--save_result", str(tmp_path / "b.csv"), *common]))
     assert len(a) == len(b) == 2

@@ -1,13 +1,15 @@
-"""The side-by-side pre-training heads compute exactly the per-granularity cross-entropies."""
+"""The side-by-side pre-training heads compute exactly the per-granularity cross-entropies; damaged checkpoints."""
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
 from torch.nn import functional as F
 
+import common
 import data
 import pretrain
-from model import Encoder, ModelConfig, PretrainModel, SparseBatch, offset_targets
+from model import (CheckpointError, Encoder, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
+                   encoder_checkpoint, encoder_from_checkpoint, offset_targets)
 
 COUNTS = [[5, 9, 2], [3, 4, 1]]
 
@@ -92,3 +94,47 @@ def test_gene_major_encoder_is_an_nn_linear_to_the_outside():
     assert torch.equal(other.linear.weight_t, encoder.linear.weight_t)
     with pytest.raises(RuntimeError):
         other.load_state_dict({"linear.weight": torch.zeros(4, 30)})  # strict: the bias is missing
+
+
+def damaged_checkpoints():
+    """name: (edit of a good encoder checkpoint, the message expected after its source)."""
+    def drop(key):
+        return lambda c: c["model"].pop(key)
+
+    def set_args(**kw):
+        return lambda c: c["model_args"].update(kw)
+
+    return {
+        "weight missing": (drop("linear.weight"), "missing ['linear.weight']"),
+        "bias missing": (drop("linear.bias"), "missing ['linear.bias']"),
+        "unexpected key": (lambda c: c["model"].__setitem__("extra", torch.zeros(1)), "unexpected ['extra']"),
+        "n_genes disagrees": (set_args(n_genes=31), "'linear.weight' has shape (8, 30), model_args "
+                                                    "{'n_genes': 31, 'hid': 8, 'sigmoid_logits': True} need (8, 31)"),
+        "hid disagrees": (set_args(hid=9), "'linear.bias' has shape (8,)"),
+        "unknown model_args": (set_args(width=3), "'model_args' missing or not valid (TypeError"),
+        "model_args missing": (lambda c: c.pop("model_args"), "'model_args' missing or not valid (KeyError"),
+        "model missing": (lambda c: c.pop("model"), "no 'model' weights"),
+    }
+
+
+@pytest.mark.parametrize("defect", list(damaged_checkpoints()))
+def test_damaged_checkpoint_is_one_checkpoint_error(tmp_path, defect):
+    edit, expected = damaged_checkpoints()[defect]
+    cfg = ModelConfig(n_genes=30, hid=8)
+    ckpt = encoder_checkpoint(Encoder(30, 8), cfg, [f"G{i}" for i in range(30)], config={}, phase=1, epoch=1, loss=0.0)
+    edit(ckpt)
+    path = tmp_path / "damaged.pt"
+    atomic_torch_save(ckpt, path)
+    with pytest.raises(CheckpointError) as err:
+        common.load_pretrained(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
+
+
+def test_good_checkpoint_round_trip():
+    torch.manual_seed(1)
+    encoder, cfg = Encoder(30, 8), ModelConfig(n_genes=30, hid=8)
+    ckpt = encoder_checkpoint(encoder, cfg, [f"G{i}" for i in range(30)], config={}, phase=1, epoch=1, loss=0.0)
+    loaded, loaded_cfg = encoder_from_checkpoint(ckpt)
+    assert loaded_cfg == cfg
+    torch.testing.assert_close(loaded.linear.weight, encoder.linear.weight)
