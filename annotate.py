@@ -34,7 +34,7 @@ import kmeans
 import metrics
 import results
 from model import (CHECKPOINT_KIND, CLASSIFIER_KIND, CheckpointError, atomic_torch_save, classifier_checkpoint,
-                   classifier_from_checkpoint, encoder_from_checkpoint, load_checkpoint, sparse_input)
+                   classifier_from_checkpoint, encoder_on_genes, load_checkpoint, sparse_input)
 
 log = logging.getLogger("scpretrain.annotate")
 
@@ -210,13 +210,15 @@ def query_lookup(query: data.CellData, model_genes, path) -> data.GeneLookup:
 @torch.no_grad()
 def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, device, chunk_cells: int):
     """Representations (and class probabilities when ``head`` is given) of every query cell, a chunk
-    of cells at a time: each chunk's genes are put in the model's order and its non-zeros alone
-    are multiplied; the query is never densified."""
+    of cells at a time. The encoder is re-expressed on the query's own genes
+    (``encoder_on_genes``), so each chunk is used as it is stored: only its values are
+    transformed, only its non-zeros are multiplied, and the query is never densified or reordered."""
+    on_query = encoder_on_genes(encoder, lookup).to(device)
     reps, probs = [], []
-    for rows in common.progress(list(data.iter_batches(query.n_cells, chunk_cells)), desc="cells", unit="chunk"):
-        block = data.remap_columns(query.X[rows[0]:rows[-1] + 1], lookup.positions, lookup.n_universe)
-        x = sparse_input(data.features(replace(query, X=block)), device)
-        z = encoder(x)
+    starts = range(0, query.n_cells, chunk_cells)
+    for start in common.progress(starts, desc="cells", unit="chunk"):
+        block = data.row_block(query.X, start, min(start + chunk_cells, query.n_cells))
+        z = on_query(sparse_input(data.features(replace(query, X=block)), device))
         reps.append(z.cpu().numpy())
         if head is not None:
             probs.append(torch.softmax(head(z), 1).cpu().numpy())

@@ -193,9 +193,9 @@ def progress(iterable=None, disable: bool = False, **kwargs):
 def flush_denormals() -> None:
     """Treat subnormal floats as zero on the CPU, before any thread pool starts (threads inherit it).
 
-    Saturated sigmoids make gradients subnormal (below 1.2e-38), and arithmetic on those runs
-    tens of times slower on x86: fine-tuning on oligodendroglioma went 2-6x faster with this,
-    with the same results. Values that small change no weight of float32 magnitude.
+    Saturated sigmoids make gradients subnormal (below 1.2e-38), and x86 arithmetic on those is
+    many times slower; values that small change no weight of float32 magnitude, so results stay
+    the same (figures in bench/README.md).
     """
     torch.set_flush_denormal(True)
 

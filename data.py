@@ -799,7 +799,11 @@ def validation_split(n_cells: int, seed: int, per_val: float = 0.1, max_val: int
 
 def split_cells(n_cells: int, seed: int, per_train: float = 0.6, per_val: float = 0.1,
                 max_train: int = 1000, max_val: int = 1000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Seeded shuffle split: train = min(int(per_train n), max_train), val likewise, test = rest."""
+    """Seeded shuffle split: train = min(int(per_train n), max_train), val likewise, test = rest.
+
+    scPretrain: the split sizes (0.6 n up to 1000 train, 0.1 n up to 1000 validation, the rest test);
+    seeded and shared by both methods (the original's were neither).
+    """
     order = np.random.default_rng(seed).permutation(n_cells)
     n_train = min(int(per_train * n_cells), max_train)
     n_val = min(int(per_val * n_cells), max_val)
@@ -812,6 +816,13 @@ def dense_rows(features: sp.csr_matrix, rows: np.ndarray | None = None) -> np.nd
     """The chosen rows (all when ``rows`` is None) as a dense float32 array, values unchanged."""
     sub = features[rows] if rows is not None else features
     return sub.toarray().astype(np.float32, copy=False)
+
+
+def row_block(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a CSR matrix as a CSR that shares its arrays (no copy of the values)."""
+    lo, hi = int(X.indptr[start]), int(X.indptr[stop])
+    return sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo),
+                         shape=(stop - start, X.shape[1]), copy=False)
 
 
 def stack_rows(mats: Sequence[sp.csr_matrix], rows: Sequence[np.ndarray]) -> sp.csr_matrix:

@@ -27,7 +27,10 @@ class KMeansResult:
 
 
 def granularities(n_cells: int, avg_cluster_num: int = 100) -> list[int]:
-    """scPretrain's three numbers of clusters: n//a, n//(a//2), n//(2a)+1, each within [2, n]."""
+    """The three numbers of clusters, each within [2, n] (a 1-cluster head would teach nothing).
+
+    scPretrain: the granularity formula n//a, n//(a//2), n//(2a)+1 with a = --avg_cluster_num.
+    """
     a = avg_cluster_num
     ks = [n_cells // a, n_cells // max(a // 2, 1), n_cells // (2 * a) + 1]
     return [int(min(max(k, 2), n_cells)) for k in ks]

@@ -166,7 +166,10 @@ def offset_targets(labels: Sequence[np.ndarray], counts: Sequence[int]) -> np.nd
 
 
 class Classifier(nn.Module):
-    """``sigmoid(encoder(x)) -> Linear(hid, hid/2) -> sigmoid -> Linear(hid/2, classes)``."""
+    """``sigmoid(encoder(x)) -> Linear(hid, hid/2) -> sigmoid -> Linear(hid/2, classes)``.
+
+    scPretrain: the classifier's architecture.
+    """
 
     def __init__(self, n_genes: int, n_classes: int, hid: int = 200):
         super().__init__()
@@ -182,10 +185,26 @@ class Classifier(nn.Module):
         return self.classify(self.encoder(x))
 
 
+@torch.no_grad()
+def encoder_on_genes(encoder: Encoder, lookup: data.GeneLookup) -> Encoder:
+    """The same encoder expressed on another gene list (a query's own genes, in its own order):
+    gene j gets the weight column of its gene in the encoder's universe, or zero where the
+    universe lacks it. Feeding a dataset's own columns to it equals feeding them, reordered onto
+    the universe with zeros for missing genes, to ``encoder``: no copy of the data is reordered."""
+    out = Encoder(len(lookup.positions), encoder.linear.out_features)
+    found = torch.as_tensor(np.flatnonzero(lookup.positions >= 0))
+    weight_t = torch.zeros_like(out.linear.weight_t)
+    weight_t[found] = encoder.linear.weight_t[torch.as_tensor(lookup.positions[found.numpy()])].to(weight_t)
+    out.linear.weight_t.copy_(weight_t)
+    out.linear.bias.copy_(encoder.linear.bias)
+    return out.to(encoder.linear.bias.device).eval()
+
+
 def sparse_input(X: sp.csr_matrix, device) -> SparseBatch:
     """A CSR block as an encoder input for inference (no transpose: no gradient is needed); only
     its non-zeros are multiplied."""
-    return SparseBatch(torch_csr(sp.csr_matrix(X, dtype=np.float32), torch.device(device)), None)
+    X = X if X.dtype == np.float32 else X.astype(np.float32)
+    return SparseBatch(torch_csr(X, torch.device(device)), None)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -52,8 +52,8 @@ def add_pretrain_args(parser) -> None:
                    help="the original's PCA inputs for pre-training: not available in this version (it stops "
                         "with a message); --pca_ft is")
     g.add_argument("--batch_format", choices=["auto", "sparse", "dense"], default="auto",
-                   help="how a step's cells reach the encoder: CSR products (measured ~2x faster on CPU, see "
-                        "bench/README.md) or a dense batch; auto = sparse on CPU, dense on GPU (default: %(default)s)")
+                   help="how a step's cells reach the encoder: CSR products (only the non-zeros are multiplied) "
+                        "or a dense batch; auto = sparse on CPU, dense on GPU (default: %(default)s)")
 
 
 @dataclass
@@ -208,9 +208,8 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     steps = epoch_batches(n_cells, args.batch_num, args.seed, phase, epoch)
     sparse = sparse_input(args, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    # (on a GPU, preparing the next step on the host overlaps the device's work on this one:
-    # nothing here waits for the device but the logged loss; a prefetch thread measured no
-    # faster on this 2-core CPU)
+    # on a GPU the host prepares the next step while the device works on this one: nothing here
+    # waits for the device but the logged loss
     hosts = (prepare_step(coll, targets, rows, rank, world, sparse) for rows in steps)
     bar = common.progress(hosts, total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False,
                           disable=rank != 0)
