@@ -155,20 +155,12 @@ def write_umap(d: data.CellData, feature_sets: dict, args, out_dir: Path) -> Pat
 
 
 def run(args):
-    common.check_output_file(args.save_result, "--save_result")
-    device = common.resolve_device(args)
-    encoder, universe, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
-    datasets = common.labelled_datasets(args)
+    out, device, encoder, universe, ckpt, datasets = common.analysis_inputs(args)
     umap_name = None if args.no_umap else (args.umap_dataset or datasets[0].name)
     if umap_name is not None and umap_name not in [d.name for d in datasets]:
         raise data.DataError(f"--umap_dataset {umap_name} is not among the labelled datasets loaded: "
                              f"{[d.name for d in datasets]}")
-    out = Path(args.save_result)
-    settings = results.settings_of(args, RESULT_SETTINGS)
-    digest = results.model_digest(ckpt)
-    run_id = results.run_identity(digest, settings)
-    finished = results.done_keys(results.read_results(out, RESULT_COLUMNS), RESULT_KEY)
-    results.record_identity(out, run_id, digest, settings, args)
+    run_id, finished = results.start_run(out, args, RESULT_SETTINGS, ckpt, RESULT_COLUMNS, RESULT_KEY)
     seeds = [str(s) for s in range(args.seed, args.seed + args.n_seeds)]
     for d in common.progress(datasets, desc="clustering datasets"):
         done = all((d.name, s, f, run_id) in finished for s in seeds for f in FEATURE_SETS)

@@ -30,48 +30,26 @@ PRETRAIN_HINT = "run `python main.py --is_pretrain --kmeans` first, or pass --pr
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a count of cells, epochs, batches, clusters, ...)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _number_type(convert, accept, wanted: str):
+    """An argparse type: ``convert(text)`` that ``accept`` passes, else a message saying ``wanted``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got '{text}'") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, got {text}")
+        return value
+
+    parse.__name__ = convert.__name__  # argparse names the type in its messages
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (0 meaning "off" or "all", as the flag's help says)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a finite number > 0 (a learning rate)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got '{text}'") from None
-    if not (np.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
-def fraction(text: str) -> float:
-    """argparse type: a number strictly between 0 and 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got '{text}'") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
-    return value
+positive_int = _number_type(int, lambda v: v >= 1, "a whole number >= 1")  # counts: cells, epochs, batches, ...
+non_negative_int = _number_type(int, lambda v: v >= 0, "a whole number >= 0")  # 0 = off or all, as each flag says
+positive_float = _number_type(float, lambda v: bool(np.isfinite(v)) and v > 0, "a finite number > 0")  # rates
+fraction = _number_type(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")  # shares of cells
 
 
 def log_level(text: str) -> str:
@@ -277,6 +255,16 @@ def with_two_classes(datasets: list[data.CellData]) -> list[data.CellData]:
             continue
         kept.append(d)
     return kept
+
+
+def analysis_inputs(args):
+    """What rf_svm_lr.py and clus.py start from, in order: the result path (checked writable
+    first), the device, the pretrained encoder, its gene universe and checkpoint, and the
+    labelled datasets."""
+    out = check_output_file(args.save_result, "--save_result")
+    device = resolve_device(args)
+    encoder, universe, ckpt = load_pretrained_or_explain(args.pretrained_model)
+    return out, device, encoder, universe, ckpt, labelled_datasets(args)
 
 
 def dataset_representation(encoder: Encoder, universe: np.ndarray, dataset: data.CellData, device="cpu") -> np.ndarray:

@@ -153,15 +153,12 @@ def run_sweep(args, device) -> pd.DataFrame:
     else:
         log.warning("no --pretrained_model: running the 'Without pretraining' baseline only")
     out = Path(args.save_result)
-    settings = result_settings(args)
-    digest = results.model_digest(ckpt)
-    run_id = results.run_identity(digest, settings)
-    finished = results.done_keys(results.read_results(out, RESULT_COLUMNS), RESULT_KEY)
+    run_id, finished = results.start_run_with(out, args, result_settings(args), results.model_digest(ckpt),
+                                              RESULT_COLUMNS, RESULT_KEY)
     tasks = sweep_tasks(args, datasets, ckpt, run_id, finished)
     skipped = len(datasets) * args.fold1 * args.fold2 - len(tasks)
     if skipped:
         log.info("%d dataset x repeat runs of run identity %s already in %s; not redone", skipped, run_id, out)
-    results.record_identity(out, run_id, digest, settings, args)
     for rows in common.progress(_run_tasks(tasks, args, device, run_id), total=len(tasks), desc="datasets"):
         results.append_results(out, rows, RESULT_COLUMNS)
         for r in rows:

@@ -102,6 +102,22 @@ def done_keys(frame: pd.DataFrame, key: Sequence[str]) -> set:
     return set(map(tuple, frame[list(key)].astype(str).values))
 
 
+def start_run(out, args, setting_names: Sequence[str], ckpt: dict | None, columns: Sequence[str],
+              key: Sequence[str]) -> tuple[str, set]:
+    """A script's run identity and the keys of the rows it has already written to ``out`` (which
+    must be one of our result files); the identity's settings go to the sidecar."""
+    settings = settings_of(args, setting_names)
+    return start_run_with(out, args, settings, model_digest(ckpt), columns, key)
+
+
+def start_run_with(out, args, settings: dict, digest: str, columns: Sequence[str],
+                   key: Sequence[str]) -> tuple[str, set]:
+    run_id = run_identity(digest, settings)
+    finished = done_keys(read_results(out, columns), key)
+    record_identity(out, run_id, digest, settings, args)
+    return run_id, finished
+
+
 def record_identity(csv_path, run_id: str, model: str, settings: dict, args) -> Path:
     """Add (or refresh) this identity's settings in the sidecar ``CSV.args.json``; other
     identities' entries are kept."""

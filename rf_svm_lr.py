@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -135,17 +134,9 @@ def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], 
 
 
 def run(args):
-    common.check_output_file(args.save_result, "--save_result")
-    device = common.resolve_device(args)
-    encoder, universe, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
-    datasets = common.labelled_datasets(args)
+    out, device, encoder, universe, ckpt, datasets = common.analysis_inputs(args)
     seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
-    out = Path(args.save_result)
-    settings = results.settings_of(args, RESULT_SETTINGS)
-    digest = results.model_digest(ckpt)
-    run_id = results.run_identity(digest, settings)
-    finished = results.done_keys(results.read_results(out, RESULT_COLUMNS), RESULT_KEY)
-    results.record_identity(out, run_id, digest, settings, args)
+    run_id, finished = results.start_run(out, args, RESULT_SETTINGS, ckpt, RESULT_COLUMNS, RESULT_KEY)
     for d in common.progress(datasets, desc=f"{args.clf} datasets"):
         representation = common.dataset_representation(encoder, universe, d, device=device)
         rows = run_dataset(d, representation, seeds, args, run_id, finished)

@@ -509,16 +509,6 @@ def _add_labels(path, n):
     return path
 
 
-@pytest.mark.parametrize("defect", list(bad_h5_files()))
-def test_bad_cellblast_h5_gives_data_error_naming_file(tmp_path, defect):
-    write, expected = bad_h5_files()[defect]
-    path = write(tmp_path / "bad.h5")
-    with pytest.raises(DataError) as err:
-        data.read_cellblast_h5(path)
-    msg = str(err.value)
-    assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
-
-
 def test_folder_given_as_h5_named(tmp_path):
     folder = tmp_path / "looks_like.h5"
     folder.mkdir()
@@ -922,12 +912,18 @@ def bad_h5ad_files():
     }
 
 
-@pytest.mark.parametrize("defect", list(bad_h5ad_files()))
-def test_bad_h5ad_file_is_one_line_naming_it(tmp_path, defect):
-    write, expected = bad_h5ad_files()[defect]
-    path = write(tmp_path / "bad.h5ad")
+BAD_FILE_CASES = [(table, reader, suffix, defect) for table, reader, suffix in
+                  ((bad_h5_files, data.read_cellblast_h5, ".h5"), (bad_h5ad_files, data.read_h5ad, ".h5ad"))
+                  for defect in table()]
+
+
+@pytest.mark.parametrize("table, reader, suffix, defect", BAD_FILE_CASES,
+                         ids=[f"{suffix[1:]}-{defect}" for _, _, suffix, defect in BAD_FILE_CASES])
+def test_bad_file_is_one_line_naming_it(tmp_path, table, reader, suffix, defect):
+    write, expected = table()[defect]
+    path = write(tmp_path / f"bad{suffix}")
     with pytest.raises(DataError) as err:
-        data.read_h5ad(path)
+        reader(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
 
