@@ -34,7 +34,7 @@ import kmeans
 import metrics
 import results
 from model import (CHECKPOINT_KIND, CLASSIFIER_KIND, CheckpointError, atomic_torch_save, classifier_checkpoint,
-                   classifier_from_checkpoint, encoder_on_genes, load_checkpoint, sparse_input)
+                   classifier_from_checkpoint, encoder_on_genes, load_checkpoint, model_normalize, sparse_input)
 
 log = logging.getLogger("scpretrain.annotate")
 
@@ -63,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     train.add_argument("--per_val", type=common.fraction, default=0.1,
                        help="validation share of the reference (at most 1000 cells), for early stopping")
     classifier.add_classifier_args(train)
+    common.add_recipe_args(train)
     predict = commands.add_parser("predict", help="label a query with a trained classifier",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     predict.add_argument("--model", required=True, help="classifier checkpoint written by `annotate.py train`")
@@ -93,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for sub in (train, predict, embed):
         add_run_args(sub)
     args = parser.parse_args(argv)
+    if args.command == "train":
+        common.resolve_recipe(args)
     if args.command == "predict" and not 0 <= args.min_prop <= 1:
         parser.error(f"--min_prop must lie in [0, 1], got {args.min_prop}")
     if args.command == "predict" and args.label_map and not args.query_label_key:
@@ -146,6 +149,9 @@ def run_train(args) -> dict:
     if args.pretrained_model:
         _, _, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
         hid, digest = int(ckpt["model_args"]["hid"]), results.model_digest(ckpt)
+        if model_normalize(ckpt) != args.normalize:
+            log.info("the encoder was pre-trained on --normalize %s features; the classifier is trained on %s",
+                     model_normalize(ckpt), args.normalize)
         lookup = data.gene_lookup(reference, ckpt["gene_universe"], whose="the pretrained model's")
         pretrained = {"state": ckpt["model"], "lookup": lookup}
     else:
@@ -157,10 +163,10 @@ def run_train(args) -> dict:
     args.hid = hid
     t0 = time.time()
     clf = classifier.build_classifier(len(classes), args.seed, args, pretrained, reference.n_genes)
-    clf, epochs, val_accuracy = classifier.train_classifier(clf, data.features(reference), codes,
+    clf, epochs, val_accuracy = classifier.train_classifier(clf, data.features(reference, args.normalize), codes,
                                                             (train_idx, val_idx, None), args, args.seed, device)
     log.info("trained in %.1fs, %d epochs; validation accuracy %.4f", time.time() - t0, epochs, val_accuracy)
-    info = {"label_key": args.label_key, "values": reference.values,
+    info = {"label_key": args.label_key, "values": reference.values, "normalize": args.normalize,
             "reference": {"name": reference.name, "path": str(args.reference), "n_cells": reference.n_cells,
                           "n_genes": reference.n_genes, "species": reference.species,
                           "class_counts": {str(c): int(n) for c, n in zip(classes, np.bincount(codes))}},
@@ -208,7 +214,8 @@ def query_lookup(query: data.CellData, model_genes, path) -> data.GeneLookup:
 
 
 @torch.no_grad()
-def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, device, chunk_cells: int):
+def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, device, chunk_cells: int,
+               normalize: str = "none"):
     """Representations (and class probabilities when ``head`` is given) of every query cell, a chunk
     of cells at a time. The encoder is re-expressed on the query's own genes
     (``encoder_on_genes``), so each chunk is used as it is stored: only its values are
@@ -218,7 +225,7 @@ def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, dev
     starts = range(0, query.n_cells, chunk_cells)
     for start in common.progress(starts, desc="cells", unit="chunk"):
         block = data.row_block(query.X, start, min(start + chunk_cells, query.n_cells))
-        z = on_query(sparse_input(data.features(replace(query, X=block)), device))
+        z = on_query(sparse_input(data.features(replace(query, X=block), normalize), device))
         reps.append(z.cpu().numpy())
         if head is not None:
             probs.append(torch.softmax(head(z), 1).cpu().numpy())
@@ -265,7 +272,8 @@ def run_predict(args) -> pd.DataFrame:
     lookup = query_lookup(query, ckpt["gene_universe"], args.query)
     t0 = time.time()
     clf = clf.to(device)
-    representation, probs = run_chunks(query, lookup, clf.encoder, clf.classify, device, args.chunk_cells)
+    representation, probs = run_chunks(query, lookup, clf.encoder, clf.classify, device, args.chunk_cells,
+                                       model_normalize(ckpt))
     log.info("%d cells predicted in %.1fs (%.0f cells/s)", query.n_cells, time.time() - t0,
              query.n_cells / max(time.time() - t0, 1e-9))
     predicted, conf = assign_labels(probs, ckpt["classes"], args.p_thres)
@@ -279,6 +287,7 @@ def run_predict(args) -> pd.DataFrame:
     log.info("labels: %s; Unassigned %.1f%%", summary_counts(table["predicted_labels"]),
              100.0 * float(np.mean(predicted == UNASSIGNED)))
     uns = {"model": str(args.model), "model_digest": results.model_digest(ckpt), "reference": ckpt["reference"]["name"],
+           "normalize": model_normalize(ckpt),
            "n_model_genes": lookup.n_universe, "n_model_genes_found": lookup.n_found,
            "gene_coverage": lookup.n_found / lookup.n_universe, "p_thres": args.p_thres,
            "classes": list(ckpt["classes"]), "majority_voting": bool(args.majority_voting)}
@@ -470,7 +479,8 @@ def run_embed(args):
     encoder, universe, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
     query = read_dataset(args.query, args, None)
     lookup = query_lookup(query, universe, args.query)
-    representation, _ = run_chunks(query, lookup, encoder.to(device), None, device, args.chunk_cells)
+    representation, _ = run_chunks(query, lookup, encoder.to(device), None, device, args.chunk_cells,
+                                   model_normalize(ckpt))
     table = pd.DataFrame({"cell": query.cells})
     uns = {"model": str(args.pretrained_model), "model_digest": results.model_digest(ckpt),
            "n_model_genes": lookup.n_universe, "n_model_genes_found": lookup.n_found,

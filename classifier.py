@@ -20,17 +20,41 @@ DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once
 def add_classifier_args(parser) -> None:
     g = parser.add_argument_group("classifier training")
     g.add_argument("--ft_lr", type=common.positive_float, default=0.002, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--ft_batch_size", type=common.positive_int, default=5000, help="mini-batch size (default: %(default)s)")
+    g.add_argument("--ft_batch_size", type=common.positive_int, default=None,
+                   help="mini-batch size (default: the recipe's; paper 5000, i.e. one batch of its <= 1000 cells)")
     g.add_argument("--ft_epoch", type=common.positive_int, default=500, help="at most this many epochs (default: %(default)s)")
     g.add_argument("--patience", type=common.positive_int, default=30, help="stop after this many epochs without a better "
-                                                                            "validation accuracy (default: %(default)s)")
+                                                                            "validation score (default: %(default)s)")
+    g.add_argument("--ft_dropout", type=common.non_negative_fraction, default=None,
+                   help="dropout on the classifier's input, representation and hidden layer while training "
+                        "(default: the recipe's; paper 0)")
+    g.add_argument("--ft_weight_decay", type=common.non_negative_float, default=None,
+                   help="decoupled weight decay (AdamW) when > 0 (default: the recipe's; paper 0, plain Adam)")
+    g.add_argument("--ft_early_stop", choices=EARLY_STOP, default=None,
+                   help="validation score kept for early stopping: 'accuracy' (scPretrain), 'loss', or "
+                        "'accuracy_then_loss' (accuracy, ties broken by a lower loss) (default: the recipe's)")
+
+
+EARLY_STOP = ("accuracy", "loss", "accuracy_then_loss")
+
+
+def improves(score: tuple[float, float], best: tuple[float, float] | None, criterion: str) -> bool:
+    """Whether the validation (accuracy, loss) ``score`` beats ``best`` under ``criterion``."""
+    if best is None:
+        return True
+    (acc, loss), (best_acc, best_loss) = score, best
+    if criterion == "accuracy":  # scPretrain: early stopping on validation accuracy
+        return acc > best_acc
+    if criterion == "loss":
+        return loss < best_loss
+    return acc > best_acc or (acc == best_acc and loss < best_loss)
 
 
 def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, n_genes: int,
                      pca=None) -> Classifier:
     """Same random init for both methods; scPretrain then copies pretrained columns by gene name."""
     torch.manual_seed(seed)
-    clf = Classifier(n_genes, n_classes, args.hid)
+    clf = Classifier(n_genes, n_classes, args.hid, dropout=args.ft_dropout or 0.0)
     if pretrained is not None:
         init_encoder_from_pretrained(clf.encoder, pretrained["state"], pretrained["lookup"])
     if pca is not None:  # the gene-space encoder on PCA inputs: W x + b = (W C^T) x_pca + (W mean + b)
@@ -48,19 +72,32 @@ def predict_proba(clf: Classifier, features, rows: np.ndarray, device, batch_siz
     return apply_in_batches(lambda x: torch.softmax(clf(x), 1), features, rows, device, batch_size)
 
 
+def make_optimizer(params, args):
+    """Adam (scPretrain), or AdamW when --ft_weight_decay > 0."""
+    if not args.ft_weight_decay:
+        return make_adam(params, args.ft_lr)
+    params = list(params)
+    try:
+        return torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=args.ft_weight_decay, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=args.ft_weight_decay)
+
+
 def train_classifier(clf: Classifier, features, codes, split, args, seed: int, device) -> tuple[Classifier, int, float]:
-    """Adam with early stopping on validation accuracy; returns the best model, the epochs run and
-    its validation accuracy. Training cells are densified once when they fit in
-    ``DENSE_TRAIN_BYTES``, else batch by batch (the same numbers, memory bounded)."""
+    """Adam with early stopping on a validation score (--ft_early_stop; the paper's: accuracy);
+    returns the best model, the epochs run and its validation accuracy. Training cells are
+    densified once when they fit in ``DENSE_TRAIN_BYTES``, else batch by batch (the same numbers,
+    memory bounded)."""
     train_idx, val_idx, _ = split
     clf = clf.to(device)
-    optimizer = make_adam(clf.parameters(), args.ft_lr)
+    optimizer = make_optimizer(clf.parameters(), args)
     train_rows = TrainingRows(features, train_idx, device)
     y_train = torch.as_tensor(codes[train_idx]).to(device)
     val_rows = TrainingRows(features, val_idx, device)
     y_val = codes[val_idx]
     rng = np.random.default_rng(seed)
-    best_acc, best_state, wait, epoch = -1.0, None, 0, 0
+    criterion = args.ft_early_stop or "accuracy"
+    best, best_state, wait, epoch = None, None, 0, 0
     for epoch in range(1, args.ft_epoch + 1):
         clf.train()
         for batch in data.iter_batches(len(train_idx), args.ft_batch_size, rng):
@@ -70,15 +107,15 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
             loss.backward()
             optimizer.step()
         clf.eval()
-        acc = val_rows.accuracy(clf, y_val)
-        if acc > best_acc:
-            best_acc, best_state, wait = acc, copy.deepcopy(clf.state_dict()), 0
+        score = val_rows.score(clf, y_val, with_loss=criterion != "accuracy")
+        if improves(score, best, criterion):
+            best, best_state, wait = score, copy.deepcopy(clf.state_dict()), 0
         else:
             wait += 1
             if wait >= args.patience:
                 break
     clf.load_state_dict(best_state)
-    return clf, epoch, best_acc
+    return clf, epoch, best[0]
 
 
 class TrainingRows:
@@ -97,8 +134,13 @@ class TrainingRows:
         return dense_batch(self.features, self.rows[positions]).to(self.device)
 
     @torch.no_grad()
-    def accuracy(self, clf: Classifier, codes: np.ndarray) -> float:
+    def score(self, clf: Classifier, codes: np.ndarray, with_loss: bool = False) -> tuple[float, float]:
+        """(accuracy, mean cross-entropy or NaN when not asked for) of ``clf`` on these rows."""
         if self.dense is not None:
-            return float((clf(self.dense).argmax(1) == torch.as_tensor(codes, device=self.device)).float().mean())
-        predicted = apply_in_batches(clf, self.features, self.rows, self.device).argmax(1)
-        return float(np.mean(predicted == codes))
+            logits = clf(self.dense)
+        else:
+            logits = torch.from_numpy(apply_in_batches(clf, self.features, self.rows, self.device)).to(self.device)
+        targets = torch.as_tensor(codes, device=self.device)
+        accuracy = float((logits.argmax(1) == targets).float().mean())
+        loss = float(torch.nn.functional.cross_entropy(logits, targets)) if with_loss else float("nan")
+        return accuracy, loss

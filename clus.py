@@ -32,7 +32,7 @@ SILHOUETTE_CELLS = 5000  # silhouette is O(n^2): scored on a seeded sample of th
 CLUSTER_METRICS = ("ari", "nmi", "silhouette")
 RESULT_KEY = ["dataset", "seed", "features", results.RUN_ID]
 RESULT_COLUMNS = [*RESULT_KEY, *CLUSTER_METRICS]
-RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "pca_dim", "pca_fit_cells")  # change the numbers
+RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "normalize", "pca_dim", "pca_fit_cells")  # change the numbers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,15 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "the original drew Quake_10x_Kidney)")
     parser.add_argument("--no_umap", action="store_true", help="skip the UMAP figure")
     common.add_common_args(parser)
-    return parser.parse_args(argv)
+    common.add_recipe_args(parser)
+    return common.resolve_recipe(parser.parse_args(argv))
 
 
-def pca_features(d: data.CellData, n_components: int, fit_cells: int, seed: int) -> np.ndarray:
+def pca_features(d: data.CellData, n_components: int, fit_cells: int, seed: int, normalize: str = "none") -> np.ndarray:
     """PCA of the log1p expression, fitted on all cells or a seeded sample of ``fit_cells``."""
     fit_rows = np.arange(d.n_cells)
     if d.n_cells > fit_cells:
         fit_rows = np.sort(np.random.default_rng(seed).choice(d.n_cells, fit_cells, replace=False))
-    pca, _, _ = data.pca_features(data.features(d), fit_rows, n_components, seed)
+    pca, _, _ = data.pca_features(data.features(d, normalize), fit_rows, n_components, seed)
     return pca
 
 
@@ -155,7 +156,7 @@ def write_umap(d: data.CellData, feature_sets: dict, args, out_dir: Path) -> Pat
 
 
 def run(args):
-    out, device, encoder, universe, ckpt, datasets = common.analysis_inputs(args)
+    out, device, encoder, ckpt, datasets = common.analysis_inputs(args)
     umap_name = None if args.no_umap else (args.umap_dataset or datasets[0].name)
     if umap_name is not None and umap_name not in [d.name for d in datasets]:
         raise data.DataError(f"--umap_dataset {umap_name} is not among the labelled datasets loaded: "
@@ -167,8 +168,8 @@ def run(args):
         if done and d.name != umap_name:
             log.info("%s: already in %s under run identity %s; not redone", d.name, out, run_id)
             continue
-        feature_sets = {"PCA": pca_features(d, args.pca_dim, args.pca_fit_cells, args.seed),
-                        "scPretrain": common.dataset_representation(encoder, universe, d, device=device)}
+        feature_sets = {"PCA": pca_features(d, args.pca_dim, args.pca_fit_cells, args.seed, args.normalize),
+                        "scPretrain": common.dataset_representation(encoder, ckpt, d, device=device)}
         rows = [] if done else cluster_dataset(d, feature_sets, args, run_id)
         if rows:
             results.append_results(out, rows, RESULT_COLUMNS)

@@ -759,12 +759,30 @@ def log1p_features(X: sp.csr_matrix) -> sp.csr_matrix:
     return sp.csr_matrix((np.log1p(X.data), X.indices, X.indptr), shape=X.shape)
 
 
-def features(data: CellData) -> sp.csr_matrix:
-    """The encoder's input for a dataset: ``log1p`` of raw values, or already-transformed values
-    as they are. The one place raw values are transformed."""
+NORMALIZATIONS = ("none", "cp10k")
+
+
+def features(data: CellData, normalize: str = "none") -> sp.csr_matrix:
+    """The encoder's input for a dataset, the one place raw values are transformed: ``log1p`` of
+    the raw values (``normalize="none"``, the paper's) or of counts per 10,000 (``"cp10k"``: each
+    cell scaled to the same total first, so that cells sequenced to different depths look alike);
+    already-transformed values are used as they are."""
     if data.values == LOG1P_VALUES:
         return sp.csr_matrix(data.X)
+    if normalize == "cp10k":
+        return log1p_features(per_10k(data.X))
+    if normalize != "none":
+        raise ValueError(f"unknown normalisation '{normalize}'; choose one of {NORMALIZATIONS}")
     return log1p_features(data.X)
+
+
+def per_10k(X: sp.csr_matrix) -> sp.csr_matrix:
+    """Each row scaled to sum to 10,000 (empty rows stay empty); shares the index arrays."""
+    X = sp.csr_matrix(X)
+    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
+    values = (X.data * np.repeat(scale, np.diff(X.indptr))).astype(np.float32)
+    return sp.csr_matrix((values, X.indices, X.indptr), shape=X.shape)
 
 
 def pca_features(features: sp.csr_matrix, fit_rows: np.ndarray, n_components: int, seed: int):

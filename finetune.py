@@ -32,8 +32,9 @@ METHODS = ("scPretrain", "Without pretraining")
 RESULT_KEY = ["dataset", "seed", "method", results.RUN_ID]
 RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
 # the arguments that change the sweep's numbers (with the pretrained model, the run identity)
-RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "hid", "per_train", "per_val", "max_tr_num", "ft_lr",
-                   "ft_batch_size", "ft_epoch", "patience", "pca_ft", "pca_dim")
+RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "normalize", "hid", "per_train", "per_val", "max_tr_num",
+                   "ft_lr", "ft_batch_size", "ft_epoch", "patience", "ft_dropout", "ft_weight_decay", "ft_early_stop",
+                   "pca_ft", "pca_dim")
 
 
 def add_finetune_args(parser) -> None:
@@ -80,7 +81,7 @@ def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[d
     d = task.dataset
     codes, classes = data.encode_labels(d.labels)
     split = common.split_for(d, task.seed, args)
-    features = data.features(d)
+    features = data.features(d, args.normalize)
     pca = None
     if args.pca_ft:
         fit_rows = np.concatenate(split[:2])

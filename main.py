@@ -30,9 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--save_model", default=str(common.DEFAULT_MODEL),
                         help="where pre-training writes its checkpoint (default: %(default)s)")
     common.add_common_args(parser)
+    common.add_recipe_args(parser)
     pretrain.add_pretrain_args(parser)
     finetune.add_finetune_args(parser)
-    args = parser.parse_args(argv)
+    args = common.resolve_recipe(parser.parse_args(argv))
     common.check_split_fractions(parser, args)
     if args.pca_pt:
         parser.error("--pca_pt (pre-training on per-dataset PCA inputs) is not available in this version: "

@@ -171,17 +171,22 @@ class Classifier(nn.Module):
     scPretrain: the classifier's architecture.
     """
 
-    def __init__(self, n_genes: int, n_classes: int, hid: int = 200):
+    def __init__(self, n_genes: int, n_classes: int, hid: int = 200, dropout: float = 0.0):
         super().__init__()
         self.encoder = Encoder(n_genes, hid)
         self.hidden = nn.Linear(hid, hid // 2)
         self.out = nn.Linear(hid // 2, n_classes)
+        self.dropout = float(dropout)  # while training, on the input, z and the hidden layer (0: none)
+
+    def _drop(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
         """Class logits of representations ``z = encoder(x)``."""
-        return self.out(torch.sigmoid(self.hidden(z)))
+        return self.out(self._drop(torch.sigmoid(self.hidden(self._drop(z)))))
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+        x = x if isinstance(x, SparseBatch) else self._drop(x)
         return self.classify(self.encoder(x))
 
 
@@ -333,6 +338,11 @@ def classifier_from_checkpoint(ckpt: dict, path="checkpoint") -> Classifier:
             clf.encoder.linear.in_features:
         raise CheckpointError(f"{path}: its classes or genes disagree with its weights")
     return clf.eval()
+
+
+def model_normalize(ckpt: dict) -> str:
+    """The --normalize a checkpoint's model was fed (older checkpoints: the paper's, none)."""
+    return str(ckpt.get("normalize", "none"))
 
 
 def load_checkpoint(path, kind: str = CHECKPOINT_KIND) -> dict:

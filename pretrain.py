@@ -24,7 +24,8 @@ import data
 import kmeans
 import results
 from model import (RESUME_KIND, CheckpointError, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, offset_targets, represent,
+                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, model_normalize,
+                   offset_targets, represent,
                    to_device, torch_csr)
 
 log = logging.getLogger("scpretrain.pretrain")
@@ -66,7 +67,8 @@ class Collection:
     gene_universe: np.ndarray
 
 
-def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw: bool = False) -> Collection:
+def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw: bool = False,
+                     normalize: str = "none") -> Collection:
     """Align every dataset to the universe; ``datasets`` is emptied as it goes, so that each
     unaligned matrix is freed as soon as its aligned copy exists (memory stays flat)."""
     universe = data.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
@@ -77,7 +79,7 @@ def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw
         aligned = data.align_to_universe(d, universe)
         names.append(d.name)
         del d
-        features.append(data.features(aligned))
+        features.append(data.features(aligned, normalize))
         raw.append(aligned.X if keep_raw else None)
     return Collection(names, features, raw, universe)
 
@@ -231,7 +233,7 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
 
 # the arguments that change a pre-training run's numbers; --resume refuses when any differs
 # (extending --pt_epoch / --pt_patience is allowed; --batch_format changes only float rounding)
-RESULT_SETTINGS = (*common.INPUT_OPTIONS, "pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter", "kmeans_on",
+RESULT_SETTINGS = (*common.INPUT_OPTIONS, "normalize", "pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter", "kmeans_on",
                    "kmeans_max_cells", "no_sigmoid_logits", "seed", "pretrain_output")
 
 
@@ -255,6 +257,9 @@ def phase_start(args) -> Start:
     encoder, cfg = encoder_from_checkpoint(ckpt, args.pretrained_model)
     if cfg.hid != args.hid:
         log.info("phase 2 keeps the phase-1 encoder's %d hidden units (--hid %d not used)", cfg.hid, args.hid)
+    if model_normalize(ckpt) != args.normalize:
+        raise CheckpointError(f"{args.pretrained_model}: phase 1 was fed --normalize {model_normalize(ckpt)}, "
+                              f"this run --normalize {args.normalize}; phase 2 must see the same features")
     return Start(2, encoder, cfg, ckpt["gene_universe"], results.model_digest(ckpt))
 
 
@@ -319,6 +324,7 @@ def save_final(model, cfg, coll, progress, args, phase: int, save_path: Path) ->
     final = encoder_checkpoint(model.encoder, cfg, coll.gene_universe, results.args_to_dict(args), phase,
                                progress["epoch"], progress["losses"][-1] if progress["losses"] else float("nan"))
     final["losses"] = list(map(float, progress["losses"]))
+    final["normalize"] = args.normalize
     final["datasets"] = list(coll.names)
     if dist_info()[0] == 0:
         atomic_torch_save(final, save_path)
@@ -333,7 +339,8 @@ def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -
     ``datasets`` is consumed (emptied) to keep one copy of each matrix in memory.
     """
     start = phase_start(args)
-    coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and args.kmeans_on == "raw"))
+    coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and args.kmeans_on == "raw"),
+                            normalize=args.normalize)
     settings = run_settings(args, start, coll)
     save_path = Path(args.save_model)
     resume_path = resume_path_for(save_path)

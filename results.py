@@ -47,7 +47,7 @@ def model_digest(ckpt: dict | None) -> str:
         h.update(str(tuple(tensor.shape)).encode())
         h.update(tensor.to(torch.float32).numpy().tobytes())
     h.update(json.dumps([list(ckpt.get("gene_universe", [])), ckpt.get("model_args", {}),
-                         ckpt.get("classes", [])], sort_keys=True, default=str).encode())
+                         ckpt.get("classes", []), ckpt.get("normalize", "none")], sort_keys=True, default=str).encode())
     return h.hexdigest()[:12]
 
 

@@ -30,7 +30,7 @@ FEATURE_SETS = ("PCA", "scPretrain")
 PCA_FIT_CELLS = 500  # scPretrain: the PCA is fitted on the first 500 (training) cells
 RESULT_KEY = ["dataset", "seed", "classifier", "features", results.RUN_ID]
 RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
-RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "per_train", "per_val", "max_tr_num", "pca_dim")  # change the numbers
+RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "normalize", "per_train", "per_val", "max_tr_num", "pca_dim")  # change the numbers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run_id", default=None,
                         help="summarise the rows of this run identity (default: the newest in --save_result)")
     common.add_common_args(parser)
-    args = parser.parse_args(argv)
+    common.add_recipe_args(parser)
+    args = common.resolve_recipe(parser.parse_args(argv))
     common.check_split_fractions(parser, args)
     return args
 
@@ -105,7 +106,7 @@ def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], 
                 finished: set = frozenset()) -> list[dict]:
     """All repeats of one dataset not yet in the results: both feature sets on each repeat's split."""
     codes, classes = data.encode_labels(d.labels)
-    features = data.features(d)
+    features = data.features(d, args.normalize)
     rows = []
     for repeat, seed in enumerate(seeds):
         if all((d.name, str(seed), args.clf, name, run_id) in finished for name in FEATURE_SETS):
@@ -134,11 +135,11 @@ def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], 
 
 
 def run(args):
-    out, device, encoder, universe, ckpt, datasets = common.analysis_inputs(args)
+    out, device, encoder, ckpt, datasets = common.analysis_inputs(args)
     seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
     run_id, finished = results.start_run(out, args, RESULT_SETTINGS, ckpt, RESULT_COLUMNS, RESULT_KEY)
     for d in common.progress(datasets, desc=f"{args.clf} datasets"):
-        representation = common.dataset_representation(encoder, universe, d, device=device)
+        representation = common.dataset_representation(encoder, ckpt, d, device=device)
         rows = run_dataset(d, representation, seeds, args, run_id, finished)
         if rows:
             results.append_results(out, rows, RESULT_COLUMNS)

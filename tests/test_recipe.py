@@ -1,0 +1,109 @@
+"""Recipes: --normalize, the classifier's regularisation options, --recipe paper|plus."""
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import torch
+
+import annotate
+import classifier
+import data
+import main
+from helpers import gene_names, toy_counts, toy_dataset_file
+from model import Classifier, load_checkpoint
+
+
+def test_cp10k_features_equal_an_independent_computation():
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(1.5, size=(12, 9)).astype(np.float32)
+    counts[3] = 0  # an empty cell stays empty
+    d = data.CellData("toy", sp.csr_matrix(counts), np.array([f"G{i}" for i in range(9)], dtype=object),
+                      np.array([f"c{i}" for i in range(12)], dtype=object), None, "human")
+    totals = counts.sum(1, keepdims=True)
+    expected = np.log1p(np.divide(counts * 1e4, totals, out=np.zeros_like(counts), where=totals > 0))
+    np.testing.assert_allclose(data.features(d, "cp10k").toarray(), expected, rtol=1e-5)
+    np.testing.assert_allclose(data.features(d).toarray(), np.log1p(counts), rtol=1e-6)
+    with pytest.raises(ValueError):
+        data.features(d, "tpm")
+
+
+def test_recipes_fill_unset_flags_and_flags_override_them():
+    paper = main.parse_args(["--kmeans"])
+    assert (paper.normalize, paper.ft_batch_size, paper.ft_dropout, paper.ft_weight_decay, paper.ft_early_stop) == \
+        ("none", 5000, 0.0, 0.0, "accuracy")
+    plus = main.parse_args(["--kmeans", "--recipe", "plus"])
+    assert plus.normalize == "cp10k" and plus.ft_batch_size == 256 and plus.ft_dropout > 0
+    mixed = main.parse_args(["--kmeans", "--recipe", "plus", "--normalize", "none", "--ft_batch_size", "64"])
+    assert mixed.normalize == "none" and mixed.ft_batch_size == 64 and mixed.ft_dropout == plus.ft_dropout
+
+
+@pytest.mark.parametrize("criterion, score, best, expected", [
+    ("accuracy", (0.8, 0.5), (0.8, 0.9), False), ("accuracy", (0.81, 2.0), (0.8, 0.1), True),
+    ("loss", (0.5, 0.4), (0.9, 0.5), True), ("loss", (0.9, 0.6), (0.5, 0.5), False),
+    ("accuracy_then_loss", (0.8, 0.4), (0.8, 0.5), True), ("accuracy_then_loss", (0.8, 0.6), (0.8, 0.5), False),
+    ("accuracy_then_loss", (0.7, 0.1), (0.8, 0.5), False),
+])
+def test_early_stopping_criteria(criterion, score, best, expected):
+    assert classifier.improves(score, best, criterion) is expected
+    assert classifier.improves(score, None, criterion)
+
+
+def test_dropout_acts_only_while_training():
+    torch.manual_seed(0)
+    clf = Classifier(20, 3, 8, dropout=0.5)
+    x = torch.rand(6, 20)
+    clf.eval()
+    first = clf(x)
+    assert torch.equal(first, clf(x))  # no dropout at inference
+    plain = Classifier(20, 3, 8)
+    plain.load_state_dict(clf.state_dict())
+    assert torch.allclose(plain.eval()(x), first)
+    clf.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(clf(x), first)
+
+
+def test_plus_recipe_sweep_runs_and_records_its_settings(tmp_path, monkeypatch):
+    monkeypatch.setattr(main.common, "DEFAULT_MODEL", tmp_path / "none.pt")  # baseline only, whatever models/ holds
+    paths = [str(toy_dataset_file(tmp_path / "a.h5", n_cells=150, n_genes=30, n_types=3, seed=1))]
+    frame = main.main(main.parse_args(["--kmeans", "--datasets", *paths, "--save_result", str(tmp_path / "r.csv"),
+                                       "--recipe", "plus", "--ft_epoch", "20", "--hid", "8", "--log_level", "WARNING"]))
+    assert len(frame) == 1 and frame["accuracy"].between(0, 1).all()
+    paper = main.main(main.parse_args(["--kmeans", "--datasets", *paths, "--save_result", str(tmp_path / "r.csv"),
+                                       "--ft_epoch", "20", "--hid", "8", "--log_level", "WARNING"]))
+    assert paper["run_id"].nunique() == 2  # another recipe, another identity
+
+
+def test_pretraining_records_normalize_and_phase2_refuses_another(tmp_path):
+    path = str(toy_dataset_file(tmp_path / "a.h5", n_cells=120, n_genes=30, seed=1, labelled=False))
+    flags = ["--is_pretrain", "--kmeans", "--datasets", path, "--pt_epoch", "1", "--batch_num", "2",
+             "--avg_cluster_num", "20", "--hid", "8", "--log_level", "WARNING"]
+    main.main(main.parse_args([*flags, "--save_model", str(tmp_path / "p1.pt"), "--normalize", "cp10k"]))
+    assert load_checkpoint(tmp_path / "p1.pt")["normalize"] == "cp10k"
+    with pytest.raises(SystemExit) as exc:
+        main.main(main.parse_args([*flags, "--save_model", str(tmp_path / "p2.pt"), "--pretrain_output",
+                                   "--pretrained_model", str(tmp_path / "p1.pt")]))
+    assert exc.value.code == 1
+
+
+def test_classifier_feeds_the_query_what_it_was_trained_on(tmp_path):
+    counts, types = toy_counts(150, 30, 3, 2)
+    adata = anndata.AnnData(X=sp.csr_matrix(counts), obs=pd.DataFrame({"t": [f"t{i}" for i in types]},
+                                                                         index=[f"c{i}" for i in range(150)]),
+                            var=pd.DataFrame(index=gene_names(30)))
+    adata.write_h5ad(tmp_path / "ref.h5ad")
+    annotate.main(annotate.parse_args(["train", "--reference", str(tmp_path / "ref.h5ad"), "--label_key", "t",
+                                       "--save_model", str(tmp_path / "clf.pt"), "--recipe", "plus", "--hid", "8",
+                                       "--ft_epoch", "10", "--log_level", "WARNING"]))
+    ckpt = load_checkpoint(tmp_path / "clf.pt", kind="scpretrain-classifier")
+    assert ckpt["normalize"] == "cp10k" and ckpt["config"]["ft_dropout"] > 0
+    annotate.main(annotate.parse_args(["predict", "--model", str(tmp_path / "clf.pt"), "--query",
+                                       str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "o.h5ad"),
+                                       "--probabilities", "--log_level", "WARNING"]))
+    clf, _ = annotate.load_classifier(tmp_path / "clf.pt")
+    cp10k = np.log1p(counts * 1e4 / counts.sum(1, keepdims=True)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.softmax(clf(torch.from_numpy(cp10k)), 1).numpy()
+    written = pd.read_csv(tmp_path / "o.probabilities.csv", index_col="cell")
+    np.testing.assert_allclose(written[ckpt["classes"]].to_numpy(), expected, atol=1e-5)
