@@ -124,7 +124,7 @@ def add_run_args(parser) -> None:
 def read_dataset(path, args, label_key: str | None) -> data.CellData:
     """A reference or query as the data layer reads it (h5ad values and gene-symbol rules
     included), genes mapped to human symbols."""
-    d = data.read_any(path, label_key=label_key, **common.input_options(args))
+    d = data.read_any(path, label_key=label_key, strict_label_key=label_key is not None, **common.input_options(args))
     return data.map_dataset_genes(d)
 
 

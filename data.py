@@ -468,10 +468,11 @@ def sum_duplicate_columns(X: sp.csr_matrix, genes: np.ndarray) -> tuple[sp.csr_m
 
 def read_h5ad(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = None, name: str | None = None,
               layer: str | None = None, gene_symbols: str | None = None,
-              log_transformed: bool = False) -> CellData:
+              log_transformed: bool = False, strict_label_key: bool = True) -> CellData:
     """Read an ``.h5ad``: values chosen by :func:`choose_h5ad_values` (the log says which),
     symbols by :func:`h5ad_gene_symbols`, labels from ``obs[label_key]`` (a missing column is an
-    error listing the available ones).
+    error listing the available ones, or with ``strict_label_key=False`` an unlabelled dataset,
+    as a Cell BLAST file without it is: pre-training data).
 
     Duplicate ``var_names`` are refused as in every reader; but symbols taken from a ``var``
     column (``--gene_symbols``, CELLxGENE's ``feature_name``) often repeat for distinct gene
@@ -489,7 +490,10 @@ def read_h5ad(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = No
         raise DataError(f"{path}: cannot be read as h5ad ({type(exc).__name__}: {exc})") from None
     columns = list(adata.obs.columns)
     if label_key is not None and label_key not in columns:
-        raise DataError(f"{path}: no label column '{label_key}' in obs; available columns: {columns}")
+        if strict_label_key:
+            raise DataError(f"{path}: no label column '{label_key}' in obs; available columns: {columns}")
+        log.info("%s: no label column '%s' in obs: unlabelled (pre-training only)", path.name, label_key)
+        label_key = None
     labels = None if label_key is None else np.asarray(adata.obs[label_key].astype(str).values, dtype=object)
     source, values, why = choose_h5ad_values(adata, path, layer, log_transformed)
     log.info("%s: values from %s (%s%s)", path.name, source.name, why,
@@ -950,7 +954,7 @@ def read_any(path, label_key: str = DEFAULT_LABEL_KEY, species: str | None = Non
     path = Path(path)
     if path.suffix == ".h5ad" and not path.is_dir():
         return read_h5ad(path, label_key, species, name, layer=layer, gene_symbols=gene_symbols,
-                         log_transformed=log_transformed)
+                         log_transformed=log_transformed, strict_label_key=strict_label_key)
     if path.is_dir():
         d = read_numpy_dir(path, species, name)
     else:

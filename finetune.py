@@ -65,7 +65,7 @@ def finetune_datasets(args) -> list[data.CellData]:
     """The labelled datasets of the sweep, genes mapped, unlabelled cells dropped."""
     if args.np_input or args.ann_input:
         path = args.np_input or args.ann_input
-        d = data.read_any(path, args.label_key, **common.input_options(args))
+        d = data.read_any(path, args.label_key, strict_label_key=True, **common.input_options(args))
         d = data.map_dataset_genes(d)
         if not d.is_labelled:
             raise data.DataError(f"{path}: has no labels to fine-tune on")

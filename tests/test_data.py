@@ -976,3 +976,15 @@ def test_bad_npy_file_is_one_line_naming_it(tmp_path, defect):
         data.read_numpy_dir(tmp_path)
     msg = str(err.value)
     assert msg.startswith(f"{bad_file}: ") and expected in msg and "\n" not in msg
+
+
+def test_h5ad_without_the_label_column_is_pretraining_data_in_a_collection(tmp_path):
+    import anndata
+
+    counts, _ = toy_counts(20, 8, 2, 0)
+    anndata.AnnData(X=sp.csr_matrix(counts), var=pd.DataFrame(index=gene_names(8)),
+                    obs=pd.DataFrame({"other": ["x"] * 20}, index=[f"c{i}" for i in range(20)])).write_h5ad(tmp_path / "u.h5ad")
+    (d,) = data.load_collection([str(tmp_path / "u.h5ad")])
+    assert not d.is_labelled and d.n_cells == 20
+    with pytest.raises(DataError, match="no label column 'cell_ontology_class' in obs; available columns: \\['other'\\]"):
+        data.read_any(tmp_path / "u.h5ad", strict_label_key=True)
