@@ -51,6 +51,8 @@ non_negative_int = _number_type(int, lambda v: v >= 0, "a whole number >= 0")  #
 positive_float = _number_type(float, lambda v: bool(np.isfinite(v)) and v > 0, "a finite number > 0")  # rates
 fraction = _number_type(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")  # shares of cells
 non_negative_fraction = _number_type(float, lambda v: 0 <= v < 1, "a number in [0, 1)")  # dropout rates
+kmeans_tolerance = _number_type(float, lambda v: v == -1 or 0 <= v < 1,
+                                "a share of cells in [0, 1), or -1 for no early stop")  # --kmeans_tol
 non_negative_float = _number_type(float, lambda v: bool(np.isfinite(v)) and v >= 0, "a finite number >= 0")
 
 

@@ -24,6 +24,12 @@ class KMeansResult:
     labels: np.ndarray  # int64 cluster of each cell
     centroids: np.ndarray  # k x G float32
     inertia: float  # sum of squared distances of cells to their centroid
+    n_iter_run: int = 0  # Lloyd iterations run (fewer than n_iter when the assignments settled)
+
+
+# stop Lloyd's loop once at most this share of cells changes cluster in an iteration; 0 stops only
+# when none changes (the centroids would then not move again: the same result as all iterations)
+DEFAULT_TOL = 0.0
 
 
 def granularities(n_cells: int, avg_cluster_num: int = 100) -> list[int]:
@@ -89,11 +95,15 @@ class _Rows:
 
 
 def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
-           chunk_rows: int = 8192, init_sample: int | None = None, max_cells: int = 0) -> KMeansResult:
+           chunk_rows: int = 8192, init_sample: int | None = None, max_cells: int = 0,
+           tol: float = DEFAULT_TOL) -> KMeansResult:
     """Cluster the rows of ``X`` (CSR or dense) into ``k`` clusters; seeded and deterministic.
 
-    With ``max_cells`` > 0, the centroids are fitted on a seeded sample of that many cells and
-    every cell is then assigned to its nearest centroid (for very large datasets on a CPU).
+    Lloyd's loop runs at most ``n_iter`` iterations and stops after one in which at most a share
+    ``tol`` of the cells changed cluster; a negative ``tol`` never stops early (exactly
+    ``n_iter`` iterations, as the original). With ``max_cells`` > 0, the centroids are fitted on a
+    seeded sample of that many cells and every cell is then assigned to its nearest centroid (for
+    very large datasets on a CPU).
     """
     device = torch.device(device)
     rows = _Rows(X, device)
@@ -104,11 +114,20 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
     if 0 < max_cells < n:
         fit_rows = rows.subset(np.sort(gen.choice(n, size=max(max_cells, k), replace=False)))
     centroids = _kmeans_pp(fit_rows, k, gen, init_sample)
-    for _ in range(n_iter):
-        _, _, sums, counts = _assign(fit_rows, centroids, chunk_rows, accumulate=True)
+    previous, n_iter_run = None, 0
+    for n_iter_run in range(1, n_iter + 1):
+        labels, _, sums, counts = _assign(fit_rows, centroids, chunk_rows, accumulate=True)
         centroids = _update(centroids, sums, counts, fit_rows, gen)
+        if previous is not None and tol >= 0:
+            # counted on the device, one number comes back; a re-seeded empty cluster has moved, so
+            # the loop goes on even when no cell changed
+            changed = int((labels != previous).sum())
+            if changed <= tol * fit_rows.n_rows and bool((counts > 0).all()):
+                break
+        previous = labels
+    log.debug("k=%d: %d Lloyd iterations of at most %d", k, n_iter_run, n_iter)
     labels, inertia, _, _ = _assign(rows, centroids, chunk_rows, accumulate=False)
-    return KMeansResult(labels.cpu().numpy().astype(np.int64), centroids.cpu().numpy(), float(inertia))
+    return KMeansResult(labels.cpu().numpy().astype(np.int64), centroids.cpu().numpy(), float(inertia), n_iter_run)
 
 
 def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None,
@@ -185,8 +204,8 @@ def _update(centroids, sums, counts, rows: _Rows, gen: np.random.Generator) -> t
 
 
 def pseudo_labels(X, avg_cluster_num: int = 100, n_iter: int = 20, seed: int = 0,
-                  device: str | torch.device = "cpu", max_cells: int = 0) -> list[np.ndarray]:
+                  device: str | torch.device = "cpu", max_cells: int = 0, tol: float = DEFAULT_TOL) -> list[np.ndarray]:
     """K-means labels of the rows of ``X`` at scPretrain's three granularities."""
     ks = granularities(X.shape[0], avg_cluster_num)
-    return [kmeans(X, k, n_iter=n_iter, seed=seed + i, device=device, max_cells=max_cells).labels
+    return [kmeans(X, k, n_iter=n_iter, seed=seed + i, device=device, max_cells=max_cells, tol=tol).labels
             for i, k in enumerate(ks)]

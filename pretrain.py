@@ -39,6 +39,10 @@ def add_pretrain_args(parser) -> None:
     g.add_argument("--batch_num", type=common.positive_int, default=30, help="steps per epoch; batch of a dataset = n/batch_num (default: %(default)s)")
     g.add_argument("--avg_cluster_num", type=common.positive_int, default=100, help="a in k = n//a, n//(a//2), n//(2a)+1 (default: %(default)s)")
     g.add_argument("--kmeans_iter", type=common.positive_int, default=20, help="K-means iterations (default: %(default)s)")
+    g.add_argument("--kmeans_tol", type=common.kmeans_tolerance, default=kmeans.DEFAULT_TOL,
+                   help="stop K-means once at most this share of cells changes cluster in an iteration; 0 = "
+                        "when none changes (the same clusters as all --kmeans_iter iterations, sooner); -1 = "
+                        "never stop early, exactly --kmeans_iter iterations as the original (default: %(default)s)")
     g.add_argument("--kmeans_on", choices=["log1p", "raw"], default="log1p",
                    help="phase-1 K-means input; 'raw' is the original's (default: %(default)s)")
     g.add_argument("--kmeans_max_cells", type=common.non_negative_int, default=0,
@@ -131,7 +135,7 @@ def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[
                 X = coll.raw[i] if args.kmeans_on == "raw" else coll.features[i]
             t0 = time.time()
             per_k = kmeans.pseudo_labels(X, args.avg_cluster_num, args.kmeans_iter, seed=args.seed, device=device,
-                                         max_cells=args.kmeans_max_cells)
+                                         max_cells=args.kmeans_max_cells, tol=args.kmeans_tol)
             log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
             labels.append(per_k)
     return broadcast(labels)
@@ -233,8 +237,8 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
 
 # the arguments that change a pre-training run's numbers; --resume refuses when any differs
 # (extending --pt_epoch / --pt_patience is allowed; --batch_format changes only float rounding)
-RESULT_SETTINGS = (*common.INPUT_OPTIONS, "normalize", "pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter", "kmeans_on",
-                   "kmeans_max_cells", "no_sigmoid_logits", "seed", "pretrain_output")
+RESULT_SETTINGS = (*common.INPUT_OPTIONS, "normalize", "pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter",
+                   "kmeans_tol", "kmeans_on", "kmeans_max_cells", "no_sigmoid_logits", "seed", "pretrain_output")
 
 
 @dataclass

@@ -90,6 +90,48 @@ def test_inertia_close_to_sklearn(matrix, k, request):
     assert ours.inertia <= 1.05 * theirs.inertia_
 
 
+@pytest.fixture(scope="module")
+def separated_blobs():
+    """Eight tight, far-apart blobs: Lloyd's loop settles in a few iterations."""
+    X, _ = make_blobs(n_samples=800, n_features=10, centers=8, cluster_std=0.3, center_box=(-20, 20), random_state=1)
+    return X.astype(np.float32)
+
+
+def test_early_stop_gives_the_fixed_iteration_clusters_sooner(separated_blobs):
+    fixed = kmeans.kmeans(separated_blobs, 8, n_iter=20, seed=0, tol=-1)
+    early = kmeans.kmeans(separated_blobs, 8, n_iter=20, seed=0)  # the default: stop once no cell moves
+    assert kmeans.DEFAULT_TOL == 0
+    assert fixed.n_iter_run == 20 and 2 <= early.n_iter_run < 20
+    np.testing.assert_array_equal(early.labels, fixed.labels)
+    np.testing.assert_allclose(early.centroids, fixed.centroids, rtol=1e-6, atol=1e-6)
+    assert early.inertia == pytest.approx(fixed.inertia, rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [5, 10, 20])
+@pytest.mark.parametrize("tol", [kmeans.DEFAULT_TOL, 0.01])
+def test_early_stop_inertia_close_to_sklearn(sparse_counts, k, tol):
+    ours = kmeans.kmeans(sparse_counts, k, n_iter=20, seed=0, tol=tol)
+    assert 1 <= ours.n_iter_run <= 20
+    if tol == 0 and ours.n_iter_run < 20:  # settled: the centroids are the means of the final clusters
+        assert ours.inertia == pytest.approx(inertia_of(sparse_counts, ours.labels, k), rel=1e-4)
+    theirs = KMeans(k, n_init=1, max_iter=20, random_state=0).fit(sparse_counts)
+    assert ours.inertia <= 1.05 * theirs.inertia_
+
+
+@pytest.mark.parametrize("n_iter", [1, 3, 20])
+def test_negative_tol_runs_exactly_n_iter(sparse_counts, separated_blobs, n_iter):
+    for X in (sparse_counts, separated_blobs):
+        assert kmeans.kmeans(X, 6, n_iter=n_iter, seed=0, tol=-1).n_iter_run == n_iter
+
+
+def test_kmeans_tol_flag_default_and_fixed_iterations():
+    import main
+
+    assert main.parse_args([]).kmeans_tol == kmeans.DEFAULT_TOL
+    assert main.parse_args(["--kmeans_tol", "-1"]).kmeans_tol == -1
+    assert main.parse_args(["--kmeans_tol", "0.001"]).kmeans_tol == 0.001
+
+
 def test_result_shapes_and_label_range(sparse_counts):
     res = kmeans.kmeans(sparse_counts, 7, seed=0)
     assert res.labels.shape == (sparse_counts.shape[0],) and res.labels.dtype == np.int64

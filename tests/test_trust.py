@@ -110,6 +110,7 @@ def test_resume_lists_every_changed_setting_and_allows_more_epochs(setup, tmp_pa
     ["--fold1", "0"], ["--fold2", "0"], ["--hid", "0"], ["--pca_dim", "0"], ["--max_tr_num", "0"],
     ["--per_train", "0"], ["--per_train", "1"], ["--per_val", "1.5"], ["--per_train", "0.7", "--per_val", "0.3"],
     ["--pt_lr", "0"], ["--pt_lr", "nan"], ["--ft_lr", "-1"], ["--kmeans_max_cells", "-5"], ["--seed", "-1"],
+    ["--kmeans_tol", "1"], ["--kmeans_tol", "-0.5"], ["--kmeans_tol", "nan"],
     ["--jobs", "0"], ["--hid", "ten"], ["--log_level", "LOUD"],
 ])
 def test_main_refuses_out_of_range_options(flags, capsys):
