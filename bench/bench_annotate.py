@@ -2,6 +2,7 @@
 
     python bench/bench_annotate.py                          # 1,000,000 cells x 17,000 genes, 5 % non-zero
     python bench/bench_annotate.py --cells 100000           # a smaller run
+    python bench/bench_annotate.py --device cuda            # the forward pass on a GPU
 
 Writes (once, reused) a Cell BLAST .h5 query with ``synth.py``'s count model, and a classifier
 checkpoint over its genes (random weights: speed does not depend on them). Then, in a fresh
@@ -32,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--classes", type=int, default=30, help="classifier classes (default: %(default)s)")
     p.add_argument("--chunk_cells", type=int, default=8192, help="annotate.py --chunk_cells (default: %(default)s)")
     p.add_argument("--out", default=str(synth.DEFAULT_OUT / "annotate"), help="where the query is kept")
+    p.add_argument("--device", default="cpu", help="torch device of the forward pass, e.g. cuda (default: %(default)s)")
+    p.add_argument("--prepare_only", action="store_true", help="write the query and the model, measure nothing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -72,17 +75,19 @@ def worker(args, query: Path, model: Path) -> dict:
     run_args = annotate.parse_args(["predict", "--model", str(model), "--query", str(query),
                                     "--chunk_cells", str(args.chunk_cells), "--log_level", "WARNING"])
     common.setup_logging("WARNING")
+    device = torch.device(args.device)
+    torch.zeros(1, device=device)  # CUDA starts before the clock does
     times = {}
     t0 = time.time()
     clf, ckpt = annotate.load_classifier(model)
+    clf = clf.to(device)  # as annotate.py predict: the head runs where the encoder's output is
     query_data = annotate.read_dataset(query, run_args, None)
     times["read_and_map_s"] = time.time() - t0
     csr_mib = (query_data.X.data.nbytes + query_data.X.indices.nbytes + query_data.X.indptr.nbytes) / 2**20
     after_read = synth.memory_mib()
     t0 = time.time()
     lookup = annotate.query_lookup(query_data, ckpt["gene_universe"], query)
-    representation, probs = annotate.run_chunks(query_data, lookup, clf.encoder, clf.classify, torch.device("cpu"),
-                                                args.chunk_cells)
+    representation, probs = annotate.run_chunks(query_data, lookup, clf.encoder, clf.classify, device, args.chunk_cells)
     labels, conf = annotate.assign_labels(probs, ckpt["classes"], 0.5)
     times["predict_s"] = time.time() - t0
     mem = synth.memory_mib()
@@ -91,12 +96,15 @@ def worker(args, query: Path, model: Path) -> dict:
             "peak_mib": round(mem["peak"], 1), "peak_over_csr": round(mem["peak"] / csr_mib, 2),
             **{k: round(v, 2) for k, v in times.items()},
             "predict_cells_per_s": round(query_data.n_cells / times["predict_s"]),
-            "total_s": round(sum(times.values()), 2), "threads": torch.get_num_threads(),
+            "total_s": round(sum(times.values()), 2), "device": args.device, "threads": torch.get_num_threads(),
             "representation": list(representation.shape), "labelled": int(len(labels))}
 
 
 def main(args) -> dict:
     query, model = make_inputs(args)
+    if args.prepare_only:
+        print(f"inputs ready: {query}, {model}")
+        return {"query": str(query), "model": str(model)}
     if args.worker:
         result = worker(args, query, model)
         print(json.dumps(result))

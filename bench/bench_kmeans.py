@@ -11,9 +11,17 @@ method and reads the new mark from /proc/self/status (tracemalloc cannot see tor
 - sklearn: ``KMeans(n_init=1, max_iter=20)`` on the CSR matrix (k-means++ on all cells)
 
 Inertia is recomputed the same way for all three, from their labels and centroids (float64).
+Ours stops early once the assignments settle (``--tol``, kmeans.py's default); the rows say how
+many Lloyd iterations ran. ``--device cuda`` runs ours on a GPU (the others stay on the CPU).
+
+``--iteration_cost`` measures instead, in one process, one Lloyd iteration of ours (assignment
+with per-cluster sums, then the centroid update) against its limit, the sparse cells x centroids
+product alone on a ready torch CSR tensor, at each k.
 
     python bench/bench_kmeans.py                         # 20,000 x 17,000
     python bench/bench_kmeans.py --cells 5000 --genes 5000 --methods ours faiss
+    python bench/bench_kmeans.py --methods ours --tol -1 # ours with exactly --iters iterations
+    python bench/bench_kmeans.py --iteration_cost --ks 400
 """
 from __future__ import annotations
 
@@ -44,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--avg_cluster_num", type=int, default=100, help="a of the granularities (default: %(default)s)")
     p.add_argument("--iters", type=int, default=20, help="Lloyd iterations (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    p.add_argument("--tol", type=float, default=None,
+                   help="ours: kmeans.kmeans's tol, -1 = exactly --iters iterations (default: kmeans.DEFAULT_TOL)")
+    p.add_argument("--device", default="cpu", help="torch device of ours, e.g. cuda (default: %(default)s)")
+    p.add_argument("--iteration_cost", action="store_true",
+                   help="time one Lloyd iteration of ours vs the sparse cells x centroids product alone")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
     p.add_argument("--ks", type=int, nargs="+", default=None, help="numbers of clusters (default: the three granularities)")
     p.add_argument("--out", default=str(BENCH_DIR / "out"), help="where the matrix is cached (default: %(default)s)")
@@ -52,19 +65,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "stops idle OpenMP threads spin-waiting when other work shares the cores, at a cost "
                         "to short parallel regions (default: unset)")
     p.add_argument("--worker", nargs=3, metavar=("METHOD", "K", "NPZ"), help=argparse.SUPPRESS)
+    p.add_argument("--cost_worker", metavar="NPZ", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------- one method in its own process
 
 
-def run_method(method: str, X: sp.csr_matrix, k: int, iters: int, seed: int):
-    """(labels, centroids) of one method; everything inside is timed and counted."""
+def run_method(method: str, X: sp.csr_matrix, k: int, iters: int, seed: int, tol=None, device: str = "cpu"):
+    """(labels, centroids, Lloyd iterations run) of one method; everything inside is timed and counted."""
     if method == "ours":
         import kmeans
 
-        res = kmeans.kmeans(X, k, n_iter=iters, seed=seed)
-        return res.labels, res.centroids
+        res = kmeans.kmeans(X, k, n_iter=iters, seed=seed, device=device,
+                            tol=kmeans.DEFAULT_TOL if tol is None else tol)
+        return res.labels, res.centroids, res.n_iter_run
     if method == "faiss":
         import faiss
 
@@ -72,12 +87,12 @@ def run_method(method: str, X: sp.csr_matrix, k: int, iters: int, seed: int):
         km = faiss.Kmeans(dense.shape[1], k, niter=iters, seed=seed, verbose=False)
         km.train(dense)
         _, assign = km.index.search(dense, 1)
-        return assign[:, 0].astype(np.int64), km.centroids
+        return assign[:, 0].astype(np.int64), km.centroids, iters
     if method == "sklearn":
         from sklearn.cluster import KMeans
 
         km = KMeans(k, n_init=1, max_iter=iters, random_state=seed).fit(X)
-        return km.labels_.astype(np.int64), km.cluster_centers_
+        return km.labels_.astype(np.int64), km.cluster_centers_, int(km.n_iter_)
     raise ValueError(method)
 
 
@@ -95,7 +110,7 @@ def inertia(X: sp.csr_matrix, labels: np.ndarray, centroids: np.ndarray, chunk: 
     return total
 
 
-def worker(method: str, k: int, npz: str, iters: int, seed: int) -> dict:
+def worker(method: str, k: int, npz: str, iters: int, seed: int, tol=None, device: str = "cpu") -> dict:
     # libraries are imported before the clock starts and before the memory mark is reset
     __import__({"ours": "kmeans", "faiss": "faiss", "sklearn": "sklearn.cluster"}[method])
     X = sp.load_npz(npz).tocsr()
@@ -103,10 +118,11 @@ def worker(method: str, k: int, npz: str, iters: int, seed: int) -> dict:
     exact = synth.reset_peak_memory()
     before = synth.memory_mib()
     t0 = time.perf_counter()
-    labels, centroids = run_method(method, X, k, iters, seed)
+    labels, centroids, n_iter_run = run_method(method, X, k, iters, seed, tol, device)
     seconds = time.perf_counter() - t0
     after = synth.memory_mib()
-    return {"method": method, "k": k, "seconds": seconds, "peak_mib": after["peak"],
+    return {"method": method, "k": k, "seconds": seconds, "iterations": n_iter_run,
+            "device": device if method == "ours" else "cpu", "peak_mib": after["peak"],
             "extra_mib": after["peak"] - before["rss"], "data_mib": before["rss"], "peak_exact": exact,
             "inertia": inertia(X, labels, centroids), "clusters_used": int(len(np.unique(labels)))}
 
@@ -130,9 +146,50 @@ def matrix_file(args) -> Path:
     return path
 
 
+def iteration_cost(npz: str, ks: list[int], seed: int, device: str, repeats: int = 3) -> list[dict]:
+    """Per k: one Lloyd iteration of kmeans.kmeans (assign with sums, update) vs the sparse cells x
+    centroids product alone, on the whole matrix as one ready torch CSR tensor (best of ``repeats``)."""
+    import torch
+
+    import kmeans
+
+    X = sp.load_npz(npz).tocsr()
+    X.data = X.data.astype(np.float32, copy=False)
+    dev = torch.device(device)
+    rows = kmeans._Rows(X, dev)
+    whole, _, _ = rows.chunk(0, rows.n_rows)
+
+    def best(fn):
+        times = []
+        for _ in range(repeats):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return min(times)
+
+    out = []
+    for k in ks:
+        gen = np.random.default_rng(seed)
+        centroids = rows.rows_dense(np.sort(gen.choice(rows.n_rows, size=k, replace=False)))
+
+        def lloyd():
+            _, _, sums, counts = kmeans._assign(rows, centroids, 8192, accumulate=True)
+            kmeans._update(centroids, sums, counts, rows, gen)
+
+        lloyd_s = best(lloyd)
+        product_s = best(lambda: whole @ centroids.T)
+        out.append({"k": k, "device": device, "lloyd_iteration_s": lloyd_s, "product_s": product_s,
+                    "ratio": lloyd_s / product_s, "threads": torch.get_num_threads()})
+    return out
+
+
 def run_in_subprocess(method: str, k: int, npz: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", method, str(k), str(npz), "--iters", str(args.iters),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--device", args.device] + ([] if args.tol is None else [f"--tol={args.tol}"])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=synth.bench_env(args.omp_wait_policy))
     if proc.returncode != 0:
         return {"method": method, "k": k, "error": proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]}
@@ -140,7 +197,8 @@ def run_in_subprocess(method: str, k: int, npz: Path, args) -> dict:
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = [f"{'k':>6} {'method':>8} {'seconds':>9} {'peak MiB':>9} {'+MiB':>8} {'inertia':>14} {'vs best':>8}"]
+    lines = [f"{'k':>6} {'method':>8} {'seconds':>9} {'iters':>5} {'peak MiB':>9} {'+MiB':>8} {'inertia':>14} "
+             f"{'vs best':>8}"]
     for k in dict.fromkeys(r["k"] for r in rows):
         group = [r for r in rows if r["k"] == k]
         best = min((r["inertia"] for r in group if "inertia" in r), default=float("nan"))
@@ -148,7 +206,7 @@ def format_table(rows: list[dict]) -> str:
             if "error" in r:
                 lines.append(f"{k:>6} {r['method']:>8}  failed: {r['error']}")
                 continue
-            lines.append(f"{k:>6} {r['method']:>8} {r['seconds']:>9.2f} {r['peak_mib']:>9.0f} {r['extra_mib']:>8.0f} "
+            lines.append(f"{k:>6} {r['method']:>8} {r['seconds']:>9.2f} {r['iterations']:>5} {r['peak_mib']:>9.0f} {r['extra_mib']:>8.0f} "
                          f"{r['inertia']:>14.1f} {r['inertia'] / best - 1:>+8.2%}")
     return "\n".join(lines)
 
@@ -156,13 +214,31 @@ def format_table(rows: list[dict]) -> str:
 def main(args) -> list[dict]:
     if args.worker:
         method, k, npz = args.worker
-        print(json.dumps(worker(method, int(k), npz, args.iters, args.seed)))
+        print(json.dumps(worker(method, int(k), npz, args.iters, args.seed, args.tol, args.device)))
+        return []
+    if args.cost_worker:
+        print(json.dumps(iteration_cost(args.cost_worker, args.ks, args.seed, args.device)))
         return []
     import kmeans
 
     npz = matrix_file(args)
     ks = args.ks or kmeans.granularities(args.cells, args.avg_cluster_num)
     print(f"code: {synth.code_version()}", flush=True)
+    if args.iteration_cost:
+        cmd = [sys.executable, __file__, "--cost_worker", str(npz), "--ks", *map(str, ks), "--seed", str(args.seed),
+               "--device", args.device]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=synth.bench_env(args.omp_wait_policy))
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        rows = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(f"{args.cells} cells x {args.genes} genes, {args.density:.0%} non-zero; best of 3 on {args.device}")
+        for r in rows:
+            print(f"k={r['k']}: one Lloyd iteration {r['lloyd_iteration_s']:.2f} s, the sparse product alone "
+                  f"{r['product_s']:.2f} s -> {r['ratio']:.2f}x the limit (torch threads {r['threads']})")
+        return rows
+    tol = kmeans.DEFAULT_TOL if args.tol is None else args.tol
+    print(f"ours on {args.device}, tol {tol} ({'exactly --iters iterations' if tol < 0 else 'stops when settled'})",
+          flush=True)
     print(f"{args.cells} cells x {args.genes} genes, {args.density:.0%} non-zero, log1p; k = {ks}; "
           f"{args.iters} iterations; one subprocess per run; torch threads {synth.torch_threads()}, "
           f"OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}", flush=True)

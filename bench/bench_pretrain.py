@@ -22,6 +22,7 @@ cost does not depend on their values); ``--kmeans`` computes the real ones first
 Targets: (b) within 1.5x of (a); (b) at least 5x faster than (c); peak of (b) at most 1/5 of (c).
 
     python bench/bench_pretrain.py --scale 0.01
+    python bench/bench_pretrain.py --scale 0.05 --device cuda --skip_original   # (a) and (b) on a GPU
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_format", choices=["auto", "sparse", "dense"], default="auto",
                    help="pretrain.py's --batch_format for (b) (default: %(default)s)")
     p.add_argument("--kmeans", action="store_true", help="real K-means pseudo-labels (slower; timed apart)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of (a) and (b), e.g. cuda; (c) stays on the CPU (default: %(default)s)")
     p.add_argument("--skip_original", action="store_true", help="do not run (c)")
     p.add_argument("--data_dir", default=None, help="collection folder (default: bench/out/synth_s{scale})")
     p.add_argument("--omp_wait_policy", default="",
@@ -95,14 +98,14 @@ def pseudo_targets(n_cells: list[int], seed: int, coll=None, kmeans_on: bool = F
     return targets, counts
 
 
-def build_model(n_genes: int, counts, hid: int, seed: int):
+def build_model(n_genes: int, counts, hid: int, seed: int, device="cpu"):
     import torch
 
     import pretrain
     from model import ModelConfig, PretrainModel, make_adam
 
     torch.manual_seed(seed + 1)
-    model = PretrainModel(ModelConfig(n_genes=n_genes, hid=hid, sigmoid_logits=True), counts)
+    model = PretrainModel(ModelConfig(n_genes=n_genes, hid=hid, sigmoid_logits=True), counts).to(device)
     step = pretrain.MultiTaskStep(model)
     return model, step, make_adam(model.parameters(), 1e-4)
 
@@ -122,65 +125,74 @@ def worker_ours(paths, args) -> dict:
     targets, counts = pseudo_targets(n_cells, args.seed, coll, args.kmeans)
     t_kmeans = time.perf_counter() - t_kmeans
     load_seconds = time.perf_counter() - t0 - t_kmeans
-    model, step_module, optimizer = build_model(len(coll.gene_universe), counts, args.hid, args.seed)
+    device = torch.device(args.device)
+    model, step_module, optimizer = build_model(len(coll.gene_universe), counts, args.hid, args.seed, device)
     run_args = SimpleNamespace(batch_num=args.batch_num, seed=args.seed, batch_format=args.batch_format)
-    device = torch.device("cpu")
     epoch_seconds = []
     for epoch in range(1, args.epochs + 1):
         t = time.perf_counter()
-        pretrain.train_epoch(step_module, optimizer, coll, targets, run_args, device, 1, epoch)
+        pretrain.train_epoch(step_module, optimizer, coll, targets, run_args, device, 1, epoch)  # ends on .item()
         epoch_seconds.append(time.perf_counter() - t)
     mem = synth.memory_mib()
     steps = pretrain.epoch_batches(n_cells, args.batch_num, args.seed, 1, 1)
-    limit = pure_limit(coll, targets, steps, model.encoder.linear.weight.detach())
+    limit = pure_limit(coll, targets, steps, model.encoder.linear.weight.detach(), device)
     return {"cells": int(sum(n_cells)), "datasets": len(n_cells), "genes": len(coll.gene_universe),
             "nnz": int(sum(X.nnz for X in coll.features)), "load_seconds": load_seconds, "kmeans_seconds": t_kmeans,
             "epoch_seconds": epoch_seconds, "peak_mib": mem["peak"], "batch_format": "sparse" if pretrain.sparse_input(
-                run_args, device) else "dense", "torch_threads": torch.get_num_threads(), **limit}
+                run_args, device) else "dense", "torch_threads": torch.get_num_threads(), "device": str(device), **limit}
 
 
-def _step_input(coll, targets, rows_per_dataset, sparse: bool):
-    """The encoder's input for one step exactly as pretrain.train_epoch builds it (on the CPU)."""
-    import torch
-
+def _step_input(coll, targets, rows_per_dataset, sparse: bool, device):
+    """The encoder's input for one step exactly as pretrain.train_epoch builds it, on ``device``."""
     import pretrain
 
     host = pretrain.prepare_step(coll, targets, rows_per_dataset, 0, 1, sparse)
-    return pretrain.step_inputs(host, torch.device("cpu"))[0]
+    return pretrain.step_inputs(host, device)[0]
 
 
-def pure_limit(coll, targets, steps, weight, repeats: int = 2) -> dict:
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
     """(a): the encoder's two products per step on ready dense batches; and the same on torch CSR."""
     import torch
 
     hid, n_genes = weight.shape
     sizes = [sum(len(r) for r in rows) for rows in steps]
-    first = _step_input(coll, targets, steps[0], sparse=False)
-    x = torch.zeros(max(sizes), n_genes)
+    first = _step_input(coll, targets, steps[0], False, device)
+    x = torch.zeros(max(sizes), n_genes, device=device)
     x[:len(first)] = first
     del first
-    grad = torch.full((max(sizes), hid), 1e-3)
-    y = torch.empty(max(sizes), hid)
-    grad_w = torch.empty(hid, n_genes)
+    grad = torch.full((max(sizes), hid), 1e-3, device=device)
+    y = torch.empty(max(sizes), hid, device=device)
+    grad_w = torch.empty(hid, n_genes, device=device)
     w_t = weight.t()
 
     def dense_epoch():
+        _sync(device)
         t = time.perf_counter()
         for b in sizes:
             torch.mm(x[:b], w_t, out=y[:b])
             torch.mm(grad[:b].t(), x[:b], out=grad_w)
+        _sync(device)
         return time.perf_counter() - t
 
     dense = min(dense_epoch() for _ in range(repeats))
     # the same products on sparse CSR batches (and the transposed batch for the weight gradient)
-    batches = [_step_input(coll, targets, rows, sparse=True) for rows in steps]
+    batches = [_step_input(coll, targets, rows, True, device) for rows in steps]
     w_tc = w_t.contiguous()
 
     def sparse_epoch():
+        _sync(device)
         t = time.perf_counter()
         for batch in batches:
             batch.x @ w_tc
             batch.x_t @ grad[:batch.x.shape[0]]
+        _sync(device)
         return time.perf_counter() - t
 
     sparse = min(sparse_epoch() for _ in range(repeats))
@@ -188,11 +200,13 @@ def pure_limit(coll, targets, steps, weight, repeats: int = 2) -> dict:
     # what each costs with its per-step data preparation from the CSR collection
     t = time.perf_counter()
     for rows in steps:
-        _step_input(coll, targets, rows, sparse=False)
+        _step_input(coll, targets, rows, False, device)
+    _sync(device)
     dense_prep = time.perf_counter() - t
     t = time.perf_counter()
     for rows in steps:
-        _step_input(coll, targets, rows, sparse=True)
+        _step_input(coll, targets, rows, True, device)
+    _sync(device)
     sparse_prep = time.perf_counter() - t
     return {"limit_dense_seconds": dense, "limit_sparse_seconds": sparse, "prep_dense_seconds": dense_prep,
             "prep_sparse_seconds": sparse_prep, "steps": len(steps), "mean_batch": float(np.mean(sizes))}
@@ -273,7 +287,8 @@ def worker_original(paths, args) -> dict:
 def run_worker(which: str, paths_file: Path, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", which, "--paths_file", str(paths_file),
            "--batch_num", str(args.batch_num), "--hid", str(args.hid), "--epochs", str(args.epochs),
-           "--seed", str(args.seed), "--batch_format", args.batch_format] + (["--kmeans"] if args.kmeans else [])
+           "--seed", str(args.seed), "--batch_format", args.batch_format, "--device", args.device] + (
+               ["--kmeans"] if args.kmeans else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env=synth.bench_env(args.omp_wait_policy))
     if proc.returncode != 0:
         tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
