@@ -47,3 +47,33 @@ def toy_dataset_file(path, n_cells=120, n_genes=60, n_types=3, seed=0, species="
     X, types = toy_counts(n_cells, n_genes, n_types, seed)
     labels = np.array([f"type_{t}" for t in types]) if labelled else None
     return write_cellblast_h5(path, X, gene_names(n_genes, species), labels, **kw)
+
+
+def toy_collection(root) -> list[str]:
+    """Two labelled human datasets and an unlabelled mouse one, genes overlapping."""
+    root = Path(root)
+    paths = [
+        toy_dataset_file(root / "alpha.h5", n_cells=150, n_genes=50, n_types=3, seed=1),
+        toy_dataset_file(root / "beta.h5", n_cells=120, n_genes=40, n_types=4, seed=2),
+        toy_dataset_file(root / "gamma.h5", n_cells=90, n_genes=45, seed=3, species="mouse", labelled=False),
+    ]
+    return [str(p) for p in paths]
+
+
+def launched_vs_single(base: list, launcher: list, tmp_path, cwd, timeout: int = 300):
+    """Pre-train once in one process and once under ``launcher`` (a torchrun command line);
+    returns both checkpoints (one process first)."""
+    import os
+    import subprocess
+    import sys
+
+    from model import load_checkpoint
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, *base, "--save_model", str(Path(tmp_path) / "one.pt")], cwd=cwd,
+                            env=env, capture_output=True, text=True, timeout=timeout)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launched = subprocess.run([*launcher, *base, "--save_model", str(Path(tmp_path) / "launched.pt")], cwd=cwd,
+                              env=env, capture_output=True, text=True, timeout=timeout)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    return load_checkpoint(Path(tmp_path) / "one.pt"), load_checkpoint(Path(tmp_path) / "launched.pt")

@@ -14,7 +14,6 @@ import uuid
 import pytest
 import torch
 
-from helpers import toy_dataset_file
 from model import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,15 +32,6 @@ def loopback_interface() -> str | None:
     names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
     return next((n for n in ("lo", "lo0") if n in names), None)
 
-
-@pytest.fixture
-def collection(tmp_path):
-    paths = [
-        toy_dataset_file(tmp_path / "alpha.h5", n_cells=150, n_genes=50, n_types=3, seed=1),
-        toy_dataset_file(tmp_path / "beta.h5", n_cells=120, n_genes=40, n_types=4, seed=2),
-        toy_dataset_file(tmp_path / "gamma.h5", n_cells=90, n_genes=45, seed=3, species="mouse", labelled=False),
-    ]
-    return [str(p) for p in paths]
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")

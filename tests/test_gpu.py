@@ -5,7 +5,6 @@ GPU machine). Tolerances allow for float32 rounding and the GPU's non-determinis
 (``index_add_``, scatter in the cross-entropy backward); TF32 stays off (torch's default).
 """
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -18,22 +17,11 @@ import data
 import kmeans
 import main
 import pretrain
-from helpers import toy_counts, toy_dataset_file
+from helpers import launched_vs_single, toy_counts
 from model import ModelConfig, PretrainModel, load_checkpoint, offset_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
-
-
-@pytest.fixture
-def collection(tmp_path):
-    """Two labelled human datasets and an unlabelled mouse one, genes overlapping (as tests/test_main.py)."""
-    paths = [
-        toy_dataset_file(tmp_path / "alpha.h5", n_cells=150, n_genes=50, n_types=3, seed=1),
-        toy_dataset_file(tmp_path / "beta.h5", n_cells=120, n_genes=40, n_types=4, seed=2),
-        toy_dataset_file(tmp_path / "gamma.h5", n_cells=90, n_genes=45, seed=3, species="mouse", labelled=False),
-    ]
-    return [str(p) for p in paths]
 
 
 def sparse_log_counts():
@@ -118,14 +106,7 @@ def test_main_cuda_pretrains_then_sweeps(collection, tmp_path):
 def test_torchrun_one_gpu_matches_one_process(collection, tmp_path):
     base = ["main.py", "--is_pretrain", "--kmeans", "--cuda", "--datasets", *collection, "--pt_epoch", "1",
             "--batch_num", "3", "--avg_cluster_num", "20", "--hid", "16", "--log_level", "WARNING"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *base, "--save_model", str(tmp_path / "one.pt")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-                               *base, "--save_model", str(tmp_path / "run.pt")], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
-    assert launched.returncode == 0, launched.stderr[-2000:]
-    one, run = load_checkpoint(tmp_path / "one.pt"), load_checkpoint(tmp_path / "run.pt")
+    one, run = launched_vs_single(base, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node", "1"], tmp_path, ROOT)
     assert one["losses"][0] == pytest.approx(run["losses"][0], rel=1e-4)
     torch.testing.assert_close(one["model"]["linear.weight"], run["model"]["linear.weight"], atol=1e-5, rtol=1e-4)

@@ -1,7 +1,6 @@
 """main.py end to end on tiny collections: pre-training phases, checkpoints, resume, the sweep."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,21 +13,10 @@ import classifier
 import finetune
 import main
 import pretrain
-from helpers import toy_dataset_file
+from helpers import launched_vs_single, toy_dataset_file
 from model import CheckpointError, load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def collection(tmp_path):
-    """Two labelled human datasets and an unlabelled mouse one, genes overlapping."""
-    paths = [
-        toy_dataset_file(tmp_path / "alpha.h5", n_cells=150, n_genes=50, n_types=3, seed=1),
-        toy_dataset_file(tmp_path / "beta.h5", n_cells=120, n_genes=40, n_types=4, seed=2),
-        toy_dataset_file(tmp_path / "gamma.h5", n_cells=90, n_genes=45, seed=3, species="mouse", labelled=False),
-    ]
-    return [str(p) for p in paths]
 
 
 def pretrain_args(collection, save, *extra):
@@ -254,15 +242,8 @@ def test_np_input_and_ann_input_on_the_demo(tmp_path):
 def test_torchrun_two_processes_match_one(collection, tmp_path):
     base = ["main.py", "--is_pretrain", "--kmeans", "--datasets", *collection, "--pt_epoch", "1", "--batch_num", "3",
             "--avg_cluster_num", "20", "--hid", "16", "--log_level", "WARNING"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, *base, "--save_model", str(tmp_path / "one.pt")], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr[-2000:]
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            *base, "--save_model", str(tmp_path / "two.pt")], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert multi.returncode == 0, multi.stderr[-2000:]
-    one, two = load_checkpoint(tmp_path / "one.pt"), load_checkpoint(tmp_path / "two.pt")
+    one, two = launched_vs_single(base, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node", "2"], tmp_path, ROOT)
     assert one["losses"][0] == pytest.approx(two["losses"][0], rel=1e-4)
     torch.testing.assert_close(one["model"]["linear.weight"], two["model"]["linear.weight"], atol=1e-5, rtol=1e-4)
     assert not torch.equal(one["model"]["linear.weight"], torch.zeros_like(one["model"]["linear.weight"]))
