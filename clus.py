@@ -156,7 +156,7 @@ def write_umap(d: data.CellData, feature_sets: dict, args, out_dir: Path) -> Pat
 
 
 def run(args):
-    out, device, encoder, ckpt, datasets = common.analysis_inputs(args)
+    out, device, encoder, ckpt, datasets = common.analysis_inputs(args, RESULT_COLUMNS)
     umap_name = None if args.no_umap else (args.umap_dataset or datasets[0].name)
     if umap_name is not None and umap_name not in [d.name for d in datasets]:
         raise data.DataError(f"--umap_dataset {umap_name} is not among the labelled datasets loaded: "

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
+import results
 from model import CheckpointError, Encoder, encoder_from_checkpoint, load_checkpoint, model_normalize, represent
 
 log = logging.getLogger("scpretrain")
@@ -290,10 +291,12 @@ def with_two_classes(datasets: list[data.CellData]) -> list[data.CellData]:
     return kept
 
 
-def analysis_inputs(args):
-    """What rf_svm_lr.py and clus.py start from, in order: the result path (checked writable
-    first), the device, the pretrained encoder and its checkpoint, and the labelled datasets."""
+def analysis_inputs(args, result_columns):
+    """What rf_svm_lr.py and clus.py start from, in order: the result path (checked writable,
+    and refused if it is a file that is not one of ours with ``result_columns``, before any data
+    is read), the device, the pretrained encoder and its checkpoint, and the labelled datasets."""
     out = check_output_file(args.save_result, "--save_result")
+    results.read_results(out, result_columns)
     device = resolve_device(args)
     encoder, _, ckpt = load_pretrained_or_explain(args.pretrained_model)
     return out, device, encoder, ckpt, labelled_datasets(args)

@@ -14,6 +14,7 @@ import logging
 import common
 import finetune
 import pretrain
+import results
 
 log = logging.getLogger("scpretrain")
 
@@ -46,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(args) -> object:
     if args.is_pretrain:
         common.check_output_file(args.save_model, "--save_model")
-    else:
-        common.check_output_file(args.save_result, "--save_result")
+    else:  # a result file that is not ours is refused now, before any data is read
+        results.read_results(common.check_output_file(args.save_result, "--save_result"), finetune.RESULT_COLUMNS)
     device = common.resolve_device(args)
     if args.is_pretrain:
         distributed = pretrain.init_distributed(device)

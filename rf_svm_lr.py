@@ -135,7 +135,7 @@ def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], 
 
 
 def run(args):
-    out, device, encoder, ckpt, datasets = common.analysis_inputs(args)
+    out, device, encoder, ckpt, datasets = common.analysis_inputs(args, RESULT_COLUMNS)
     seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
     run_id, finished = results.start_run(out, args, RESULT_SETTINGS, ckpt, RESULT_COLUMNS, RESULT_KEY)
     for d in common.progress(datasets, desc=f"{args.clf} datasets"):

@@ -73,13 +73,22 @@ def test_figures_use_one_identity(setup, tmp_path, capsys):
     assert set(frames["finetune"]["run_id"]) == {oldest} and len(frames["finetune"]) == 4
 
 
-def test_a_csv_that_is_not_ours_is_left_untouched(setup, tmp_path, capsys):
+def test_a_csv_that_is_not_ours_is_refused_before_any_data_and_left_untouched(setup, tmp_path, capsys):
     out = tmp_path / "mine.csv"
     out.write_text("name,value\nx,1\n")
-    with pytest.raises(SystemExit) as exc:
-        sweep(setup, setup["models"]["a"], out)
-    assert exc.value.code == 1 and out.read_text() == "name,value\nx,1\n"
-    assert "left untouched" in capsys.readouterr().err
+    missing = str(tmp_path / "nowhere.h5")
+    runs = [lambda: sweep(setup, setup["models"]["a"], out),
+            lambda: main.main(main.parse_args(["--kmeans", "--datasets", missing, "--save_result", str(out)])),
+            lambda: rf_svm_lr.main(rf_svm_lr.parse_args(["--datasets", missing, "--save_result", str(out),
+                                                         "--pretrained_model", str(setup["models"]["a"])])),
+            lambda: clus.main(clus.parse_args(["--datasets", missing, "--save_result", str(out),
+                                               "--pretrained_model", str(setup["models"]["a"])]))]
+    for run in runs:
+        with pytest.raises(SystemExit) as exc:
+            run()
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and out.read_text() == "name,value\nx,1\n"
+        assert "left untouched" in err and "nowhere.h5" not in err
 
 
 def test_resume_lists_every_changed_setting_and_allows_more_epochs(setup, tmp_path, monkeypatch, capsys):
