@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
-
 import warnings
 
 import numpy as np
@@ -228,8 +227,6 @@ def torch_csr(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
                                        to_device(torch.from_numpy(X.data), device), size=X.shape)
 
 
-
-
 @torch.no_grad()
 def init_encoder_from_pretrained(encoder: Encoder, pretrained_state: dict, lookup: data.GeneLookup) -> int:
     """Copy, for each gene of the dataset, the pretrained weight column of the same gene.
@@ -328,12 +325,15 @@ def classifier_checkpoint(clf: Classifier, genes: Sequence[str], classes: Sequen
 
 
 def classifier_from_checkpoint(ckpt: dict, path="checkpoint") -> Classifier:
+    """The classifier a checkpoint describes, its weights checked as :func:`encoder_from_checkpoint`
+    checks an encoder's, and its classes and genes against its weights."""
     args = ckpt.get("model_args", {})
     try:
         clf = Classifier(int(args["n_genes"]), int(args["n_classes"]), int(args["hid"]))
-        clf.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: classifier weights do not match its model_args ({exc})") from None
+        raise CheckpointError(f"{path}: 'model_args' missing or not valid ({type(exc).__name__}: {exc}); "
+                              "the checkpoint is damaged or not from scPretrain; train it again") from None
+    load_checked_weights(clf, ckpt.get("model"), args, path)
     if len(ckpt.get("classes", [])) != clf.out.out_features or len(ckpt.get("gene_universe", [])) != \
             clf.encoder.linear.in_features:
         raise CheckpointError(f"{path}: its classes or genes disagree with its weights")
@@ -371,21 +371,26 @@ def encoder_from_checkpoint(ckpt: dict, source="checkpoint") -> tuple[Encoder, M
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{source}: 'model_args' missing or not valid ({type(exc).__name__}: {exc}); "
                               "the checkpoint is damaged or not from scPretrain; train it again") from None
-    state = ckpt.get("model")
+    load_checked_weights(encoder, ckpt.get("model"), asdict(cfg), source)
+    return encoder, cfg
+
+
+def load_checked_weights(module: nn.Module, state, model_args: dict, source) -> None:
+    """Load a checkpoint's weights into ``module`` (built from its ``model_args``); missing,
+    unexpected and wrongly shaped weights are one CheckpointError naming ``source`` and each."""
     if not isinstance(state, dict):
         raise CheckpointError(f"{source}: no 'model' weights in the checkpoint; train it again")
-    expected = {k: tuple(v.shape) for k, v in encoder.state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     found = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
     problems = [f"missing {sorted(set(expected) - set(found))}"] if set(expected) - set(found) else []
     problems += [f"unexpected {sorted(set(found) - set(expected))}"] if set(found) - set(expected) else []
-    problems += [f"'{k}' has shape {found[k]}, model_args {asdict(cfg)} need {shape}"
+    problems += [f"'{k}' has shape {found[k]}, model_args {model_args} need {shape}"
                  for k, shape in expected.items() if k in found and found[k] != shape]
     if problems:
         raise CheckpointError(f"{source}: weights do not match the checkpoint's model_args: {'; '.join(problems)}; "
                               "the checkpoint is damaged; train it again")
     try:
-        encoder.load_state_dict(state)
+        module.load_state_dict(state)
     except (RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{source}: weights cannot be loaded ({exc}); the checkpoint is damaged; "
                               "train it again") from None
-    return encoder, cfg

@@ -229,3 +229,15 @@ def test_cellblast_query_is_written_as_h5ad(trained, tmp_path):
     out = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert out.n_obs == ref.n_obs and list(out.obs["predicted_labels"]) == list(table["predicted_labels"])
     np.testing.assert_allclose(out.X.toarray(), ref.X.toarray())
+
+
+def test_a_classifier_whose_weights_disagree_with_its_model_args_is_one_clear_error(trained, tmp_path):
+    from model import CheckpointError, classifier_from_checkpoint
+
+    ckpt = load_checkpoint(trained["clf"], kind="scpretrain-classifier")
+    ckpt["model"]["out.weight"] = ckpt["model"]["out.weight"][:-1]
+    with pytest.raises(CheckpointError, match="'out.weight' has shape .* need"):
+        classifier_from_checkpoint(ckpt, "clf.pt")
+    del ckpt["model"]["hidden.bias"]
+    with pytest.raises(CheckpointError, match=r"missing \['hidden.bias'\]"):
+        classifier_from_checkpoint(ckpt, "clf.pt")
