@@ -360,16 +360,16 @@ def _h5ad_source(adata, layer: str, path) -> _H5adSource:
                     "(pass one of them to --layer)")
 
 
-def _h5ad_layer_names(adata) -> list[str]:
+def _h5ad_layer_names(adata, count_names_only: bool = False) -> list[str]:
+    """``X``, ``raw`` (for raw.X), then the layers (only those with a count name if asked)."""
     names = (["X"] if adata.X is not None else []) + (["raw"] if adata.raw is not None else [])
-    return names + [k for k in adata.layers.keys() if k not in names]
+    return names + [k for k in adata.layers.keys()
+                    if k not in names and (not count_names_only or k.lower() in COUNT_LAYER_NAMES)]
 
 
 def _h5ad_candidates(adata) -> list[_H5adSource]:
     """Where raw counts are looked for, in order: X, raw.X, then layers with a count name."""
-    names = (["X"] if adata.X is not None else []) + (["raw"] if adata.raw is not None else [])
-    names += [k for k in adata.layers.keys() if k.lower() in COUNT_LAYER_NAMES and k not in names]
-    return [_h5ad_source(adata, n, None) for n in names]
+    return [_h5ad_source(adata, n, None) for n in _h5ad_layer_names(adata, count_names_only=True)]
 
 
 def choose_h5ad_values(adata, path, layer: str | None = None, log_transformed: bool = False):
