@@ -278,7 +278,8 @@ def run_predict(args) -> pd.DataFrame:
              query.n_cells / max(time.time() - t0, 1e-9))
     predicted, conf = assign_labels(probs, ckpt["classes"], args.p_thres)
     table = pd.DataFrame({"cell": query.cells, "predicted_labels": predicted, "conf_score": conf})
-    obs = load_obs(args.query, query)
+    # the query's own obs is read only when a column of it is used
+    obs = load_obs(args.query, query) if args.over_clustering or args.query_label_key else None
     if args.majority_voting:
         clusters = (obs_column(obs, args.over_clustering, args.query).astype(str).to_numpy()
                     if args.over_clustering else over_cluster(representation, args.n_clusters, args.seed, device))

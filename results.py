@@ -59,7 +59,8 @@ def run_identity(model: str, settings: dict) -> str:
 
 def settings_of(args, names: Iterable[str]) -> dict:
     """The values of the named arguments (those that change a script's numbers)."""
-    return {name: args_to_dict(args).get(name) for name in names}
+    values = args_to_dict(args)
+    return {name: values.get(name) for name in names}
 
 
 # --------------------------------------------------------------------------- reading and writing
