@@ -24,7 +24,6 @@ import common
 import data
 import metrics
 import results
-from classifier import build_classifier, predict_proba, train_classifier
 
 log = logging.getLogger("scpretrain.finetune")
 
@@ -95,10 +94,10 @@ def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[d
         if method == "scPretrain" and task.pretrained is None:
             continue
         t0 = time.time()
-        clf = build_classifier(len(classes), task.seed, args,
-                               task.pretrained if method == "scPretrain" else None, d.n_genes, pca)
-        clf, epochs, _ = train_classifier(clf, features, codes, split, args, task.seed, device)
-        scores = predict_proba(clf, features, split[2], device)
+        clf = classifier.build_classifier(len(classes), task.seed, args,
+                                          task.pretrained if method == "scPretrain" else None, d.n_genes, pca)
+        clf, epochs, _ = classifier.train_classifier(clf, features, codes, split, args, task.seed, device)
+        scores = classifier.predict_proba(clf, features, split[2], device)
         result = metrics.classification_metrics(codes[split[2]], scores)
         rows.append({**base, "method": method, **result, "epochs": epochs, "seconds": round(time.time() - t0, 3)})
     return rows
