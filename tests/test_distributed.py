@@ -9,7 +9,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
@@ -28,21 +27,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for_listener(port: int, proc, seconds: float = 60.0) -> None:
-    """Wait until something accepts connections on 127.0.0.1:``port`` (node0's rendezvous store),
-    so that the second agent joins it as a client instead of racing it for the server port."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-
-
 def loopback_interface() -> str | None:
     """The loopback interface's name for GLOO_SOCKET_IFNAME (lo on Linux, lo0 on macOS)."""
     names = [name for _, name in socket.if_nameindex()] if hasattr(socket, "if_nameindex") else []
     return next((n for n in ("lo", "lo0") if n in names), None)
+
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
@@ -56,9 +45,8 @@ def test_two_nodes_c10d_rendezvous_match_one_process(collection, tmp_path):
                             capture_output=True, text=True, timeout=TIMEOUT_S)
     assert single.returncode == 0, single.stderr[-2000:]
 
-    port = free_port()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}",
                 "--rdzv_id", f"scpretrain-test-{uuid.uuid4().hex[:8]}", "--local_addr", "127.0.0.1",
                 "--max_restarts", "0"]
     nodes = []
@@ -69,8 +57,6 @@ def test_two_nodes_c10d_rendezvous_match_one_process(collection, tmp_path):
         proc = subprocess.Popen([*launcher, *base, "--save_model", str(out / "model.pt")], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, text=True)
         nodes.append((proc, log, out))
-        if name == "node0":  # both agents are on the endpoint's host: let node0 own the store first
-            wait_for_listener(port, proc)
     try:
         codes = [proc.wait(timeout=TIMEOUT_S) for proc, _, _ in nodes]
     finally:
