@@ -57,7 +57,13 @@ def run(args) -> object:
             logging.getLogger().setLevel(logging.WARNING)
         log.info("pre-training phase %d on %s%s", 2 if args.pretrain_output else 1, device,
                  " (distributed)" if distributed else "")
-        return pretrain.run_pretraining(args, common.load_datasets(args), device)
+        completed = False
+        try:
+            final = pretrain.run_pretraining(args, common.load_datasets(args), device)
+            completed = True
+            return final
+        finally:
+            pretrain.finish_distributed(completed)
     if args.pretrained_model is None and common.DEFAULT_MODEL.exists():
         args.pretrained_model = str(common.DEFAULT_MODEL)
     log.info("fine-tuning sweep on %s, pretrained model: %s", device, args.pretrained_model)

@@ -108,6 +108,17 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
+def finish_distributed(completed: bool) -> None:
+    """Leave the torchrun process group: after a completed run every rank meets once (rank 0 has
+    saved), then the group is destroyed, so that no rank exits with its gloo/nccl threads still
+    running (that aborts the process, and torchrun then waits on the other node)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if completed:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def broadcast(obj):
     """Rank 0's object on every rank (a no-op in one process)."""
     rank, world = dist_info()
