@@ -76,3 +76,4 @@ def main(args) -> object:
 
 if __name__ == "__main__":
     main(parse_args())
+    pretrain.exit_worker_now()
