@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(synth.DEFAULT_OUT / "annotate"), help="where the query is kept")
     p.add_argument("--device", default="cpu", help="torch device of the forward pass, e.g. cuda (default: %(default)s)")
     p.add_argument("--prepare_only", action="store_true", help="write the query and the model, measure nothing")
+    p.add_argument("--write_workers", type=int, default=1,
+                   help="processes drawing the query's blocks; > 1 is another (equally distributed) draw, "
+                        "kept in its own file (default: %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -47,10 +50,12 @@ def make_inputs(args) -> tuple[Path, Path]:
 
     out = Path(args.out)
     spec = synth.DatasetSpec(f"query_{args.cells}", args.cells, args.classes, "human", 7, 1.0)
-    query = out / f"{spec.name}_{args.genes}.h5"
+    suffix = "" if args.write_workers <= 1 else "_parallel"
+    query = out / f"{spec.name}_{args.genes}{suffix}.h5"
     if not query.exists():
         t0 = time.time()
-        row = synth.write_dataset(spec, query, synth.gene_pool(args.genes), args.density, args.chunk_cells)
+        row = synth.write_dataset(spec, query, synth.gene_pool(args.genes), args.density, args.chunk_cells,
+                                  workers=args.write_workers)
         print(f"wrote {query}: {row['nnz']:,} non-zeros ({100 * row['density']:.2f} %) in {time.time() - t0:.0f}s",
               flush=True)
     model = out / f"classifier_{args.genes}_{args.classes}.pt"

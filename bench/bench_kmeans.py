@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tol", type=float, default=None,
                    help="ours: kmeans.kmeans's tol, -1 = exactly --iters iterations (default: kmeans.DEFAULT_TOL)")
     p.add_argument("--device", default="cpu", help="torch device of ours, e.g. cuda (default: %(default)s)")
+    p.add_argument("--prepare_only", action="store_true", help="write the matrix, measure nothing")
     p.add_argument("--iteration_cost", action="store_true",
                    help="time one Lloyd iteration of ours vs the sparse cells x centroids product alone")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="(default: all)")
@@ -222,6 +223,9 @@ def main(args) -> list[dict]:
     import kmeans
 
     npz = matrix_file(args)
+    if args.prepare_only:
+        print(f"matrix ready: {npz}")
+        return []
     ks = args.ks or kmeans.granularities(args.cells, args.avg_cluster_num)
     print(f"code: {synth.code_version()}", flush=True)
     if args.iteration_cost:

@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu",
                    help="torch device of (a) and (b), e.g. cuda; (c) stays on the CPU (default: %(default)s)")
     p.add_argument("--skip_original", action="store_true", help="do not run (c)")
+    p.add_argument("--prepare_only", action="store_true", help="write the collection, measure nothing")
     p.add_argument("--data_dir", default=None, help="collection folder (default: bench/out/synth_s{scale})")
     p.add_argument("--omp_wait_policy", default="",
                    help="OMP_WAIT_POLICY of the measured runs; unset ('') is what users run with; PASSIVE "
@@ -360,6 +361,8 @@ def main(args) -> dict:
                                   seed=args.seed)
     print(f"collection in {out_dir} ({time.time() - t0:.1f} s to generate or reuse); "
           f"OMP_WAIT_POLICY={args.omp_wait_policy or 'unset'}", flush=True)
+    if args.prepare_only:
+        return {"paths": paths}
     print(f"code: {synth.code_version()}", flush=True)
     paths_file = out_dir / "paths.txt"
     paths_file.write_text("\n".join(paths))

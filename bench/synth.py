@@ -177,9 +177,40 @@ def synth_counts(n_cells: int, n_genes: int, n_types: int = 10, density: float =
 # --------------------------------------------------------------------------- writing
 
 
+def _chunk_of(model: "CountModel", types: np.ndarray, seed: tuple[int, int]) -> sp.csr_matrix:
+    """One block drawn from its own generator (parallel writing: the same blocks for any worker count)."""
+    return model.chunk(types, np.random.default_rng(seed))
+
+
+def _blocks(model: "CountModel", types: np.ndarray, rng: np.random.Generator, seed: int, chunk_cells: int,
+            workers: int):
+    """The dataset's CSR blocks in order: drawn from ``rng`` one after another (``workers`` = 1), or
+    each from a generator seeded by (seed, block number) in a pool of ``workers`` processes."""
+    starts = range(0, len(types), chunk_cells)
+    if workers <= 1:
+        for start in starts:
+            yield model.chunk(types[start:start + chunk_cells], rng)
+        return
+    from concurrent.futures import ProcessPoolExecutor
+
+    from collections import deque
+
+    with ProcessPoolExecutor(workers) as pool:
+        pending = deque()  # at most 2 x workers blocks drawn ahead of the writer
+        for i, start in enumerate(starts):
+            pending.append(pool.submit(_chunk_of, model, types[start:start + chunk_cells], (seed, i)))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
 def write_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: float,
-                  chunk_cells: int = 8192) -> dict:
-    """Write one dataset as a Cell BLAST .h5, chunk by chunk; returns what was written."""
+                  chunk_cells: int = 8192, workers: int = 1) -> dict:
+    """Write one dataset as a Cell BLAST .h5, chunk by chunk; returns what was written.
+
+    ``workers`` > 1 draws the blocks in that many processes, each block from its own generator: a
+    different (equally distributed) draw than ``workers`` = 1, the same for any number of workers."""
     import h5py
 
     t0 = time.time()
@@ -199,8 +230,8 @@ def write_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: floa
             data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 20,))
             indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
             indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
-            for start in range(0, spec.n_cells, chunk_cells):
-                block = model.chunk(types[start:start + chunk_cells], rng)
+            blocks = _blocks(model, types, rng, spec.seed, chunk_cells, workers)
+            for start, block in zip(range(0, spec.n_cells, chunk_cells), blocks):
                 data.resize((nnz + block.nnz,))
                 indices.resize((nnz + block.nnz,))
                 data[nnz:] = block.data
