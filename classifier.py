@@ -6,13 +6,16 @@ Importing does nothing.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 import common
 import data
-from model import Classifier, apply_in_batches, dense_batch, init_encoder_from_pretrained, make_adam
+from model import (Classifier, SparseBatch, apply_in_batches, dense_batch, init_encoder_from_pretrained, make_adam,
+                   torch_csr)
 
 DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once, larger sets per batch
 
@@ -30,6 +33,10 @@ def add_classifier_args(parser) -> None:
                         "(default: the recipe's; paper 0)")
     g.add_argument("--ft_weight_decay", type=common.non_negative_float, default=None,
                    help="decoupled weight decay (AdamW) when > 0 (default: the recipe's; paper 0, plain Adam)")
+    g.add_argument("--ft_batch_format", choices=["auto", "sparse", "dense"], default="auto",
+                   help="how cells reach the classifier: CSR products (only the non-zeros are multiplied) or "
+                        "dense batches; auto = sparse on CPU, dense on GPU; changes only float rounding and "
+                        "dropout's draws (default: %(default)s)")
     g.add_argument("--ft_early_stop", choices=EARLY_STOP, default=None,
                    help="validation score kept for early stopping: 'accuracy' (scPretrain), 'loss', or "
                         "'accuracy_then_loss' (accuracy, ties broken by a lower loss) (default: the recipe's)")
@@ -89,11 +96,13 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     densified once when they fit in ``DENSE_TRAIN_BYTES``, else batch by batch (the same numbers,
     memory bounded)."""
     train_idx, val_idx, _ = split
+    device = torch.device(device)
     clf = clf.to(device)
     optimizer = make_optimizer(clf.parameters(), args)
-    train_rows = TrainingRows(features, train_idx, device)
+    sparse = sparse_batches(features, getattr(args, "ft_batch_format", "auto"), device)
+    train_rows = TrainingRows(features, train_idx, device, sparse)
     y_train = torch.as_tensor(codes[train_idx]).to(device)
-    val_rows = TrainingRows(features, val_idx, device)
+    val_rows = TrainingRows(features, val_idx, device, sparse)
     y_val = codes[val_idx]
     rng = np.random.default_rng(seed)
     criterion = args.ft_early_stop or "accuracy"
@@ -101,8 +110,12 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     for epoch in range(1, args.ft_epoch + 1):
         clf.train()
         for batch in data.iter_batches(len(train_idx), args.ft_batch_size, rng):
-            loss = torch.nn.functional.cross_entropy(clf(train_rows.batch(batch)),
-                                                     y_train[torch.as_tensor(batch, device=device)])
+            if sparse and len(batch) == len(train_idx):
+                # one batch of every training cell: their stored order (prepared once); the loss is
+                # a mean, so the order changes only rounding
+                batch = np.arange(len(train_idx))
+            x = train_rows.batch(batch, dropout=clf.dropout)
+            loss = torch.nn.functional.cross_entropy(clf(x), y_train[torch.as_tensor(batch, device=device)])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -118,17 +131,35 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     return clf, epoch, best[0]
 
 
-class TrainingRows:
-    """Some rows of a feature matrix, dense on the device when they fit ``DENSE_TRAIN_BYTES``,
-    else left sparse and densified a batch at a time."""
+def sparse_batches(features, batch_format: str, device: torch.device) -> bool:
+    """Whether CSR features go to the classifier as CSR batches (``--ft_batch_format``)."""
+    if not sp.issparse(features):
+        return False
+    return batch_format == "sparse" or (batch_format == "auto" and torch.device(device).type != "cuda")
 
-    def __init__(self, features, rows: np.ndarray, device):
-        self.features, self.rows, self.device = features, np.asarray(rows), device
-        self.dense = None
-        if len(self.rows) * features.shape[1] * 4 <= DENSE_TRAIN_BYTES:
+
+class TrainingRows:
+    """Some rows of a feature matrix as the classifier's inputs. Sparse: their CSR (and its
+    transpose's, for the weight gradient) on the device, with all rows prepared once, so that an
+    epoch of one batch builds nothing. Dense: densified once when they fit ``DENSE_TRAIN_BYTES``,
+    else a batch at a time."""
+
+    def __init__(self, features, rows: np.ndarray, device, sparse: bool = False):
+        self.features, self.rows, self.device = features, np.asarray(rows), torch.device(device)
+        self.dense, self.sparse = None, sparse
+        if sparse:
+            self.csr = sp.csr_matrix(features[self.rows], dtype=np.float32)
+            self.whole = _TransposableCSR(self.csr, self.device)
+        elif len(self.rows) * features.shape[1] * 4 <= DENSE_TRAIN_BYTES:
             self.dense = dense_batch(features, self.rows).to(device)
 
-    def batch(self, positions: np.ndarray) -> torch.Tensor:
+    def batch(self, positions: np.ndarray, dropout: float = 0.0) -> torch.Tensor | SparseBatch:
+        """The rows at ``positions`` (of these rows) for a training step; a sparse batch gets the
+        classifier's input dropout here, on its stored values (dense ones get it in the model)."""
+        if self.sparse:
+            whole = len(positions) == len(self.rows) and np.array_equal(positions, np.arange(len(self.rows)))
+            part = self.whole if whole else _TransposableCSR(self.csr[positions], self.device)
+            return part.batch(dropout)
         if self.dense is not None:
             return self.dense[torch.as_tensor(positions, device=self.device)]
         return dense_batch(self.features, self.rows[positions]).to(self.device)
@@ -136,7 +167,9 @@ class TrainingRows:
     @torch.no_grad()
     def score(self, clf: Classifier, codes: np.ndarray, with_loss: bool = False) -> tuple[float, float]:
         """(accuracy, mean cross-entropy or NaN when not asked for) of ``clf`` on these rows."""
-        if self.dense is not None:
+        if self.sparse:
+            logits = clf(SparseBatch(self.whole.x, None))
+        elif self.dense is not None:
             logits = clf(self.dense)
         else:
             logits = torch.from_numpy(apply_in_batches(clf, self.features, self.rows, self.device)).to(self.device)
@@ -144,3 +177,30 @@ class TrainingRows:
         accuracy = float((logits.argmax(1) == targets).float().mean())
         loss = float(torch.nn.functional.cross_entropy(logits, targets)) if with_loss else float("nan")
         return accuracy, loss
+
+
+class _TransposableCSR:
+    """A CSR batch and the CSR of its transpose on the device, with where each of the transpose's
+    values sits in the batch's (so that dropout on the values reaches both alike)."""
+
+    def __init__(self, X: sp.csr_matrix, device: torch.device):
+        order = sp.csr_matrix((np.arange(X.nnz, dtype=np.int64), X.indices, X.indptr), shape=X.shape)
+        order_t = order.T.tocsr()
+        self.x = torch_csr(X, device)
+        self.values = self.x.values()
+        self.to_t = torch.from_numpy(order_t.data).to(device)
+        self.x_t = torch_csr(sp.csr_matrix((X.data[order_t.data], order_t.indices, order_t.indptr),
+                                           shape=order_t.shape), device)
+
+    def batch(self, dropout: float = 0.0) -> SparseBatch:
+        if not dropout:
+            return SparseBatch(self.x, self.x_t)
+        values = torch.nn.functional.dropout(self.values, dropout, training=True)
+        return SparseBatch(_with_values(self.x, values), _with_values(self.x_t, values[self.to_t]))
+
+
+def _with_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A CSR tensor with ``x``'s structure and these values."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, size=x.shape)

@@ -843,13 +843,44 @@ def dense_rows(features: sp.csr_matrix, rows: np.ndarray | None = None) -> np.nd
 def row_block(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of a CSR matrix as a CSR that shares its arrays (no copy of the values)."""
     lo, hi = int(X.indptr[start]), int(X.indptr[stop])
-    return sp.csr_matrix((X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo),
-                         shape=(stop - start, X.shape[1]), copy=False)
+    view = sp.csr_matrix((stop - start, X.shape[1]), dtype=X.dtype)
+    # set, not passed to the constructor: scipy copies sliced arrays it is given (1.17)
+    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo
+    return view
 
 
-def stack_rows(mats: Sequence[sp.csr_matrix], rows: Sequence[np.ndarray]) -> sp.csr_matrix:
-    """The chosen rows of several CSR matrices with the same columns, one under the other."""
-    return sp.vstack([X[r] for X, r in zip(mats, rows)], format="csr")
+def stack_csr(mats: list[sp.csr_matrix], dtype=np.float32) -> tuple[sp.csr_matrix, np.ndarray]:
+    """CSR matrices with the same columns as one CSR, one under the other, and the first row of
+    each (plus the total). ``mats`` is emptied as it goes: each part is freed once copied, so the
+    peak is the result plus one part, not two copies of everything."""
+    n_rows = [m.shape[0] for m in mats]
+    nnz = [m.nnz for m in mats]
+    n_cols = mats[0].shape[1] if mats else 0
+    offsets = np.concatenate([[0], np.cumsum(n_rows)]).astype(np.int64)
+    index_dtype = np.int32 if sum(nnz) < 2**31 and n_cols < 2**31 else np.int64
+    indptr = np.empty(offsets[-1] + 1, dtype=index_dtype)
+    indices = np.empty(sum(nnz), dtype=index_dtype)
+    values = np.empty(sum(nnz), dtype=dtype)
+    indptr[0], at, row = 0, 0, 0
+    while mats:
+        m = sp.csr_matrix(mats.pop(0))
+        if m.shape[1] != n_cols:
+            raise ValueError(f"cannot stack a matrix of {m.shape[1]} columns under ones of {n_cols}")
+        indices[at:at + m.nnz] = m.indices
+        values[at:at + m.nnz] = m.data
+        indptr[row + 1:row + 1 + m.shape[0]] = at + m.indptr[1:]
+        at, row = at + m.nnz, row + m.shape[0]
+        del m
+    return sp.csr_matrix((values, indices, indptr), shape=(int(offsets[-1]), n_cols), copy=False), offsets
+
+
+def row_range(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
+    """Rows ``start:stop`` of a CSR matrix as a CSR that shares its values and column indices."""
+    lo, hi = int(X.indptr[start]), int(X.indptr[stop])
+    view = sp.csr_matrix((stop - start, X.shape[1]), dtype=X.dtype)
+    # set, not passed to the constructor: scipy copies sliced arrays it is given (1.17)
+    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo
+    return view
 
 
 def iter_batches(n_cells: int, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:

@@ -16,6 +16,8 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from model import DeviceCSR
+
 log = logging.getLogger("scpretrain.kmeans")
 
 
@@ -42,56 +44,137 @@ def granularities(n_cells: int, avg_cluster_num: int = 100) -> list[int]:
     return [int(min(max(k, 2), n_cells)) for k in ks]
 
 
-class _Rows:
-    """Uniform chunk access to a CSR (sparse path) or dense numpy matrix (dense path)."""
+GENE_BLOCK = 2048  # genes per column block of a CSR chunk: a block of the centroids then fits in L2
+CENTROID_BLOCK = 128  # centroids per block of the product's output
 
-    def __init__(self, X, device: torch.device):
-        self.sparse = sp.issparse(X)
+
+class GeneBlockedCSR:
+    """A CSR chunk cut into column blocks of ``GENE_BLOCK`` genes (each a CSR over all its rows),
+    multiplied block by block with blocks of ``CENTROID_BLOCK`` columns of a dense right-hand
+    side: each small product reads a block of the right-hand side that stays in cache, where one
+    CSR x (genes x k) product streams all of it from memory for every stored value (measured 5.8x
+    faster on 8,192 cells x 17,000 genes at 5 % and k = 3,215 on a 2-core Xeon)."""
+
+    def __init__(self, crow: np.ndarray, col: np.ndarray, val: np.ndarray, n_cols: int):
+        n_rows = len(crow) - 1
+        self.shape = (n_rows, n_cols)
+        self.edges = list(range(0, n_cols, GENE_BLOCK)) + [n_cols]
+        n_blocks = len(self.edges) - 1
+        block_of = (col // GENE_BLOCK).astype(np.uint8 if n_blocks < 256 else np.int64)
+        row = np.repeat(np.arange(n_rows), np.diff(crow))
+        counts = np.bincount(row * n_blocks + block_of, minlength=n_rows * n_blocks).reshape(n_rows, n_blocks)
+        order = np.argsort(block_of, kind="stable")  # block after block, rows and genes in order within
+        col, val = col[order], val[order]
+        del order, row, block_of
+        self.parts, at = [], 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            for b in range(n_blocks):
+                block_crow = np.zeros(n_rows + 1, dtype=np.int64)
+                np.cumsum(counts[:, b], out=block_crow[1:])
+                size = int(block_crow[-1])
+                block_col = (col[at:at + size] - self.edges[b]).astype(np.int64)
+                self.parts.append(torch.sparse_csr_tensor(torch.from_numpy(block_crow), torch.from_numpy(block_col),
+                                                          torch.from_numpy(val[at:at + size]),
+                                                          size=(n_rows, self.edges[b + 1] - self.edges[b])))
+                at += size
+
+    @staticmethod
+    def prepare(right: torch.Tensor) -> list[list[torch.Tensor]]:
+        """A dense (genes x m) right-hand side as contiguous blocks [column block][gene block]."""
+        edges = list(range(0, right.shape[0], GENE_BLOCK)) + [right.shape[0]]
+        return [[right[a:b, c:c + CENTROID_BLOCK].contiguous() for a, b in zip(edges[:-1], edges[1:])]
+                for c in range(0, right.shape[1], CENTROID_BLOCK)]
+
+    def times(self, prepared: list[list[torch.Tensor]]) -> torch.Tensor:
+        """This chunk times the right-hand side ``prepare`` made: (rows x m)."""
+        outs = []
+        for column_block in prepared:
+            acc = torch.sparse.mm(self.parts[0], column_block[0])
+            for part, right in zip(self.parts[1:], column_block[1:]):
+                acc += torch.sparse.mm(part, right)
+            outs.append(acc)
+        return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+
+    def to_dense(self) -> torch.Tensor:
+        return torch.cat([p.to_dense() for p in self.parts], 1)
+
+
+class _Rows:
+    """Uniform chunk access to a CSR (sparse path) or dense numpy matrix (dense path).
+
+    A CSR matrix is held on the GPU when it is the device and has room for it (so iterations copy
+    nothing), else on the host. On a GPU each chunk is densified there for the products (a dense
+    product beats the sparse one by far there); on a CPU they multiply only the non-zeros.
+    """
+
+    def __init__(self, X, device: torch.device, store: DeviceCSR | None = None, cache: bool = False):
+        self.sparse = store is not None or sp.issparse(X)
         self.device = device
-        if self.sparse:  # torch views of the CSR arrays: no copy when they are int32/float32 already
-            X = sp.csr_matrix(X)
-            index_dtype = np.int32 if X.nnz < 2**31 and X.shape[1] < 2**31 else np.int64
-            self.indptr = torch.from_numpy(np.ascontiguousarray(X.indptr, dtype=index_dtype))
-            self.indices = torch.from_numpy(np.ascontiguousarray(X.indices, dtype=index_dtype))
-            self.data = torch.from_numpy(np.ascontiguousarray(X.data, dtype=np.float32))
+        # CPU: each chunk's gene-blocked copy, kept for the next pass when ``cache`` (Lloyd's
+        # iterations reread every chunk; the copies together are one copy of the matrix)
+        self.cache = {} if cache else None
+        if self.sparse:
+            if store is None:
+                X = sp.csr_matrix(X)
+                if X.nnz < 2**31 and X.shape[1] < 2**31:
+                    X.indices = np.asarray(X.indices, dtype=np.int32)
+                store = DeviceCSR(X, device if DeviceCSR.fits(X, device) else torch.device("cpu"))
+            self.store = store
+            self.dense_products = device.type == "cuda"
+            self.n_rows, self.n_cols = store.shape
         else:
             self.dense = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-        self.n_rows, self.n_cols = X.shape
+            self.n_rows, self.n_cols = X.shape
 
     def chunk(self, start: int, stop: int):
         """(matrix on device, its row of each stored value or None, row squared norms)."""
         if not self.sparse:
             block = self.dense[start:stop].to(self.device, non_blocking=True)
             return block, None, (block * block).sum(1)
-        lo, hi = int(self.indptr[start]), int(self.indptr[stop])
-        crow = (self.indptr[start:stop + 1] - lo).to(self.device, non_blocking=True)
-        col = self.indices[lo:hi].to(self.device, non_blocking=True)
-        val = self.data[lo:hi].to(self.device, non_blocking=True)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            block = torch.sparse_csr_tensor(crow, col, val, size=(stop - start, self.n_cols))
-        row_of_value = torch.repeat_interleave(torch.arange(stop - start, device=self.device), crow.diff().long())
+        store = self.store
+        lo, hi = int(store.host_indptr[start]), int(store.host_indptr[stop])
+        crow = (store.indptr[start:stop + 1] - lo).to(self.device, non_blocking=True)
+        col = store.indices[lo:hi].to(self.device, non_blocking=True)
+        val = store.data[lo:hi].to(self.device, non_blocking=True)
+        lengths = torch.from_numpy(np.diff(store.host_indptr[start:stop + 1])).to(self.device, non_blocking=True)
+        row_of_value = torch.repeat_interleave(torch.arange(stop - start, device=self.device), lengths,
+                                               output_size=hi - lo)
         norms = torch.zeros(stop - start, device=self.device).index_add_(0, row_of_value, val * val)
+        if self.dense_products:
+            block = torch.zeros(stop - start, self.n_cols, device=self.device)
+            block[row_of_value, col.long()] = val
+        elif self.cache is not None and (start, stop) in self.cache:
+            block = self.cache[(start, stop)]
+        else:
+            block = GeneBlockedCSR(crow.numpy(), col.numpy(), val.numpy(), self.n_cols)
+            if self.cache is not None:
+                self.cache[(start, stop)] = block
         return block, (row_of_value, col, val), norms
+
+    def prepare_product(self, right: torch.Tensor):
+        """A dense (genes x m) right-hand side in the form ``times`` takes, once per pass."""
+        if self.sparse and not self.dense_products:
+            return GeneBlockedCSR.prepare(right)
+        return right
+
+    @staticmethod
+    def times(block, prepared) -> torch.Tensor:
+        """A chunk from ``chunk`` times a right-hand side from ``prepare_product``."""
+        return block.times(prepared) if isinstance(block, GeneBlockedCSR) else block @ prepared
 
     def rows_dense(self, rows) -> torch.Tensor:
         """The given rows, in the given order, as a dense tensor on the device."""
         rows = np.asarray(rows, dtype=np.int64)
         if not self.sparse:
             return self.dense[torch.as_tensor(rows)].to(self.device)
-        out = torch.zeros(len(rows), self.n_cols)
-        for i, r in enumerate(rows.tolist()):
-            lo, hi = int(self.indptr[r]), int(self.indptr[r + 1])
-            out[i, self.indices[lo:hi].long()] = self.data[lo:hi]
-        return out.to(self.device)
+        return self.store.dense(rows).to(self.device)
 
-    def subset(self, rows: np.ndarray) -> "_Rows":
+    def subset(self, rows: np.ndarray, cache: bool = False) -> "_Rows":
         """A new _Rows over the given rows (sparse stays sparse)."""
         if not self.sparse:
             return _Rows(self.dense[torch.as_tensor(rows)].numpy(), self.device)
-        X = sp.csr_matrix((self.data.numpy(), self.indices.numpy(), self.indptr.numpy()),
-                          shape=(self.n_rows, self.n_cols))
-        return _Rows(X[rows], self.device)
+        return _Rows(None, self.device, store=self.store.take(rows), cache=cache)
 
 
 def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
@@ -106,13 +189,14 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
     very large datasets on a CPU).
     """
     device = torch.device(device)
-    rows = _Rows(X, device)
+    subsample = 0 < max_cells < X.shape[0]
+    rows = _Rows(X, device, cache=not subsample)  # the rows Lloyd's loop passes over keep their chunks
     n = rows.n_rows
     k = int(min(max(k, 1), n))
     gen = np.random.default_rng(seed)
     fit_rows = rows
-    if 0 < max_cells < n:
-        fit_rows = rows.subset(np.sort(gen.choice(n, size=max(max_cells, k), replace=False)))
+    if subsample:
+        fit_rows = rows.subset(np.sort(gen.choice(n, size=max(max_cells, k), replace=False)), cache=True)
     centroids = _kmeans_pp(fit_rows, k, gen, init_sample)
     previous, n_iter_run = None, 0
     for n_iter_run in range(1, n_iter + 1):
@@ -145,9 +229,9 @@ def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int |
     if rows.n_cols > 2 * projection_dim:
         torch_gen = torch.Generator().manual_seed(int(gen.integers(2**31)))
         projection = torch.randn(rows.n_cols, projection_dim, generator=torch_gen) / projection_dim ** 0.5
-        points = block @ projection.to(block.device)
+        points = sample.times(block, sample.prepare_product(projection.to(sample.device)))
     else:
-        points = block.to_dense() if block.layout != torch.strided else block
+        points = block if isinstance(block, torch.Tensor) and block.layout == torch.strided else block.to_dense()
     sq = (points * points).sum(1)
     trials = 2 + int(np.log(k))
 
@@ -172,13 +256,14 @@ def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, accumulate: b
     """Nearest centroid of every row; with ``accumulate`` also per-cluster sums and counts."""
     k, g = centroids.shape
     c_sq = (centroids * centroids).sum(1)
+    right = rows.prepare_product(centroids.T)
     labels = torch.empty(rows.n_rows, dtype=torch.int64, device=centroids.device)
     sums = torch.zeros(k * g, device=centroids.device) if accumulate else None
     inertia = torch.zeros((), dtype=torch.float64, device=centroids.device)
     for start in range(0, rows.n_rows, chunk_rows):
         stop = min(start + chunk_rows, rows.n_rows)
         block, coo, norms = rows.chunk(start, stop)
-        dist = c_sq.unsqueeze(0) - 2 * (block @ centroids.T)
+        dist = c_sq.unsqueeze(0) - 2 * rows.times(block, right)
         best, lab = dist.min(1)
         labels[start:stop] = lab
         inertia += torch.clamp(best + norms, min=0).double().sum()

@@ -227,6 +227,73 @@ def torch_csr(X: sp.csr_matrix, device: torch.device) -> torch.Tensor:
                                        to_device(torch.from_numpy(X.data), device), size=X.shape)
 
 
+class DeviceCSR:
+    """A CSR matrix held on the device, whose batches of rows are gathered there: no step copies
+    cells from the host, and no step waits for the device (row lengths come from a host copy of
+    the row pointers, so every output size is known in advance)."""
+
+    def __init__(self, X: sp.csr_matrix, device: torch.device):
+        self.device, self.shape = torch.device(device), X.shape
+        self.host_indptr = np.asarray(X.indptr, dtype=np.int64)
+        self.indptr = torch.from_numpy(self.host_indptr).to(self.device)
+        self.indices = torch.from_numpy(X.indices).to(self.device)
+        self.data = torch.from_numpy(np.asarray(X.data, dtype=np.float32)).to(self.device)
+
+    @staticmethod
+    def fits(X: sp.csr_matrix, device: torch.device, share: float = 0.5) -> bool:
+        """Whether the matrix takes at most ``share`` of the GPU's free memory (False off a GPU)."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        needed = X.data.size * 4 + X.indices.nbytes + X.indptr.size * 8
+        return needed <= share * free
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rows, in the given order: (row pointers, each value's row, column indices, values)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.host_indptr[rows + 1] - self.host_indptr[rows]
+        crow = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=crow[1:])
+        total = int(crow[-1])
+        on = lambda a: to_device(torch.from_numpy(a), self.device)  # noqa: E731
+        lengths_d, crow_d = on(lengths), on(crow)
+        starts = self.indptr[on(rows)]
+        row_of_value = torch.repeat_interleave(torch.arange(len(rows), device=self.device), lengths_d,
+                                               output_size=total)
+        at = (starts - crow_d[:-1])[row_of_value] + torch.arange(total, device=self.device)
+        return crow_d, row_of_value, self.indices[at], self.data[at]
+
+    def take(self, rows: np.ndarray) -> "DeviceCSR":
+        """The rows as a new ``DeviceCSR`` on the same device."""
+        crow, _, col, val = self.gather(rows)
+        out = DeviceCSR.__new__(DeviceCSR)
+        out.device, out.shape = self.device, (len(rows), self.shape[1])
+        out.host_indptr = crow.cpu().numpy()
+        out.indptr, out.indices, out.data = crow, col, val
+        return out
+
+    def dense(self, rows: np.ndarray) -> torch.Tensor:
+        """The rows as a dense float32 tensor on the device."""
+        _, row_of_value, col, val = self.gather(rows)
+        out = torch.zeros(len(rows), self.shape[1], device=self.device)
+        out[row_of_value, col.long()] = val
+        return out
+
+    def sparse(self, rows: np.ndarray, transposed: bool = True) -> SparseBatch:
+        """The rows as a ``SparseBatch`` (with the CSR of its transpose when ``transposed``)."""
+        crow, _, col, val = self.gather(rows)
+        size = (len(rows), self.shape[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            x = torch.sparse_csr_tensor(crow, col.to(crow.dtype), val, size=size)
+            if not transposed:
+                return SparseBatch(x, None)
+            csc = x.to_sparse_csc()
+            x_t = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), size=size[::-1])
+        return SparseBatch(x, x_t)
+
+
 @torch.no_grad()
 def init_encoder_from_pretrained(encoder: Encoder, pretrained_state: dict, lookup: data.GeneLookup) -> int:
     """Copy, for each gene of the dataset, the pretrained weight column of the same gene.

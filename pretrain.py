@@ -24,7 +24,7 @@ import common
 import data
 import kmeans
 import results
-from model import (RESUME_KIND, CheckpointError, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
+from model import (RESUME_KIND, CheckpointError, DeviceCSR, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
                    encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, model_normalize,
                    offset_targets, represent,
                    to_device, torch_csr)
@@ -67,9 +67,23 @@ class Collection:
     """The pre-training inputs: names and log1p CSR matrices aligned to one gene universe."""
 
     names: list[str]
-    features: list[sp.csr_matrix]  # the encoder's input (data.features), cells x universe genes
+    features: list[sp.csr_matrix]  # the encoder's input (data.features), cells x universe genes: views of stacked
     raw: list[sp.csr_matrix | None]  # raw values, kept only when K-means wants them
     gene_universe: np.ndarray
+    stacked: sp.csr_matrix  # every dataset's features (float32), one under the other: a step's one row gather
+    offsets: np.ndarray  # the first row of each dataset in stacked, and the total
+
+    @classmethod
+    def from_features(cls, names, features: list[sp.csr_matrix], raw, gene_universe) -> "Collection":
+        """The collection of these feature matrices; ``features`` is emptied (each matrix is freed
+        once copied into ``stacked``, so memory stays at one copy plus one dataset)."""
+        stacked, offsets = data.stack_csr(features)
+        views = [data.row_range(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
+        return cls(list(names), views, raw, np.asarray(gene_universe, dtype=object), stacked, offsets)
+
+    def rows_of(self, datasets: list[int], rows: list[np.ndarray]) -> np.ndarray:
+        """Rows of ``stacked`` for the given rows of the given datasets, dataset after dataset."""
+        return np.concatenate([self.offsets[d] + np.asarray(r, dtype=np.int64) for d, r in zip(datasets, rows)])
 
 
 def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw: bool = False,
@@ -86,7 +100,7 @@ def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw
         del d
         features.append(data.features(aligned, normalize))
         raw.append(aligned.X if keep_raw else None)
-    return Collection(names, features, raw, universe)
+    return Collection.from_features(names, features, raw, universe)
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -199,31 +213,51 @@ def sparse_input(args, device: torch.device) -> bool:
 
 @dataclass
 class HostStep:
-    """One step's inputs prepared on the host: the cells of the datasets ``used``, stacked."""
+    """One step's inputs: the cells of the datasets ``used``, stacked, as CSR on the host (and
+    its transpose for sparse products), or, gathered on the device, as the encoder's input."""
 
     used: list[int]
-    X: sp.csr_matrix
+    X: sp.csr_matrix | None
     X_t: sp.csr_matrix | None  # the transpose, for sparse products
     targets: list[np.ndarray]
     denominators: list[float]
+    on_device: torch.Tensor | SparseBatch | None = None
 
 
-def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: int, sparse: bool) -> HostStep | None:
+def step_source(coll: Collection, device: torch.device) -> DeviceCSR | None:
+    """On a GPU with room for it, the collection itself, so that steps gather their cells there;
+    otherwise None (steps are built on the host and copied)."""
+    if not DeviceCSR.fits(coll.stacked, device):
+        if device.type == "cuda":
+            log.info("the collection (%d non-zeros) does not fit in half the GPU's free memory: "
+                     "steps are built on the host", coll.stacked.nnz)
+        return None
+    log.info("the collection (%d non-zeros) is on the GPU: steps gather their cells there", coll.stacked.nnz)
+    return DeviceCSR(coll.stacked, device)
+
+
+def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: int, sparse: bool,
+                 source: DeviceCSR | None = None) -> HostStep | None:
     mine = [rows[rank::world] for rows in rows_per_dataset]  # this rank's share of each batch
     used = [d for d, rows in enumerate(mine) if len(rows)]
     if not used:
         return None
-    X = data.stack_rows([coll.features[d] for d in used], [mine[d] for d in used])
-    X = X if X.dtype == np.float32 else X.astype(np.float32)
+    rows = coll.rows_of(used, [mine[d] for d in used])
+    ys = [targets[d][mine[d]] for d in used]
     # each dataset's summed loss is divided by its whole batch: a mean once DDP averages ranks
-    return HostStep(used, X, X.T.tocsr() if sparse else None, [targets[d][mine[d]] for d in used],
-                    [len(rows_per_dataset[d]) / world for d in used])
+    denominators = [len(rows_per_dataset[d]) / world for d in used]
+    if source is not None:
+        return HostStep(used, None, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
+    X = coll.stacked[rows]
+    return HostStep(used, X, X.T.tocsr() if sparse else None, ys, denominators)
 
 
 def step_inputs(host: HostStep, device: torch.device):
     """(encoder input, targets, dataset ids, denominators) on the device; the encoder input is a
     ``SparseBatch`` or a dense float32 tensor."""
-    if host.X_t is not None:
+    if host.on_device is not None:
+        x = host.on_device
+    elif host.X_t is not None:
         x = SparseBatch(torch_csr(host.X, device), torch_csr(host.X_t, device))
     else:
         x = to_device(torch.from_numpy(host.X.toarray()), device)
@@ -231,8 +265,10 @@ def step_inputs(host: HostStep, device: torch.device):
     return x, ts, host.used, to_device(torch.tensor(host.denominators), device)
 
 
-def train_epoch(step_module, optimizer, coll: Collection, targets, args, device, phase: int, epoch: int) -> float:
-    """One epoch; returns the mean step loss (the same number on every rank)."""
+def train_epoch(step_module, optimizer, coll: Collection, targets, args, device, phase: int, epoch: int,
+                source: DeviceCSR | None = None) -> float:
+    """One epoch; returns the mean step loss (the same number on every rank). ``source``: the
+    collection on the device (``step_source``), where steps then gather their cells."""
     rank, world = dist_info()
     n_cells = [X.shape[0] for X in coll.features]
     steps = epoch_batches(n_cells, args.batch_num, args.seed, phase, epoch)
@@ -240,7 +276,7 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     # on a GPU the host prepares the next step while the device works on this one: nothing here
     # waits for the device but the logged loss
-    hosts = (prepare_step(coll, targets, rows, rank, world, sparse) for rows in steps)
+    hosts = (prepare_step(coll, targets, rows, rank, world, sparse, source) for rows in steps)
     bar = common.progress(hosts, total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False,
                           disable=rank != 0)
     for step, host in enumerate(bar):
@@ -330,10 +366,11 @@ def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, s
     after each, so that --resume can continue."""
     rank, _ = dist_info()
     n_cells = sum(X.shape[0] for X in coll.features)
+    source = step_source(coll, device) if progress["epoch"] < args.pt_epoch else None
     while progress["epoch"] < args.pt_epoch and progress["wait"] < args.pt_patience:
         epoch = progress["epoch"] + 1
         t0 = time.time()
-        loss = train_epoch(step_module, optimizer, coll, targets, args, device, phase, epoch)
+        loss = train_epoch(step_module, optimizer, coll, targets, args, device, phase, epoch, source=source)
         improved = loss < progress["best_loss"]
         progress.update(epoch=epoch, best_loss=min(loss, progress["best_loss"]),
                         wait=0 if improved else progress["wait"] + 1, losses=progress["losses"] + [loss])

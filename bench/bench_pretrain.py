@@ -130,16 +130,18 @@ def worker_ours(paths, args) -> dict:
     model, step_module, optimizer = build_model(len(coll.gene_universe), counts, args.hid, args.seed, device)
     run_args = SimpleNamespace(batch_num=args.batch_num, seed=args.seed, batch_format=args.batch_format)
     epoch_seconds = []
+    source = pretrain.step_source(coll, device)  # as run_epochs: on a GPU with room, the collection goes there
     for epoch in range(1, args.epochs + 1):
         t = time.perf_counter()
-        pretrain.train_epoch(step_module, optimizer, coll, targets, run_args, device, 1, epoch)  # ends on .item()
+        pretrain.train_epoch(step_module, optimizer, coll, targets, run_args, device, 1, epoch, source)  # ends on .item()
         epoch_seconds.append(time.perf_counter() - t)
     mem = synth.memory_mib()
     steps = pretrain.epoch_batches(n_cells, args.batch_num, args.seed, 1, 1)
     limit = pure_limit(coll, targets, steps, model.encoder.linear.weight.detach(), device)
     return {"cells": int(sum(n_cells)), "datasets": len(n_cells), "genes": len(coll.gene_universe),
             "nnz": int(sum(X.nnz for X in coll.features)), "load_seconds": load_seconds, "kmeans_seconds": t_kmeans,
-            "epoch_seconds": epoch_seconds, "peak_mib": mem["peak"], "batch_format": "sparse" if pretrain.sparse_input(
+            "epoch_seconds": epoch_seconds, "steps_gathered_on_device": source is not None,
+            "peak_mib": mem["peak"], "batch_format": "sparse" if pretrain.sparse_input(
                 run_args, device) else "dense", "torch_threads": torch.get_num_threads(), "device": str(device), **limit}
 
 

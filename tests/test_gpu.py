@@ -18,7 +18,7 @@ import kmeans
 import main
 import pretrain
 from helpers import launched_vs_single, toy_counts
-from model import ModelConfig, PretrainModel, load_checkpoint, offset_targets
+from model import DeviceCSR, ModelConfig, PretrainModel, load_checkpoint, offset_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
@@ -53,8 +53,9 @@ def test_kmeans_on_cuda_matches_cpu(tol):
 # --------------------------------------------------------------------------- one pre-training step
 
 
-def one_step(paths, labels, device: torch.device, sparse: bool):
-    """One step of phase 1 built as pretrain.run_pretraining builds it: (loss, encoder weight gradient)."""
+def one_step(paths, labels, device: torch.device, sparse: bool, on_device: bool = False):
+    """One step of phase 1 built as pretrain.run_pretraining builds it: (loss, encoder weight gradient);
+    ``on_device``: the step's cells gathered from the collection held on the device."""
     coll = pretrain.build_collection(data.load_collection(paths))
     counts = [[int(lab.max()) + 1 for lab in per_d] for per_d in labels]
     torch.manual_seed(1)
@@ -62,7 +63,9 @@ def one_step(paths, labels, device: torch.device, sparse: bool):
     step_module = pretrain.MultiTaskStep(model)
     targets = [offset_targets(per_d, c) for per_d, c in zip(labels, counts)]
     rows = pretrain.epoch_batches([X.shape[0] for X in coll.features], 4, 0, 1, 1)[0]
-    host = pretrain.prepare_step(coll, targets, rows, 0, 1, sparse)
+    source = pretrain.step_source(coll, device) if on_device else None
+    assert (source is not None) == on_device
+    host = pretrain.prepare_step(coll, targets, rows, 0, 1, sparse, source)
     loss = step_module(*pretrain.step_inputs(host, device))
     loss.backward()
     return float(loss.detach()), model.encoder.linear.weight_t.grad.detach().cpu()
@@ -73,10 +76,25 @@ def test_pretraining_step_on_cuda_matches_cpu(collection):
     coll = pretrain.build_collection(data.load_collection(collection))
     labels = [kmeans.pseudo_labels(X, 20, seed=0) for X in coll.features]  # the same pseudo-labels for both
     cpu_loss, cpu_grad = one_step(collection, labels, torch.device("cpu"), sparse=True)  # the CPU's default
-    gpu_loss, gpu_grad = one_step(collection, labels, torch.device("cuda"), sparse=False)  # the GPU's: dense
-    assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
     assert cpu_grad.abs().max() > 0
-    torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-4, atol=1e-6)
+    for sparse in (False, True):  # the GPU's default is dense
+        for on_device in (False, True):  # the default: the collection on the GPU
+            gpu_loss, gpu_grad = one_step(collection, labels, torch.device("cuda"), sparse, on_device)
+            assert gpu_loss == pytest.approx(cpu_loss, rel=1e-5)
+            torch.testing.assert_close(gpu_grad, cpu_grad, rtol=1e-4, atol=1e-6)
+
+
+@needs_cuda
+def test_device_csr_on_cuda_gathers_what_scipy_does():
+    X = sparse_log_counts()
+    store = DeviceCSR(X, torch.device("cuda"))
+    rows = np.random.default_rng(0).permutation(X.shape[0])[:97]
+    want = X[rows].toarray()
+    np.testing.assert_array_equal(store.dense(rows).cpu().numpy(), want)
+    batch = store.sparse(rows)
+    np.testing.assert_array_equal(batch.x.to_dense().cpu().numpy(), want)
+    np.testing.assert_array_equal(batch.x_t.to_dense().cpu().numpy(), want.T)
+    np.testing.assert_array_equal(store.take(rows).dense(np.arange(5)).cpu().numpy(), want[:5])
 
 
 # --------------------------------------------------------------------------- main.py end to end

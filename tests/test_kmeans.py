@@ -206,3 +206,28 @@ def test_log1p_features_share_structure():
     L = data.log1p_features(X)
     np.testing.assert_allclose(L.toarray(), np.log1p(X.toarray()))
     np.testing.assert_array_equal(X.data, [3, 1, 7])  # input untouched
+
+
+def test_gene_blocked_product_equals_the_plain_one():
+    """More genes than one GENE_BLOCK and more columns than one CENTROID_BLOCK; empty rows too."""
+    X = sp.random(70, 2 * kmeans.GENE_BLOCK + 37, density=0.02, format="csr", dtype=np.float32, random_state=2)
+    X = sp.csr_matrix(sp.diags((np.arange(70) != 5).astype(np.float32)) @ X)  # row 5 empty
+    X.eliminate_zeros()
+    assert X[5].nnz == 0
+    right = torch.randn(X.shape[1], kmeans.CENTROID_BLOCK + 9, dtype=torch.float32)
+    block = kmeans.GeneBlockedCSR(X.indptr, X.indices, X.data, X.shape[1])
+    assert len(block.parts) == 3
+    got = block.times(kmeans.GeneBlockedCSR.prepare(right))
+    np.testing.assert_allclose(got.numpy(), X.toarray() @ right.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(block.to_dense().numpy(), X.toarray())
+
+
+def test_kmeans_on_many_genes_matches_dense_input():
+    """The gene-blocked sparse path clusters as the dense path does (same seed, same data)."""
+    rng = np.random.default_rng(3)
+    centers = rng.random((4, kmeans.GENE_BLOCK + 500)) * (rng.random((4, kmeans.GENE_BLOCK + 500)) < 0.05) * 20
+    dense = (centers[rng.integers(4, size=200)] * (rng.random((200, centers.shape[1])) < 0.8)).astype(np.float32)
+    a = kmeans.kmeans(sp.csr_matrix(dense), 4, seed=0)
+    b = kmeans.kmeans(dense, 4, seed=0)
+    assert a.inertia == pytest.approx(b.inertia, rel=1e-4)
+    np.testing.assert_array_equal(a.labels, b.labels)

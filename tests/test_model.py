@@ -8,7 +8,7 @@ from torch.nn import functional as F
 import common
 import data
 import pretrain
-from model import (CheckpointError, Encoder, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
+from model import (CheckpointError, DeviceCSR, Encoder, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
                    encoder_checkpoint, encoder_from_checkpoint, offset_targets)
 
 COUNTS = [[5, 9, 2], [3, 4, 1]]
@@ -49,13 +49,53 @@ def test_offset_targets_point_into_each_heads_columns():
     assert cols.tolist() == [[4, 5, 15], [0, 13, 15]]
 
 
-def test_stack_rows_matches_vstack():
+def test_stack_csr_stacks_frees_and_row_range_shares():
+    mats = [sp.random(n, 7, density=0.4, format="csr", dtype=np.float64, random_state=i) for i, n in enumerate([5, 0, 9, 3])]
+    want = sp.vstack(mats).toarray().astype(np.float32)
+    parts = list(mats)
+    X, offsets = data.stack_csr(parts)
+    assert parts == [] and offsets.tolist() == [0, 5, 5, 14, 17]
+    assert X.dtype == np.float32 and X.shape == (17, 7)
+    np.testing.assert_array_equal(X.toarray(), want)
+    view = data.row_range(X, 5, 14)
+    np.testing.assert_array_equal(view.toarray(), want[5:14])
+    assert np.shares_memory(view.data, X.data) and np.shares_memory(view.indices, X.indices)
+    with pytest.raises(ValueError, match="columns"):
+        data.stack_csr([sp.csr_matrix((2, 3)), sp.csr_matrix((2, 4))])
+
+
+def test_device_csr_gathers_rows_as_scipy_does():
+    X = sp.random(60, 25, density=0.2, format="csr", dtype=np.float32, random_state=3)
+    store = DeviceCSR(X, torch.device("cpu"))
+    rows = np.array([59, 0, 7, 7, 31])  # any order, repeats allowed
+    want = X[rows].toarray()
+    np.testing.assert_array_equal(store.dense(rows).numpy(), want)
+    batch = store.sparse(rows)
+    np.testing.assert_array_equal(batch.x.to_dense().numpy(), want)
+    np.testing.assert_array_equal(batch.x_t.to_dense().numpy(), want.T)
+    assert store.sparse(rows, transposed=False).x_t is None
+    part = store.take(rows)
+    assert part.shape == (5, 25)
+    np.testing.assert_array_equal(part.dense(np.array([4, 1])).numpy(), want[[4, 1]])
+    empty = store.dense(np.array([], dtype=np.int64))
+    assert empty.shape == (0, 25)
+
+
+def test_a_step_gathers_each_datasets_rows_in_order():
     rng = np.random.default_rng(0)
     mats = [sp.random(n, 7, density=0.4, format="csr", dtype=np.float32, random_state=i) for i, n in enumerate([5, 9, 3])]
+    want_all = [m.toarray() for m in mats]
+    coll = pretrain.Collection.from_features(["a", "b", "c"], list(mats), [None] * 3, [f"G{i}" for i in range(7)])
+    for d, m in enumerate(want_all):
+        np.testing.assert_array_equal(coll.features[d].toarray(), m)
     rows = [rng.permutation(5)[:3], np.array([], dtype=np.int64), rng.permutation(3)]
-    got = data.stack_rows(mats, rows)
-    want = np.vstack([m[r].toarray() for m, r in zip(mats, rows)])
-    np.testing.assert_array_equal(got.toarray(), want)
+    targets = [np.arange(n * 3).reshape(n, 3) for n in (5, 9, 3)]
+    host = pretrain.prepare_step(coll, targets, rows, 0, 1, sparse=True)
+    assert host.used == [0, 2]
+    want = np.vstack([want_all[0][rows[0]], want_all[2][rows[2]]])
+    np.testing.assert_array_equal(host.X.toarray(), want)
+    np.testing.assert_array_equal(host.X_t.toarray(), want.T)
+    np.testing.assert_array_equal(host.targets[1], targets[2][rows[2]])
 
 
 def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
@@ -65,7 +105,7 @@ def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
     outs, grads = [], []
     for sparse in (False, True):
         encoder.zero_grad()
-        coll = pretrain.Collection(["toy"], [X], [None], np.array([f"G{i}" for i in range(40)]))
+        coll = pretrain.Collection.from_features(["toy"], [X], [None], [f"G{i}" for i in range(40)])
         host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], 0, 1, sparse)
         x = pretrain.step_inputs(host, torch.device("cpu"))[0]
         assert isinstance(x, SparseBatch) == sparse

@@ -107,3 +107,59 @@ def test_classifier_feeds_the_query_what_it_was_trained_on(tmp_path):
         expected = torch.softmax(clf(torch.from_numpy(cp10k)), 1).numpy()
     written = pd.read_csv(tmp_path / "o.probabilities.csv", index_col="cell")
     np.testing.assert_allclose(written[ckpt["classes"]].to_numpy(), expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- sparse fine-tuning
+
+
+def toy_features(n_cells=120, n_genes=40, seed=5):
+    counts, types = toy_counts(n_cells=n_cells, n_genes=n_genes, n_types=3, seed=seed)
+    return data.log1p_features(sp.csr_matrix(counts)), types
+
+
+def test_sparse_training_rows_give_the_dense_rows_and_a_consistent_transpose():
+    X, _ = toy_features()
+    rows = np.random.default_rng(0).permutation(X.shape[0])[:50]
+    sparse = classifier.TrainingRows(X, rows, "cpu", sparse=True)
+    dense = classifier.TrainingRows(X, rows, "cpu", sparse=False)
+    positions = np.array([3, 0, 49, 7])
+    batch = sparse.batch(positions)
+    np.testing.assert_array_equal(batch.x.to_dense().numpy(), dense.batch(positions).numpy())
+    np.testing.assert_array_equal(batch.x_t.to_dense().numpy(), dense.batch(positions).numpy().T)
+    whole = sparse.batch(np.arange(50))
+    np.testing.assert_array_equal(whole.x.to_dense().numpy(), X[rows].toarray())
+    torch.manual_seed(0)
+    dropped = sparse.batch(np.arange(50), dropout=0.5)
+    x, x_t = dropped.x.to_dense().numpy(), dropped.x_t.to_dense().numpy()
+    np.testing.assert_array_equal(x_t, x.T)  # the same values dropped in both
+    kept = x[X[rows].toarray() != 0]
+    assert 0 < (kept == 0).sum() < kept.size  # some stored values dropped, not all
+    np.testing.assert_allclose(kept[kept != 0], 2 * X[rows].toarray()[x != 0], rtol=1e-6)  # the rest scaled
+
+
+@pytest.mark.parametrize("batch_size", [5000, 32])  # one batch of all cells, and several
+def test_sparse_and_dense_fine_tuning_agree(batch_size):
+    X, types = toy_features()
+    args = main.parse_args(["--kmeans", "--ft_epoch", "15", "--patience", "100", "--hid", "8",
+                            "--ft_batch_size", str(batch_size)])
+    main.common.resolve_recipe(args)
+    split = (np.arange(0, 80), np.arange(80, 100), np.arange(100, 120))
+    results = {}
+    for batch_format in ("dense", "sparse"):
+        args.ft_batch_format = batch_format
+        clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
+        clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+        results[batch_format] = (clf.state_dict(), epochs, accuracy)
+    (dense_state, dense_epochs, dense_acc), (sparse_state, sparse_epochs, sparse_acc) = results.values()
+    assert dense_epochs == sparse_epochs == 15 and sparse_acc == dense_acc
+    for key in dense_state:
+        torch.testing.assert_close(sparse_state[key], dense_state[key], rtol=1e-4, atol=1e-5)
+    assert not torch.equal(dense_state["out.weight"], classifier.build_classifier(3, 0, args, None, 40).state_dict()["out.weight"])
+
+
+def test_auto_batch_format_is_sparse_on_cpu_for_csr_only():
+    X, _ = toy_features()
+    assert classifier.sparse_batches(X, "auto", torch.device("cpu"))
+    assert not classifier.sparse_batches(X.toarray(), "auto", torch.device("cpu"))  # PCA inputs are dense
+    assert not classifier.sparse_batches(X, "dense", torch.device("cpu"))
+    assert not classifier.sparse_batches(X, "auto", torch.device("cuda"))
