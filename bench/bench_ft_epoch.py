@@ -85,7 +85,7 @@ def product_limit(features, rows, hid: int, device) -> dict:
     return {"dense_products_s": dense_s, "sparse_products_s": sparse_s, "limit_s": min(dense_s, sparse_s)}
 
 
-def epoch_seconds(path: Path, batch_format: str, args) -> tuple[float, dict]:
+def epoch_seconds(path: Path, batch_format: str, args, warm_up: bool = False) -> tuple[float, dict]:
     import torch
 
     import classifier
@@ -93,8 +93,9 @@ def epoch_seconds(path: Path, batch_format: str, args) -> tuple[float, dict]:
     import data
     import main
 
+    epochs = 2 if warm_up else args.epochs
     run_args = main.parse_args(["--kmeans", "--datasets", str(path), "--recipe", args.recipe, "--ft_epoch",
-                                str(args.epochs), "--patience", str(args.epochs + 1), "--ft_batch_format",
+                                str(epochs), "--patience", str(epochs + 1), "--ft_batch_format",
                                 batch_format, "--log_level", "WARNING"])
     common.resolve_recipe(run_args)
     d = data.labelled_cells(common.load_datasets(run_args)[0])
@@ -107,6 +108,8 @@ def epoch_seconds(path: Path, batch_format: str, args) -> tuple[float, dict]:
     t0 = time.perf_counter()
     _, epochs, _ = classifier.train_classifier(clf, features, codes, split, run_args, seed, device)
     seconds = (time.perf_counter() - t0) / epochs
+    if warm_up:
+        return seconds, {}
     info = {"cells": d.n_cells, "genes": features.shape[1], "train": len(split[0]), "validation": len(split[1]),
             "density": features.nnz / (features.shape[0] * features.shape[1]), "epochs": epochs,
             **product_limit(features, split[0], run_args.hid, device)}
@@ -146,14 +149,15 @@ def main(args) -> dict:
           f"{torch.get_num_threads()}; device {args.device}; recipe {args.recipe}", flush=True)
     path = make_dataset(args)
     out = {}
+    epoch_seconds(path, "dense", args, warm_up=True)  # CUDA context, kernels and allocator: not an epoch's cost
     for batch_format in ("dense", "sparse"):
         seconds, info = epoch_seconds(path, batch_format, args)
         out[batch_format] = seconds
-        print(f"{batch_format:>6} batches: {seconds:.3f} s/epoch over {info['epochs']} epochs", flush=True)
+        print(f"{batch_format:>6} batches: {1000 * seconds:.1f} ms/epoch over {info['epochs']} epochs", flush=True)
     print(f"{info['cells']} cells x {info['genes']} genes ({100 * info['density']:.1f} % non-zero), "
           f"{info['train']} training and {info['validation']} validation cells")
     print(f"limit (the encoder's forward and weight-gradient products on a ready batch of the training cells): "
-          f"dense {info['dense_products_s']:.3f} s, CSR {info['sparse_products_s']:.3f} s")
+          f"dense {1000 * info['dense_products_s']:.2f} ms, CSR {1000 * info['sparse_products_s']:.2f} ms")
     for batch_format in ("dense", "sparse"):
         print(f"epoch / limit, {batch_format}: {out[batch_format] / info['limit_s']:.2f}")
     print(f"dense / sparse epoch: {out['dense'] / out['sparse']:.2f}x", flush=True)
