@@ -849,29 +849,60 @@ def row_block(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     return view
 
 
+class CSRStack:
+    """CSR matrices with the same columns, appended one under the other into one CSR whose arrays
+    are allocated once, for ``capacity`` stored values (grown by copying if that is exceeded):
+    pages are committed only as values are written, so the peak is the parts not yet appended
+    plus what has been, not two copies of everything."""
+
+    def __init__(self, n_cols: int, capacity: int, dtype=np.float32):
+        self.n_cols, self.dtype = n_cols, dtype
+        self.index_dtype = np.int32 if capacity < 2**31 and n_cols < 2**31 else np.int64
+        self.indices = np.empty(capacity, dtype=self.index_dtype)
+        self.values = np.empty(capacity, dtype=dtype)
+        self.indptrs, self.offsets, self.nnz = [np.zeros(1, dtype=np.int64)], [0], 0
+
+    def append(self, m: sp.csr_matrix) -> None:
+        m = sp.csr_matrix(m)
+        if m.shape[1] != self.n_cols:
+            raise ValueError(f"cannot stack a matrix of {m.shape[1]} columns under ones of {self.n_cols}")
+        if self.nnz + m.nnz > len(self.values):
+            self._grow(self.nnz + m.nnz)
+        self.indices[self.nnz:self.nnz + m.nnz] = m.indices
+        self.values[self.nnz:self.nnz + m.nnz] = m.data
+        self.indptrs.append(self.nnz + np.asarray(m.indptr[1:], dtype=np.int64))
+        self.nnz += m.nnz
+        self.offsets.append(self.offsets[-1] + m.shape[0])
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * len(self.values))
+        if capacity >= 2**31 and self.index_dtype == np.int32:
+            self.index_dtype = np.int64
+        for name in ("indices", "values"):
+            old = getattr(self, name)
+            new = np.empty(capacity, dtype=self.index_dtype if name == "indices" else self.dtype)
+            new[:self.nnz] = old[:self.nnz]
+            setattr(self, name, new)
+
+    def finish(self) -> tuple[sp.csr_matrix, np.ndarray]:
+        """The stacked CSR (its arrays the first ``nnz`` of the buffers: no copy) and the first row of
+        each part, plus the total."""
+        indptr = np.concatenate(self.indptrs)
+        if self.index_dtype == np.int32 and self.nnz < 2**31:
+            indptr = indptr.astype(np.int32)
+        out = sp.csr_matrix((self.offsets[-1], self.n_cols), dtype=self.dtype)
+        # set, not passed to the constructor: scipy copies sliced arrays it is given (1.17)
+        out.data, out.indices, out.indptr = self.values[:self.nnz], self.indices[:self.nnz], indptr
+        return out, np.asarray(self.offsets, dtype=np.int64)
+
+
 def stack_csr(mats: list[sp.csr_matrix], dtype=np.float32) -> tuple[sp.csr_matrix, np.ndarray]:
     """CSR matrices with the same columns as one CSR, one under the other, and the first row of
-    each (plus the total). ``mats`` is emptied as it goes: each part is freed once copied, so the
-    peak is the result plus one part, not two copies of everything."""
-    n_rows = [m.shape[0] for m in mats]
-    nnz = [m.nnz for m in mats]
-    n_cols = mats[0].shape[1] if mats else 0
-    offsets = np.concatenate([[0], np.cumsum(n_rows)]).astype(np.int64)
-    index_dtype = np.int32 if sum(nnz) < 2**31 and n_cols < 2**31 else np.int64
-    indptr = np.empty(offsets[-1] + 1, dtype=index_dtype)
-    indices = np.empty(sum(nnz), dtype=index_dtype)
-    values = np.empty(sum(nnz), dtype=dtype)
-    indptr[0], at, row = 0, 0, 0
+    each (plus the total). ``mats`` is emptied as it goes, each part freed once copied."""
+    stack = CSRStack(mats[0].shape[1] if mats else 0, sum(m.nnz for m in mats), dtype)
     while mats:
-        m = sp.csr_matrix(mats.pop(0))
-        if m.shape[1] != n_cols:
-            raise ValueError(f"cannot stack a matrix of {m.shape[1]} columns under ones of {n_cols}")
-        indices[at:at + m.nnz] = m.indices
-        values[at:at + m.nnz] = m.data
-        indptr[row + 1:row + 1 + m.shape[0]] = at + m.indptr[1:]
-        at, row = at + m.nnz, row + m.shape[0]
-        del m
-    return sp.csr_matrix((values, indices, indptr), shape=(int(offsets[-1]), n_cols), copy=False), offsets
+        stack.append(mats.pop(0))
+    return stack.finish()
 
 
 def row_range(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:

@@ -77,7 +77,11 @@ class Collection:
     def from_features(cls, names, features: list[sp.csr_matrix], raw, gene_universe) -> "Collection":
         """The collection of these feature matrices; ``features`` is emptied (each matrix is freed
         once copied into ``stacked``, so memory stays at one copy plus one dataset)."""
-        stacked, offsets = data.stack_csr(features)
+        return cls.of_stacked(names, *data.stack_csr(features), raw, gene_universe)
+
+    @classmethod
+    def of_stacked(cls, names, stacked: sp.csr_matrix, offsets: np.ndarray, raw, gene_universe) -> "Collection":
+        """The collection whose datasets are the row ranges ``offsets`` of ``stacked``."""
         views = [data.row_range(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
         return cls(list(names), views, raw, np.asarray(gene_universe, dtype=object), stacked, offsets)
 
@@ -92,15 +96,18 @@ def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw
     unaligned matrix is freed as soon as its aligned copy exists (memory stays flat)."""
     universe = data.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
     log.info("gene universe: %d genes", len(universe))
-    names, features, raw = [], [], []
+    names, raw = [], []
+    # aligning keeps or sums a dataset's values, never adds any: their total bounds the collection's
+    stack = data.CSRStack(len(universe), sum(d.X.nnz for d in datasets))
     while datasets:
         d = datasets.pop(0)
         aligned = data.align_to_universe(d, universe)
         names.append(d.name)
         del d
-        features.append(data.features(aligned, normalize))
+        stack.append(data.features(aligned, normalize))
         raw.append(aligned.X if keep_raw else None)
-    return Collection.from_features(names, features, raw, universe)
+        del aligned
+    return Collection.of_stacked(names, *stack.finish(), raw, universe)
 
 
 # --------------------------------------------------------------------------- distributed helpers

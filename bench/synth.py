@@ -253,7 +253,7 @@ def write_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: floa
 
 
 def write_collection(specs: list[DatasetSpec], out, n_genes: int = 17000, density: float = 0.05,
-                     chunk_cells: int = 8192, overwrite: bool = False) -> list[dict]:
+                     chunk_cells: int = 8192, overwrite: bool = False, workers: int = 1) -> list[dict]:
     """Write every dataset (skipping files already there unless ``overwrite``) and a manifest.csv."""
     import pandas as pd
 
@@ -265,7 +265,7 @@ def write_collection(specs: list[DatasetSpec], out, n_genes: int = 17000, densit
         if path.exists() and not overwrite:
             rows.append({**asdict(spec), "path": str(path), "reused": True})
             continue
-        row = write_dataset(spec, path, pool, density, chunk_cells)
+        row = write_dataset(spec, path, pool, density, chunk_cells, workers if spec.n_cells > chunk_cells else 1)
         log.info("%s: %d cells x %d genes, %d types, %.2f%% non-zero, %.1fs", spec.name, spec.n_cells,
                  row["n_genes"], spec.n_types, 100 * row["density"], row["seconds"])
         rows.append(row)
@@ -367,6 +367,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="rewrite files that already exist")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes drawing a large dataset's blocks; > 1 is another (equally distributed) draw "
+                        "than 1 (default: %(default)s)")
     p.add_argument("--dry_run", action="store_true", help="print the plan (sizes, non-zeros, bytes) only")
     return p.parse_args(argv)
 
@@ -383,7 +386,7 @@ def main(args) -> list[str]:
             print(f"{s.name}\t{s.n_cells}\t{s.n_types}\t{s.species}")
         return []
     t0 = time.time()
-    rows = write_collection(specs, args.out, args.genes, args.density, overwrite=args.overwrite)
+    rows = write_collection(specs, args.out, args.genes, args.density, overwrite=args.overwrite, workers=args.workers)
     log.info("done in %.1fs; manifest: %s", time.time() - t0, Path(args.out) / "manifest.csv")
     return [r["path"] for r in rows]
 

@@ -62,6 +62,12 @@ def test_stack_csr_stacks_frees_and_row_range_shares():
     assert np.shares_memory(view.data, X.data) and np.shares_memory(view.indices, X.indices)
     with pytest.raises(ValueError, match="columns"):
         data.stack_csr([sp.csr_matrix((2, 3)), sp.csr_matrix((2, 4))])
+    small = data.CSRStack(7, capacity=3)  # too small a capacity: grown by copying, the same result
+    for m in mats:
+        small.append(m)
+    grown, grown_offsets = small.finish()
+    np.testing.assert_array_equal(grown.toarray(), want)
+    assert grown_offsets.tolist() == offsets.tolist()
 
 
 def test_device_csr_gathers_rows_as_scipy_does():
