@@ -70,10 +70,11 @@ class GeneBlockedCSR:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             for b in range(n_blocks):
-                block_crow = np.zeros(n_rows + 1, dtype=np.int64)
+                # int32 indices (a chunk holds < 2**31 values): 8 bytes a value kept, and MKL takes them as they are
+                block_crow = np.zeros(n_rows + 1, dtype=np.int32)
                 np.cumsum(counts[:, b], out=block_crow[1:])
                 size = int(block_crow[-1])
-                block_col = (col[at:at + size] - self.edges[b]).astype(np.int64)
+                block_col = (col[at:at + size] - self.edges[b]).astype(np.int32)
                 self.parts.append(torch.sparse_csr_tensor(torch.from_numpy(block_crow), torch.from_numpy(block_col),
                                                           torch.from_numpy(val[at:at + size]),
                                                           size=(n_rows, self.edges[b + 1] - self.edges[b])))

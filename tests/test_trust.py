@@ -1,4 +1,5 @@
 """Run identities, resume checks, option ranges, output paths, exit codes and clean logs."""
+import argparse
 import json
 import os
 import subprocess
@@ -190,3 +191,12 @@ def test_bad_data_exits_1_and_bad_command_line_exits_2(tmp_path):
     usage = subprocess.run([sys.executable, "main.py", "--batch_num", "0"], cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
     assert usage.returncode == 2 and "--batch_num" in usage.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_scripts_have_freed_arrays_returned_to_the_system(monkeypatch):
+    assert common.return_freed_memory() is True  # mallopt accepted the threshold
+    calls = []
+    monkeypatch.setattr(common, "return_freed_memory", lambda: calls.append(1) or True)
+    assert common.run_script(lambda args: "ran", argparse.Namespace(log_level="WARNING", seed=0)) == "ran"
+    assert calls == [1]
