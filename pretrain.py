@@ -26,7 +26,7 @@ import kmeans
 import results
 from model import (RESUME_KIND, CheckpointError, DeviceCSR, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
                    encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, model_normalize,
-                   offset_targets, represent,
+                   offset_targets, represent, transposed_pieces,
                    to_device, torch_csr)
 
 log = logging.getLogger("scpretrain.pretrain")
@@ -225,7 +225,7 @@ class HostStep:
 
     used: list[int]
     X: sp.csr_matrix | None
-    X_t: sp.csr_matrix | None  # the transpose, for sparse products
+    X_t: sp.csr_matrix | tuple[sp.csr_matrix, ...] | None  # the transpose (transposed_pieces), for sparse products
     targets: list[np.ndarray]
     denominators: list[float]
     on_device: torch.Tensor | SparseBatch | None = None
@@ -256,7 +256,7 @@ def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: 
     if source is not None:
         return HostStep(used, None, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
     X = coll.stacked[rows]
-    return HostStep(used, X, X.T.tocsr() if sparse else None, ys, denominators)
+    return HostStep(used, X, transposed_pieces(X) if sparse else None, ys, denominators)
 
 
 def step_inputs(host: HostStep, device: torch.device):
@@ -265,7 +265,9 @@ def step_inputs(host: HostStep, device: torch.device):
     if host.on_device is not None:
         x = host.on_device
     elif host.X_t is not None:
-        x = SparseBatch(torch_csr(host.X, device), torch_csr(host.X_t, device))
+        x_t = (torch_csr(host.X_t, device) if sp.issparse(host.X_t)
+               else tuple(torch_csr(piece, device) for piece in host.X_t))
+        x = SparseBatch(torch_csr(host.X, device), x_t)
     else:
         x = to_device(torch.from_numpy(host.X.toarray()), device)
     ts = [to_device(torch.from_numpy(t), device) for t in host.targets]

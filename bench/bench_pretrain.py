@@ -164,6 +164,8 @@ def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
     """(a): the encoder's two products per step on ready dense batches; and the same on torch CSR."""
     import torch
 
+    from model import transposed_times
+
     hid, n_genes = weight.shape
     sizes = [sum(len(r) for r in rows) for rows in steps]
     first = _step_input(coll, targets, steps[0], False, device)
@@ -194,7 +196,7 @@ def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
         t = time.perf_counter()
         for batch in batches:
             batch.x @ w_tc
-            batch.x_t @ grad[:batch.x.shape[0]]
+            transposed_times(batch.x_t, grad[:batch.x.shape[0]])
         _sync(device)
         return time.perf_counter() - t
 

@@ -9,7 +9,8 @@ import common
 import data
 import pretrain
 from model import (CheckpointError, DeviceCSR, Encoder, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, offset_targets)
+                   encoder_checkpoint, encoder_from_checkpoint, offset_targets, torch_csr, transposed_pieces,
+                   transposed_times)
 
 COUNTS = [[5, 9, 2], [3, 4, 1]]
 
@@ -68,6 +69,24 @@ def test_stack_csr_stacks_frees_and_row_range_shares():
     grown, grown_offsets = small.finish()
     np.testing.assert_array_equal(grown.toarray(), want)
     assert grown_offsets.tolist() == offsets.tolist()
+
+
+def test_weight_gradient_from_transposed_pieces_equals_the_whole():
+    X = sp.random(10, 30, density=0.3, format="csr", dtype=np.float32, random_state=4)
+    g = torch.randn(10, 5)
+    whole = transposed_pieces(X, piece_rows=3)  # 10 rows: at most 4 pieces' worth, kept whole
+    pieces = transposed_pieces(X, piece_rows=2)
+    assert sp.issparse(whole) and len(pieces) == 5 and [p.shape for p in pieces] == [(30, 2)] * 5
+    want = X.toarray().T @ g.numpy()
+    for x_t in (torch_csr(whole, torch.device("cpu")), tuple(torch_csr(p, torch.device("cpu")) for p in pieces)):
+        np.testing.assert_allclose(transposed_times(x_t, g).numpy(), want, rtol=1e-5, atol=1e-6)
+    encoder = Encoder(30, 5)
+    out = encoder(SparseBatch(torch_csr(X, torch.device("cpu")), tuple(torch_csr(p, torch.device("cpu")) for p in pieces)))
+    out.sum().backward()
+    sparse_grad = encoder.linear.weight_t.grad.clone()
+    encoder.zero_grad()
+    encoder(torch.from_numpy(X.toarray())).sum().backward()
+    torch.testing.assert_close(sparse_grad, encoder.linear.weight_t.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_device_csr_gathers_rows_as_scipy_does():
