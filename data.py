@@ -843,10 +843,15 @@ def dense_rows(features: sp.csr_matrix, rows: np.ndarray | None = None) -> np.nd
 def row_block(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of a CSR matrix as a CSR that shares its arrays (no copy of the values)."""
     lo, hi = int(X.indptr[start]), int(X.indptr[stop])
-    view = sp.csr_matrix((stop - start, X.shape[1]), dtype=X.dtype)
-    # set, not passed to the constructor: scipy copies sliced arrays it is given (1.17)
-    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo
-    return view
+    return csr_sharing(X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo, (stop - start, X.shape[1]))
+
+
+def csr_sharing(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape) -> sp.csr_matrix:
+    """A CSR matrix over these arrays, not copies of them: they are set on an empty matrix, since
+    scipy copies sliced arrays passed to its constructor (1.17)."""
+    out = sp.csr_matrix(shape, dtype=values.dtype)
+    out.data, out.indices, out.indptr = values, indices, indptr
+    return out
 
 
 class CSRStack:
@@ -890,9 +895,7 @@ class CSRStack:
         indptr = np.concatenate(self.indptrs)
         if self.index_dtype == np.int32 and self.nnz < 2**31:
             indptr = indptr.astype(np.int32)
-        out = sp.csr_matrix((self.offsets[-1], self.n_cols), dtype=self.dtype)
-        # set, not passed to the constructor: scipy copies sliced arrays it is given (1.17)
-        out.data, out.indices, out.indptr = self.values[:self.nnz], self.indices[:self.nnz], indptr
+        out = csr_sharing(self.values[:self.nnz], self.indices[:self.nnz], indptr, (self.offsets[-1], self.n_cols))
         return out, np.asarray(self.offsets, dtype=np.int64)
 
 
@@ -903,15 +906,6 @@ def stack_csr(mats: list[sp.csr_matrix], dtype=np.float32) -> tuple[sp.csr_matri
     while mats:
         stack.append(mats.pop(0))
     return stack.finish()
-
-
-def row_range(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
-    """Rows ``start:stop`` of a CSR matrix as a CSR that shares its values and column indices."""
-    lo, hi = int(X.indptr[start]), int(X.indptr[stop])
-    view = sp.csr_matrix((stop - start, X.shape[1]), dtype=X.dtype)
-    # set, not passed to the constructor: scipy copies sliced arrays it is given (1.17)
-    view.data, view.indices, view.indptr = X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo
-    return view
 
 
 def iter_batches(n_cells: int, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[np.ndarray]:

@@ -82,7 +82,7 @@ class Collection:
     @classmethod
     def of_stacked(cls, names, stacked: sp.csr_matrix, offsets: np.ndarray, raw, gene_universe) -> "Collection":
         """The collection whose datasets are the row ranges ``offsets`` of ``stacked``."""
-        views = [data.row_range(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
+        views = [data.row_block(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
         return cls(list(names), views, raw, np.asarray(gene_universe, dtype=object), stacked, offsets)
 
     def rows_of(self, datasets: list[int], rows: list[np.ndarray]) -> np.ndarray:

@@ -50,7 +50,7 @@ def test_offset_targets_point_into_each_heads_columns():
     assert cols.tolist() == [[4, 5, 15], [0, 13, 15]]
 
 
-def test_stack_csr_stacks_frees_and_row_range_shares():
+def test_stack_csr_stacks_frees_and_row_block_shares():
     mats = [sp.random(n, 7, density=0.4, format="csr", dtype=np.float64, random_state=i) for i, n in enumerate([5, 0, 9, 3])]
     want = sp.vstack(mats).toarray().astype(np.float32)
     parts = list(mats)
@@ -58,7 +58,7 @@ def test_stack_csr_stacks_frees_and_row_range_shares():
     assert parts == [] and offsets.tolist() == [0, 5, 5, 14, 17]
     assert X.dtype == np.float32 and X.shape == (17, 7)
     np.testing.assert_array_equal(X.toarray(), want)
-    view = data.row_range(X, 5, 14)
+    view = data.row_block(X, 5, 14)
     np.testing.assert_array_equal(view.toarray(), want[5:14])
     assert np.shares_memory(view.data, X.data) and np.shares_memory(view.indices, X.indices)
     with pytest.raises(ValueError, match="columns"):
