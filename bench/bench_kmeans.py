@@ -156,12 +156,13 @@ def iteration_cost(npz: str, ks: list[int], seed: int, device: str, repeats: int
     import torch
 
     import kmeans
+    from model import torch_csr
 
     X = sp.load_npz(npz).tocsr()
     X.data = X.data.astype(np.float32, copy=False)
     dev = torch.device(device)
     rows = kmeans._Rows(X, dev, cache=True)  # as kmeans.kmeans holds the rows it iterates over
-    whole = torch_csr_of(X, dev)
+    whole = torch_csr(X, dev)
 
     def best(fn):
         times = []
@@ -201,13 +202,6 @@ def iteration_cost(npz: str, ks: list[int], seed: int, device: str, repeats: int
                     "plain_product_s": plain_s, "ratio": lloyd_s / product_s, "ratio_to_plain": lloyd_s / plain_s,
                     "threads": torch.get_num_threads()})
     return out
-
-
-def torch_csr_of(X: sp.csr_matrix, device) -> "torch.Tensor":
-    """The whole matrix as one torch CSR tensor on the device: the plain product's operand."""
-    from model import torch_csr
-
-    return torch_csr(X, device)
 
 
 def run_in_subprocess(method: str, k: int, npz: Path, args) -> dict:
