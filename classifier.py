@@ -113,9 +113,10 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
             if sparse and len(batch) == len(train_idx):
                 # one batch of every training cell: their stored order (prepared once); the loss is
                 # a mean, so the order changes only rounding
-                batch = np.arange(len(train_idx))
-            x = train_rows.batch(batch, dropout=clf.dropout)
-            loss = torch.nn.functional.cross_entropy(clf(x), y_train[torch.as_tensor(batch, device=device)])
+                x, y = train_rows.batch(None, dropout=clf.dropout), y_train
+            else:
+                x, y = train_rows.batch(batch, dropout=clf.dropout), y_train[torch.as_tensor(batch, device=device)]
+            loss = torch.nn.functional.cross_entropy(clf(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -153,12 +154,12 @@ class TrainingRows:
         elif len(self.rows) * features.shape[1] * 4 <= DENSE_TRAIN_BYTES:
             self.dense = dense_batch(features, self.rows).to(device)
 
-    def batch(self, positions: np.ndarray, dropout: float = 0.0) -> torch.Tensor | SparseBatch:
-        """The rows at ``positions`` (of these rows) for a training step; a sparse batch gets the
-        classifier's input dropout here, on its stored values (dense ones get it in the model)."""
+    def batch(self, positions: np.ndarray | None, dropout: float = 0.0) -> torch.Tensor | SparseBatch:
+        """The rows at ``positions`` (of these rows; None: all, in their stored order, sparse only)
+        for a training step; a sparse batch gets the classifier's input dropout here, on its
+        stored values (dense ones get it in the model)."""
         if self.sparse:
-            whole = len(positions) == len(self.rows) and np.array_equal(positions, np.arange(len(self.rows)))
-            part = self.whole if whole else _TransposableCSR(self.csr[positions], self.device)
+            part = self.whole if positions is None else _TransposableCSR(self.csr[positions], self.device)
             return part.batch(dropout)
         if self.dense is not None:
             return self.dense[torch.as_tensor(positions, device=self.device)]
