@@ -50,8 +50,7 @@ def make_inputs(args) -> tuple[Path, Path]:
 
     out = Path(args.out)
     spec = synth.DatasetSpec(f"query_{args.cells}", args.cells, args.classes, "human", 7, 1.0)
-    suffix = "" if args.write_workers <= 1 else "_parallel"
-    query = out / f"{spec.name}_{args.genes}{suffix}.h5"
+    query = out / f"{synth.file_stem(f'{spec.name}_{args.genes}', args.cells, args.chunk_cells, args.write_workers)}.h5"
     if not query.exists():
         t0 = time.time()
         row = synth.write_dataset(spec, query, synth.gene_pool(args.genes), args.density, args.chunk_cells,

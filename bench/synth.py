@@ -28,6 +28,8 @@ import os
 import sys
 import tempfile
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -182,19 +184,25 @@ def _chunk_of(model: "CountModel", types: np.ndarray, seed: tuple[int, int]) -> 
     return model.chunk(types, np.random.default_rng(seed))
 
 
+def drawn_in_parallel(n_cells: int, chunk_cells: int, workers: int) -> bool:
+    """Whether ``write_dataset`` draws a dataset's blocks from per-block generators (another draw)."""
+    return workers > 1 and n_cells > chunk_cells
+
+
+def file_stem(name: str, n_cells: int, chunk_cells: int, workers: int) -> str:
+    """A dataset's file name without suffix: a parallel draw is another file than the sequential one."""
+    return name + ("_parallel" if drawn_in_parallel(n_cells, chunk_cells, workers) else "")
+
+
 def _blocks(model: "CountModel", types: np.ndarray, rng: np.random.Generator, seed: int, chunk_cells: int,
             workers: int):
     """The dataset's CSR blocks in order: drawn from ``rng`` one after another (``workers`` = 1), or
     each from a generator seeded by (seed, block number) in a pool of ``workers`` processes."""
     starts = range(0, len(types), chunk_cells)
-    if workers <= 1:
+    if not drawn_in_parallel(len(types), chunk_cells, workers):
         for start in starts:
             yield model.chunk(types[start:start + chunk_cells], rng)
         return
-    from concurrent.futures import ProcessPoolExecutor
-
-    from collections import deque
-
     with ProcessPoolExecutor(workers) as pool:
         pending = deque()  # at most 2 x workers blocks drawn ahead of the writer
         for i, start in enumerate(starts):
@@ -261,11 +269,11 @@ def write_collection(specs: list[DatasetSpec], out, n_genes: int = 17000, densit
     pool = gene_pool(n_genes)
     rows = []
     for spec in specs:
-        path = out / f"{spec.name}.h5"
+        path = out / f"{file_stem(spec.name, spec.n_cells, chunk_cells, workers)}.h5"
         if path.exists() and not overwrite:
             rows.append({**asdict(spec), "path": str(path), "reused": True})
             continue
-        row = write_dataset(spec, path, pool, density, chunk_cells, workers if spec.n_cells > chunk_cells else 1)
+        row = write_dataset(spec, path, pool, density, chunk_cells, workers)
         log.info("%s: %d cells x %d genes, %d types, %.2f%% non-zero, %.1fs", spec.name, spec.n_cells,
                  row["n_genes"], spec.n_types, 100 * row["density"], row["seconds"])
         rows.append(row)
