@@ -74,12 +74,6 @@ class Collection:
     offsets: np.ndarray  # the first row of each dataset in stacked, and the total
 
     @classmethod
-    def from_features(cls, names, features: list[sp.csr_matrix], raw, gene_universe) -> "Collection":
-        """The collection of these feature matrices; ``features`` is emptied (each matrix is freed
-        once copied into ``stacked``, so memory stays at one copy plus one dataset)."""
-        return cls.of_stacked(names, *data.stack_csr(features), raw, gene_universe)
-
-    @classmethod
     def of_stacked(cls, names, stacked: sp.csr_matrix, offsets: np.ndarray, raw, gene_universe) -> "Collection":
         """The collection whose datasets are the row ranges ``offsets`` of ``stacked``."""
         views = [data.row_block(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]

@@ -110,7 +110,8 @@ def test_a_step_gathers_each_datasets_rows_in_order():
     rng = np.random.default_rng(0)
     mats = [sp.random(n, 7, density=0.4, format="csr", dtype=np.float32, random_state=i) for i, n in enumerate([5, 9, 3])]
     want_all = [m.toarray() for m in mats]
-    coll = pretrain.Collection.from_features(["a", "b", "c"], list(mats), [None] * 3, [f"G{i}" for i in range(7)])
+    coll = pretrain.Collection.of_stacked(["a", "b", "c"], *data.stack_csr(list(mats)), [None] * 3,
+                                          [f"G{i}" for i in range(7)])
     for d, m in enumerate(want_all):
         np.testing.assert_array_equal(coll.features[d].toarray(), m)
     rows = [rng.permutation(5)[:3], np.array([], dtype=np.int64), rng.permutation(3)]
@@ -130,7 +131,7 @@ def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
     outs, grads = [], []
     for sparse in (False, True):
         encoder.zero_grad()
-        coll = pretrain.Collection.from_features(["toy"], [X], [None], [f"G{i}" for i in range(40)])
+        coll = pretrain.Collection.of_stacked(["toy"], *data.stack_csr([X]), [None], [f"G{i}" for i in range(40)])
         host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], 0, 1, sparse)
         x = pretrain.step_inputs(host, torch.device("cpu"))[0]
         assert isinstance(x, SparseBatch) == sparse
