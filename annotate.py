@@ -34,7 +34,8 @@ import kmeans
 import metrics
 import results
 from model import (CHECKPOINT_KIND, CLASSIFIER_KIND, CheckpointError, atomic_torch_save, classifier_checkpoint,
-                   classifier_from_checkpoint, encoder_on_genes, load_checkpoint, model_normalize, sparse_input)
+                   classifier_from_checkpoint, encoder_on_genes, linear_on_genes, load_checkpoint, model_normalize,
+                   sparse_input)
 
 log = logging.getLogger("scpretrain.annotate")
 
@@ -215,20 +216,24 @@ def query_lookup(query: data.CellData, model_genes, path) -> data.GeneLookup:
 
 @torch.no_grad()
 def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, device, chunk_cells: int,
-               normalize: str = "none"):
+               normalize: str = "none", base=None):
     """Representations (and class probabilities when ``head`` is given) of every query cell, a chunk
-    of cells at a time. The encoder is re-expressed on the query's own genes
-    (``encoder_on_genes``), so each chunk is used as it is stored: only its values are
-    transformed, only its non-zeros are multiplied, and the query is never densified or reordered."""
+    of cells at a time. The encoder (and a classifier's linear ``base``, whose logits are added to
+    the head's) is re-expressed on the query's own genes (``encoder_on_genes``), so each chunk is
+    used as it is stored: only its values are transformed, only its non-zeros are multiplied, and
+    the query is never densified or reordered."""
     on_query = encoder_on_genes(encoder, lookup).to(device)
+    base_on_query = linear_on_genes(base, lookup).to(device) if base is not None else None
     reps, probs = [], []
     starts = range(0, query.n_cells, chunk_cells)
     for start in common.progress(starts, desc="cells", unit="chunk"):
         block = data.row_block(query.X, start, min(start + chunk_cells, query.n_cells))
-        z = on_query(sparse_input(data.features(replace(query, X=block), normalize), device))
+        x = sparse_input(data.features(replace(query, X=block), normalize), device)
+        z = on_query(x)
         reps.append(z.cpu().numpy())
         if head is not None:
-            probs.append(torch.softmax(head(z), 1).cpu().numpy())
+            logits = head(z) if base_on_query is None else head(z) + base_on_query(x)
+            probs.append(torch.softmax(logits, 1).cpu().numpy())
     return np.concatenate(reps), (np.concatenate(probs) if head is not None else None)
 
 
@@ -273,7 +278,7 @@ def run_predict(args) -> pd.DataFrame:
     t0 = time.time()
     clf = clf.to(device)
     representation, probs = run_chunks(query, lookup, clf.encoder, clf.classify, device, args.chunk_cells,
-                                       model_normalize(ckpt))
+                                       model_normalize(ckpt), clf.base)
     log.info("%d cells predicted in %.1fs (%.0f cells/s)", query.n_cells, time.time() - t0,
              query.n_cells / max(time.time() - t0, 1e-9))
     predicted, conf = assign_labels(probs, ckpt["classes"], args.p_thres)

@@ -6,6 +6,8 @@ Importing does nothing.
 from __future__ import annotations
 
 import copy
+import logging
+from typing import NamedTuple
 import warnings
 
 import numpy as np
@@ -14,10 +16,14 @@ import torch
 
 import common
 import data
-from model import (Classifier, SparseBatch, apply_in_batches, dense_batch, init_encoder_from_pretrained, make_adam,
-                   torch_csr)
+from model import (Classifier, GeneLinear, SparseBatch, apply_in_batches, dense_batch, init_encoder_from_pretrained,
+                   make_adam, torch_csr)
 
 DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once, larger sets per batch
+LINEAR_C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried for --ft_linear_base logistic
+LINEAR_MAX_ITER = 3000
+
+log = logging.getLogger("scpretrain.classifier")
 
 
 def add_classifier_args(parser) -> None:
@@ -40,9 +46,76 @@ def add_classifier_args(parser) -> None:
     g.add_argument("--ft_early_stop", choices=EARLY_STOP, default=None,
                    help="validation score kept for early stopping: 'accuracy' (scPretrain), 'loss', or "
                         "'accuracy_then_loss' (accuracy, ties broken by a lower loss) (default: the recipe's)")
+    g.add_argument("--ft_linear_base", choices=LINEAR_BASES, default=None,
+                   help="'logistic': first fit a logistic regression on the training cells' features (L2, C "
+                        f"chosen from {', '.join(map(str, LINEAR_C_GRID))} on the validation cells), keep it fixed, "
+                        "and train the network as a correction added to its logits, starting from it (output "
+                        "layer at zero; the regression itself is the first early-stopping candidate); "
+                        "'none' (scPretrain): the network alone (default: the recipe's)")
 
 
 EARLY_STOP = ("accuracy", "loss", "accuracy_then_loss")
+LINEAR_BASES = ("none", "logistic")
+
+
+class LinearBase(NamedTuple):
+    """A logistic regression of the classes on the features: logits ``x @ weight.T + bias``."""
+
+    weight: np.ndarray  # classes x features
+    bias: np.ndarray  # classes
+    C: float
+    val_accuracy: float
+
+
+def fit_linear_base(features, codes: np.ndarray, split, n_classes: int) -> LinearBase | None:
+    """Logistic regression (scikit-learn, lbfgs, multinomial, L2) on the training cells for each C of
+    ``LINEAR_C_GRID``; the one with the best validation accuracy (ties: the smaller C, the stronger
+    penalty). Classes with no training cell get logit -30 below the others' lowest bias. None,
+    with a warning, when the training cells hold one class only (there is nothing to fit)."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    train_idx, val_idx = split[0], split[1]
+    X_train, y_train = features[train_idx], codes[train_idx]
+    if len(np.unique(y_train)) < 2:
+        log.warning("linear base skipped: the training cells hold one class only")
+        return None
+    X_val, y_val = features[val_idx], codes[val_idx]
+    best = None
+    for C in LINEAR_C_GRID:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            fit = LogisticRegression(C=C, max_iter=LINEAR_MAX_ITER).fit(X_train, y_train)
+        if any(issubclass(w.category, ConvergenceWarning) for w in caught):
+            log.info("linear base: C=%g did not converge in %d iterations", C, LINEAR_MAX_ITER)
+        accuracy = float(np.mean(fit.predict(X_val) == y_val)) if len(val_idx) else 0.0
+        if best is None or accuracy > best[0]:
+            best = (accuracy, C, fit)
+    accuracy, C, fit = best
+    weight = np.zeros((n_classes, features.shape[1]), dtype=np.float32)
+    bias = np.zeros(n_classes, dtype=np.float32)
+    seen = fit.classes_
+    if len(seen) == 2:  # scikit-learn's binary model: one logit, of the second class against the first
+        weight[seen[1]], bias[seen[1]] = fit.coef_[0], fit.intercept_[0]
+    else:
+        weight[seen], bias[seen] = fit.coef_, fit.intercept_
+    unseen = np.setdiff1d(np.arange(n_classes), seen)
+    bias[unseen] = bias[seen].min() - 30.0
+    log.info("linear base: logistic regression, C=%g, validation accuracy %.4f", C, accuracy)
+    return LinearBase(weight, bias, float(C), accuracy)
+
+
+def attach_linear_base(clf: Classifier, base: LinearBase) -> Classifier:
+    """Give ``clf`` this fixed linear base and zero its output layer, so that it starts as the
+    regression and its network learns a correction."""
+    n_features = base.weight.shape[1]
+    clf.base = GeneLinear.of(torch.from_numpy(base.weight.T.copy()), torch.from_numpy(base.bias)).requires_grad_(False)
+    if clf.base.in_features != n_features or clf.out.out_features != base.weight.shape[0]:
+        raise ValueError("the linear base does not match the classifier's inputs or classes")
+    with torch.no_grad():
+        clf.out.weight.zero_()
+        clf.out.bias.zero_()
+    return clf
 
 
 def improves(score: tuple[float, float], best: tuple[float, float] | None, criterion: str) -> bool:
@@ -90,33 +163,47 @@ def make_optimizer(params, args):
         return torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=args.ft_weight_decay)
 
 
-def train_classifier(clf: Classifier, features, codes, split, args, seed: int, device) -> tuple[Classifier, int, float]:
+def train_classifier(clf: Classifier, features, codes, split, args, seed: int, device,
+                     linear_base: LinearBase | None = None) -> tuple[Classifier, int, float]:
     """Adam with early stopping on a validation score (--ft_early_stop; the paper's: accuracy);
     returns the best model, the epochs run and its validation accuracy. Training cells are
     densified once when they fit in ``DENSE_TRAIN_BYTES``, else batch by batch (the same numbers,
-    memory bounded)."""
+    memory bounded). With ``--ft_linear_base logistic`` the classifier first gets its linear base
+    (``linear_base``, or fitted here on the same cells) and the base alone is the first candidate."""
     train_idx, val_idx, _ = split
     device = torch.device(device)
+    if getattr(args, "ft_linear_base", None) == "logistic":
+        n_classes = clf.out.out_features
+        linear_base = linear_base or fit_linear_base(features, codes, split, n_classes)
+        if linear_base is not None:
+            attach_linear_base(clf, linear_base)
     clf = clf.to(device)
-    optimizer = make_optimizer(clf.parameters(), args)
+    optimizer = make_optimizer([p for p in clf.parameters() if p.requires_grad], args)
     sparse = sparse_batches(features, getattr(args, "ft_batch_format", "auto"), device)
     train_rows = TrainingRows(features, train_idx, device, sparse)
     y_train = torch.as_tensor(codes[train_idx]).to(device)
     val_rows = TrainingRows(features, val_idx, device, sparse)
     y_val = codes[val_idx]
+    # the base's logits of the training cells, once and without dropout (it sees the cells as they are)
+    base_train = train_rows.logits(clf.base_logits) if clf.base is not None else None
     rng = np.random.default_rng(seed)
     criterion = args.ft_early_stop or "accuracy"
     best, best_state, wait, epoch = None, None, 0, 0
+    if clf.base is not None:
+        clf.eval()
+        best, best_state = val_rows.score(clf, y_val, with_loss=criterion != "accuracy"), copy.deepcopy(clf.state_dict())
     for epoch in range(1, args.ft_epoch + 1):
         clf.train()
         for batch in data.iter_batches(len(train_idx), args.ft_batch_size, rng):
             if sparse and len(batch) == len(train_idx):
                 # one batch of every training cell: their stored order (prepared once); the loss is
                 # a mean, so the order changes only rounding
-                x, y = train_rows.batch(None, dropout=clf.dropout), y_train
+                x, y, rows = train_rows.batch(None, dropout=clf.dropout), y_train, slice(None)
             else:
-                x, y = train_rows.batch(batch, dropout=clf.dropout), y_train[torch.as_tensor(batch, device=device)]
-            loss = torch.nn.functional.cross_entropy(clf(x), y)
+                rows = torch.as_tensor(batch, device=device)
+                x, y = train_rows.batch(batch, dropout=clf.dropout), y_train[rows]
+            logits = clf.network(x) if base_train is None else clf.network(x) + base_train[rows]
+            loss = torch.nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -166,14 +253,18 @@ class TrainingRows:
         return dense_batch(self.features, self.rows[positions]).to(self.device)
 
     @torch.no_grad()
+    def logits(self, model) -> torch.Tensor:
+        """``model``'s outputs for all these rows, in their order (no dropout: inference)."""
+        if self.sparse:
+            return model(SparseBatch(self.whole.x, None))
+        if self.dense is not None:
+            return model(self.dense)
+        return torch.from_numpy(apply_in_batches(model, self.features, self.rows, self.device)).to(self.device)
+
+    @torch.no_grad()
     def score(self, clf: Classifier, codes: np.ndarray, with_loss: bool = False) -> tuple[float, float]:
         """(accuracy, mean cross-entropy or NaN when not asked for) of ``clf`` on these rows."""
-        if self.sparse:
-            logits = clf(SparseBatch(self.whole.x, None))
-        elif self.dense is not None:
-            logits = clf(self.dense)
-        else:
-            logits = torch.from_numpy(apply_in_batches(clf, self.features, self.rows, self.device)).to(self.device)
+        logits = self.logits(clf)
         targets = torch.as_tensor(codes, device=self.device)
         accuracy = float((logits.argmax(1) == targets).float().mean())
         loss = float(torch.nn.functional.cross_entropy(logits, targets)) if with_loss else float("nan")

@@ -113,9 +113,9 @@ INPUT_OPTIONS = ("layer", "gene_symbols", "log_transformed")
 # accuracy protocol). A flag given on the command line overrides its recipe's value.
 RECIPES = {
     "paper": {"normalize": "none", "ft_batch_size": 5000, "ft_dropout": 0.0, "ft_weight_decay": 0.0,
-              "ft_early_stop": "accuracy"},
+              "ft_early_stop": "accuracy", "ft_linear_base": "none"},
     "plus": {"normalize": "cp10k", "ft_batch_size": 256, "ft_dropout": 0.2, "ft_weight_decay": 0.01,
-             "ft_early_stop": "accuracy_then_loss"},
+             "ft_early_stop": "accuracy_then_loss", "ft_linear_base": "logistic"},
 }
 
 

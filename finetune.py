@@ -33,6 +33,7 @@ RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
 # the arguments that change the sweep's numbers (with the pretrained model, the run identity)
 RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "normalize", "hid", "per_train", "per_val", "max_tr_num",
                    "ft_lr", "ft_batch_size", "ft_epoch", "patience", "ft_dropout", "ft_weight_decay", "ft_early_stop",
+                   "ft_linear_base",
                    "pca_ft", "pca_dim")
 
 
@@ -89,6 +90,9 @@ def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[d
     base = {"dataset": d.name, "species": d.species, "n_cells": d.n_cells, "n_genes": d.n_genes,
             "n_classes": len(classes), "n_train": len(split[0]), "n_val": len(split[1]), "n_test": len(split[2]),
             "seed": task.seed, "repeat": task.repeat, "pca_ft": bool(args.pca_ft), results.RUN_ID: run_id}
+    # both methods start from the same linear base (--ft_linear_base), fitted once
+    linear_base = (classifier.fit_linear_base(features, codes, split, len(classes))
+                   if args.ft_linear_base == "logistic" else None)
     rows = []
     for method in METHODS:
         if method == "scPretrain" and task.pretrained is None:
@@ -96,7 +100,8 @@ def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[d
         t0 = time.time()
         clf = classifier.build_classifier(len(classes), task.seed, args,
                                           task.pretrained if method == "scPretrain" else None, d.n_genes, pca)
-        clf, epochs, _ = classifier.train_classifier(clf, features, codes, split, args, task.seed, device)
+        clf, epochs, _ = classifier.train_classifier(clf, features, codes, split, args, task.seed, device,
+                                                     linear_base)
         scores = classifier.predict_proba(clf, features, split[2], device)
         result = metrics.classification_metrics(codes[split[2]], scores)
         rows.append({**base, "method": method, **result, "epochs": epochs, "seconds": round(time.time() - t0, 3)})

@@ -99,6 +99,15 @@ class GeneLinear(nn.Module):
         self.weight_t = nn.Parameter(init.weight.detach().t().contiguous())
         self.bias = nn.Parameter(init.bias.detach().clone())
 
+    @classmethod
+    def of(cls, weight_t: torch.Tensor, bias: torch.Tensor) -> "GeneLinear":
+        """The layer with these weights (gene-major) and bias; draws nothing."""
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = weight_t.shape
+        layer.weight_t, layer.bias = nn.Parameter(weight_t.contiguous()), nn.Parameter(bias.clone())
+        return layer
+
     @property
     def weight(self) -> torch.Tensor:
         return self.weight_t.t()
@@ -124,9 +133,9 @@ class Encoder(nn.Module):
     ``x`` is a dense ``cells x genes`` tensor or a ``SparseBatch``; both give the same function.
     """
 
-    def __init__(self, n_genes: int, hid: int = 200):
+    def __init__(self, n_genes: int, hid: int = 200, linear: GeneLinear | None = None):
         super().__init__()
-        self.linear = GeneLinear(n_genes, hid)
+        self.linear = linear if linear is not None else GeneLinear(n_genes, hid)
 
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
         return torch.sigmoid(self.linear(x))
@@ -193,43 +202,64 @@ def offset_targets(labels: Sequence[np.ndarray], counts: Sequence[int]) -> np.nd
 
 
 class Classifier(nn.Module):
-    """``sigmoid(encoder(x)) -> Linear(hid, hid/2) -> sigmoid -> Linear(hid/2, classes)``.
+    """``sigmoid(encoder(x)) -> Linear(hid, hid/2) -> sigmoid -> Linear(hid/2, classes)``, plus,
+    with ``linear_base``, a fixed linear model of the genes whose class logits the network's are
+    added to (``--ft_linear_base``: the network learns a correction of a logistic regression).
 
-    scPretrain: the classifier's architecture.
+    scPretrain: the classifier's architecture (without the linear base).
     """
 
-    def __init__(self, n_genes: int, n_classes: int, hid: int = 200, dropout: float = 0.0):
+    def __init__(self, n_genes: int, n_classes: int, hid: int = 200, dropout: float = 0.0,
+                 linear_base: bool = False):
         super().__init__()
         self.encoder = Encoder(n_genes, hid)
         self.hidden = nn.Linear(hid, hid // 2)
         self.out = nn.Linear(hid // 2, n_classes)
         self.dropout = float(dropout)  # while training, on the input, z and the hidden layer (0: none)
+        self.base = None
+        if linear_base:
+            self.base = GeneLinear(n_genes, n_classes)
+            self.base.requires_grad_(False)  # fitted apart (classifier.fit_linear_base), never trained here
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
-        """Class logits of representations ``z = encoder(x)``."""
+        """The network's class logits of representations ``z = encoder(x)`` (without the base's)."""
         return self.out(self._drop(torch.sigmoid(self.hidden(self._drop(z)))))
 
-    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+    def network(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+        """The network's logits; a dense ``x`` gets input dropout here while training (a sparse
+        batch gets it on its stored values when it is made)."""
         x = x if isinstance(x, SparseBatch) else self._drop(x)
         return self.classify(self.encoder(x))
+
+    def base_logits(self, x: torch.Tensor | SparseBatch) -> torch.Tensor | None:
+        """The linear base's logits of ``x`` (None without a base)."""
+        return None if self.base is None else self.base(x)
+
+    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+        logits = self.network(x)
+        return logits if self.base is None else logits + self.base(x)
+
+
+@torch.no_grad()
+def linear_on_genes(linear: GeneLinear, lookup: data.GeneLookup) -> GeneLinear:
+    """The same gene-input linear layer expressed on another gene list (a query's own genes, in
+    its own order): gene j gets the weight row of its gene in the layer's universe, or zero where
+    the universe lacks it. Feeding a dataset's own columns to it equals feeding them, reordered
+    onto the universe with zeros for missing genes, to ``linear``: no copy of the data is reordered."""
+    found = torch.as_tensor(np.flatnonzero(lookup.positions >= 0), device=linear.weight_t.device)
+    weight_t = linear.weight_t.new_zeros((len(lookup.positions), linear.out_features))
+    weight_t[found] = linear.weight_t[torch.as_tensor(lookup.positions, device=found.device)[found]]
+    return GeneLinear.of(weight_t, linear.bias.detach()).requires_grad_(False)
 
 
 @torch.no_grad()
 def encoder_on_genes(encoder: Encoder, lookup: data.GeneLookup) -> Encoder:
-    """The same encoder expressed on another gene list (a query's own genes, in its own order):
-    gene j gets the weight column of its gene in the encoder's universe, or zero where the
-    universe lacks it. Feeding a dataset's own columns to it equals feeding them, reordered onto
-    the universe with zeros for missing genes, to ``encoder``: no copy of the data is reordered."""
-    out = Encoder(len(lookup.positions), encoder.linear.out_features)
-    found = torch.as_tensor(np.flatnonzero(lookup.positions >= 0))
-    weight_t = torch.zeros_like(out.linear.weight_t)
-    weight_t[found] = encoder.linear.weight_t[torch.as_tensor(lookup.positions[found.numpy()])].to(weight_t)
-    out.linear.weight_t.copy_(weight_t)
-    out.linear.bias.copy_(encoder.linear.bias)
-    return out.to(encoder.linear.bias.device).eval()
+    """The encoder expressed on another gene list (:func:`linear_on_genes`)."""
+    linear = linear_on_genes(encoder.linear, lookup)
+    return Encoder(linear.in_features, linear.out_features, linear=linear).eval()
 
 
 def sparse_input(X: sp.csr_matrix, device) -> SparseBatch:
@@ -412,7 +442,7 @@ def classifier_checkpoint(clf: Classifier, genes: Sequence[str], classes: Sequen
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()},
         "model_args": {"n_genes": clf.encoder.linear.in_features, "hid": clf.encoder.linear.out_features,
-                       "n_classes": clf.out.out_features},
+                       "n_classes": clf.out.out_features, "linear_base": clf.base is not None},
         "gene_universe": [str(g) for g in genes],
         "classes": [str(c) for c in classes],
         **info,
@@ -424,7 +454,8 @@ def classifier_from_checkpoint(ckpt: dict, path="checkpoint") -> Classifier:
     checks an encoder's, and its classes and genes against its weights."""
     args = ckpt.get("model_args", {})
     try:
-        clf = Classifier(int(args["n_genes"]), int(args["n_classes"]), int(args["hid"]))
+        clf = Classifier(int(args["n_genes"]), int(args["n_classes"]), int(args["hid"]),
+                         linear_base=bool(args.get("linear_base", False)))
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: 'model_args' missing or not valid ({type(exc).__name__}: {exc}); "
                               "the checkpoint is damaged or not from scPretrain; train it again") from None

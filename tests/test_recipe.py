@@ -137,11 +137,12 @@ def test_sparse_training_rows_give_the_dense_rows_and_a_consistent_transpose():
     np.testing.assert_allclose(kept[kept != 0], 2 * X[rows].toarray()[x != 0], rtol=1e-6)  # the rest scaled
 
 
+@pytest.mark.parametrize("linear_base", ["none", "logistic"])
 @pytest.mark.parametrize("batch_size", [5000, 32])  # one batch of all cells, and several
-def test_sparse_and_dense_fine_tuning_agree(batch_size):
+def test_sparse_and_dense_fine_tuning_agree(batch_size, linear_base):
     X, types = toy_features()
     args = main.parse_args(["--kmeans", "--ft_epoch", "15", "--patience", "100", "--hid", "8",
-                            "--ft_batch_size", str(batch_size)])
+                            "--ft_batch_size", str(batch_size), "--ft_linear_base", linear_base])
     main.common.resolve_recipe(args)
     split = (np.arange(0, 80), np.arange(80, 100), np.arange(100, 120))
     results = {}
@@ -163,3 +164,108 @@ def test_auto_batch_format_is_sparse_on_cpu_for_csr_only():
     assert not classifier.sparse_batches(X.toarray(), "auto", torch.device("cpu"))  # PCA inputs are dense
     assert not classifier.sparse_batches(X, "dense", torch.device("cpu"))
     assert not classifier.sparse_batches(X, "auto", torch.device("cuda"))
+
+
+# --------------------------------------------------------------------------- the linear base
+
+
+def logistic_grid_choice(X, codes, split):
+    """Independent: scikit-learn's logistic regression for each C, the first best on validation."""
+    from sklearn.linear_model import LogisticRegression
+
+    train, val = split[0], split[1]
+    fits = [LogisticRegression(C=c, max_iter=3000).fit(X[train], codes[train]) for c in classifier.LINEAR_C_GRID]
+    accs = [np.mean(f.predict(X[val]) == codes[val]) for f in fits]
+    return fits[int(np.argmax(accs))], max(accs)
+
+
+def test_linear_base_is_the_validation_tuned_logistic_regression():
+    X, types = toy_features(n_cells=150, n_genes=30, seed=3)
+    split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
+    base = classifier.fit_linear_base(X, types, split, 4)  # a fourth class no cell has
+    fit, accuracy = logistic_grid_choice(X, types, split)
+    assert base.C == fit.C and base.val_accuracy == pytest.approx(accuracy)
+    logits = X.toarray() @ base.weight.T + base.bias
+    np.testing.assert_allclose(logits[:, :3], fit.decision_function(X), rtol=1e-4, atol=1e-4)
+    assert (logits[:, 3] < logits[:, :3].min(1) - 10).all()  # never predicted
+
+
+def test_binary_linear_base_gives_scikit_learns_probabilities():
+    X, types = toy_features(n_cells=150, n_genes=30, seed=4)
+    keep = np.flatnonzero(types < 2)
+    X, types = X[keep], types[keep]
+    n = len(types)
+    split = (np.arange(0, n // 2), np.arange(n // 2, 3 * n // 4), np.arange(3 * n // 4, n))
+    base = classifier.fit_linear_base(X, types, split, 2)
+    fit, _ = logistic_grid_choice(X, types, split)
+    probs = torch.softmax(torch.from_numpy(X.toarray() @ base.weight.T + base.bias), 1).numpy()
+    np.testing.assert_allclose(probs, fit.predict_proba(X), atol=1e-5)
+
+
+def test_linear_base_needs_two_training_classes():
+    X, types = toy_features()
+    rows = np.flatnonzero(types == 0)
+    assert classifier.fit_linear_base(X, types, (rows[:10], rows[10:15], rows[15:]), 3) is None
+
+
+def test_training_starts_from_the_linear_base_and_ends_no_lower_on_validation():
+    X, types = toy_features(n_cells=150, n_genes=30, seed=3)
+    split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
+    args = main.parse_args(["--kmeans", "--recipe", "plus", "--ft_epoch", "30", "--hid", "8"])
+    assert args.ft_linear_base == "logistic" and main.parse_args(["--kmeans"]).ft_linear_base == "none"
+    fit, lr_accuracy = logistic_grid_choice(X, types, split)
+    clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
+    clf, _, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+    assert clf.base is not None and not any(p.requires_grad for p in clf.base.parameters())
+    assert accuracy >= lr_accuracy
+    # a network that cannot move stays the regression: the zeroed output layer adds nothing
+    args.ft_lr = 1e-12
+    clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
+    clf, _, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+    assert accuracy == pytest.approx(lr_accuracy)
+    assert not clf.out.weight.any() and not clf.out.bias.any()
+    probs = classifier.predict_proba(clf, X, split[2], torch.device("cpu"))
+    np.testing.assert_allclose(probs, fit.predict_proba(X[split[2]]), atol=1e-5)
+
+
+def test_linear_base_travels_in_the_checkpoint_and_reads_a_query_in_its_own_gene_order(tmp_path):
+    n_genes = 30
+    counts, types = toy_counts(150, n_genes, 3, 2)
+    obs = pd.DataFrame({"t": [f"t{i}" for i in types]}, index=[f"c{i}" for i in range(150)])
+    anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=gene_names(n_genes))).write_h5ad(
+        tmp_path / "ref.h5ad")
+    annotate.main(annotate.parse_args(["train", "--reference", str(tmp_path / "ref.h5ad"), "--label_key", "t",
+                                       "--save_model", str(tmp_path / "clf.pt"), "--recipe", "plus", "--hid", "8",
+                                       "--ft_epoch", "10", "--log_level", "WARNING"]))
+    ckpt = load_checkpoint(tmp_path / "clf.pt", kind="scpretrain-classifier")
+    assert ckpt["model_args"]["linear_base"] is True and ckpt["model"]["base.weight"].shape == (3, n_genes)
+    assert ckpt["config"]["ft_linear_base"] == "logistic"
+    rng = np.random.default_rng(0)
+    keep = np.sort(rng.choice(n_genes, n_genes - 5, replace=False))[rng.permutation(n_genes - 5)]
+    anndata.AnnData(X=sp.csr_matrix(counts[:, keep]), obs=obs,
+                    var=pd.DataFrame(index=np.array(gene_names(n_genes))[keep])).write_h5ad(tmp_path / "q.h5ad")
+    annotate.main(annotate.parse_args(["predict", "--model", str(tmp_path / "clf.pt"), "--query", str(tmp_path / "q.h5ad"),
+                                       "--out", str(tmp_path / "o.h5ad"), "--probabilities", "--log_level", "WARNING"]))
+    aligned = np.zeros_like(counts)
+    aligned[:, keep] = counts[:, keep]
+    totals = aligned.sum(1, keepdims=True)
+    cp10k = np.log1p(np.divide(aligned * 1e4, totals, out=np.zeros_like(aligned), where=totals > 0)).astype(np.float32)
+    clf, _ = annotate.load_classifier(tmp_path / "clf.pt")
+    with torch.no_grad():
+        expected = torch.softmax(clf(torch.from_numpy(cp10k)), 1).numpy()
+        without_base = torch.softmax(clf.network(torch.from_numpy(cp10k)), 1).numpy()
+    written = pd.read_csv(tmp_path / "o.probabilities.csv", index_col="cell")[ckpt["classes"]].to_numpy()
+    np.testing.assert_allclose(written, expected, atol=1e-5)
+    assert not np.allclose(written, without_base, atol=1e-3)  # the base's logits are in the probabilities
+
+
+def test_a_checkpoint_without_linear_base_in_its_model_args_loads_as_the_network_alone():
+    from model import classifier_checkpoint, classifier_from_checkpoint
+
+    torch.manual_seed(0)
+    clf = Classifier(12, 3, 8).eval()
+    ckpt = classifier_checkpoint(clf, gene_names(12), ["a", "b", "c"], {})
+    del ckpt["model_args"]["linear_base"]  # written before the option existed
+    loaded = classifier_from_checkpoint(ckpt)
+    x = torch.rand(5, 12)
+    assert loaded.base is None and torch.equal(loaded(x), clf(x))
