@@ -216,10 +216,10 @@ def query_lookup(query: data.CellData, model_genes, path) -> data.GeneLookup:
 
 @torch.no_grad()
 def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, device, chunk_cells: int,
-               normalize: str = "none", base=None):
+               normalize: str = "none", base=None, combine=None):
     """Representations (and class probabilities when ``head`` is given) of every query cell, a chunk
-    of cells at a time. The encoder (and a classifier's linear ``base``, whose logits are added to
-    the head's) is re-expressed on the query's own genes (``encoder_on_genes``), so each chunk is
+    of cells at a time. The encoder (and a classifier's linear ``base``, whose logits ``combine``
+    joins with the head's) is re-expressed on the query's own genes (``encoder_on_genes``), so each chunk is
     used as it is stored: only its values are transformed, only its non-zeros are multiplied, and
     the query is never densified or reordered."""
     on_query = encoder_on_genes(encoder, lookup).to(device)
@@ -232,7 +232,7 @@ def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, dev
         z = on_query(x)
         reps.append(z.cpu().numpy())
         if head is not None:
-            logits = head(z) if base_on_query is None else head(z) + base_on_query(x)
+            logits = head(z) if base_on_query is None else combine(head(z), base_on_query(x))
             probs.append(torch.softmax(logits, 1).cpu().numpy())
     return np.concatenate(reps), (np.concatenate(probs) if head is not None else None)
 
@@ -278,7 +278,7 @@ def run_predict(args) -> pd.DataFrame:
     t0 = time.time()
     clf = clf.to(device)
     representation, probs = run_chunks(query, lookup, clf.encoder, clf.classify, device, args.chunk_cells,
-                                       model_normalize(ckpt), clf.base)
+                                       model_normalize(ckpt), clf.base, clf.combine)
     log.info("%d cells predicted in %.1fs (%.0f cells/s)", query.n_cells, time.time() - t0,
              query.n_cells / max(time.time() - t0, 1e-9))
     predicted, conf = assign_labels(probs, ckpt["classes"], args.p_thres)

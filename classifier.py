@@ -48,15 +48,18 @@ def add_classifier_args(parser) -> None:
                    help="validation score kept for early stopping: 'accuracy' (scPretrain), 'loss', or "
                         "'accuracy_then_loss' (accuracy, ties broken by a lower loss) (default: the recipe's)")
     g.add_argument("--ft_linear_base", choices=LINEAR_BASES, default=None,
-                   help="'logistic': first fit a logistic regression on the training cells' features (L2, C "
-                        f"chosen from {', '.join(map(str, LINEAR_C_GRID))} on the validation cells), keep it fixed, "
-                        "and train the network as a correction added to its logits, starting from it (output "
-                        "layer at zero; the regression itself is the first early-stopping candidate); "
-                        "'none' (scPretrain): the network alone (default: the recipe's)")
+                   help="a logistic regression beside the network (L2, C chosen from "
+                        f"{', '.join(map(str, LINEAR_C_GRID))} on the validation cells, fitted on the training cells "
+                        "and kept fixed): 'blend' = the network trains alone, then its log-probabilities are mixed "
+                        f"with the regression's, the regression's share chosen from {', '.join(map(str, BLEND_SHARES))} "
+                        "on the validation cells; 'residual' = the network trains as a correction added to the "
+                        "regression's logits, from a zeroed output layer; 'none' (scPretrain): the network alone "
+                        "(default: the recipe's)")
 
 
 EARLY_STOP = ("accuracy", "loss", "accuracy_then_loss")
-LINEAR_BASES = ("none", "logistic")
+LINEAR_BASES = ("none", "residual", "blend")
+BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the regression's share in --ft_linear_base blend
 
 
 class LinearBase(NamedTuple):
@@ -108,16 +111,17 @@ def fit_linear_base(features, codes: np.ndarray, split, n_classes: int) -> Linea
     return LinearBase(weight, bias, float(C), accuracy)
 
 
-def attach_linear_base(clf: Classifier, base: LinearBase) -> Classifier:
-    """Give ``clf`` this fixed linear base and zero its output layer, so that it starts as the
-    regression and its network learns a correction."""
-    n_features = base.weight.shape[1]
-    clf.base = GeneLinear.of(torch.from_numpy(base.weight.T.copy()), torch.from_numpy(base.bias)).requires_grad_(False)
-    if clf.base.in_features != n_features or clf.out.out_features != base.weight.shape[0]:
-        raise ValueError("the linear base does not match the classifier's inputs or classes")
-    with torch.no_grad():
-        clf.out.weight.zero_()
-        clf.out.bias.zero_()
+def attach_linear_base(clf: Classifier, base: LinearBase, mode: str, share: float = 1.0) -> Classifier:
+    """Give ``clf`` this fixed linear base, combined as ``mode``; ``residual`` also zeroes the output
+    layer, so that the classifier starts as the regression and its network learns a correction."""
+    if base.weight.shape[0] != clf.out.out_features:
+        raise ValueError("the linear base does not match the classifier's classes")
+    layer = GeneLinear.of(torch.from_numpy(base.weight.T.copy()), torch.from_numpy(base.bias))
+    clf.set_base(layer.to(clf.out.weight.device), mode, share)
+    if mode == "residual":
+        with torch.no_grad():
+            clf.out.weight.zero_()
+            clf.out.bias.zero_()
     return clf
 
 
@@ -131,6 +135,27 @@ def improves(score: tuple[float, float], best: tuple[float, float] | None, crite
     if criterion == "loss":
         return loss < best_loss
     return acc > best_acc or (acc == best_acc and loss < best_loss)
+
+
+def choose_blend_share(clf: Classifier, val_rows: "TrainingRows", y_val: np.ndarray,
+                       criterion: str) -> tuple[float, float]:
+    """The regression's share in a blend (``BLEND_SHARES``, in order: a later one must score better
+    on the validation cells under ``criterion``); sets it on ``clf`` and returns (share, accuracy)."""
+    clf.eval()
+    with torch.no_grad():  # the two parts' logits once; only the mixture changes with the share
+        network, base = val_rows.logits(clf.network), val_rows.logits(clf.base_logits)
+    targets = torch.as_tensor(y_val, device=network.device)
+    best, best_share = None, BLEND_SHARES[0]
+    for share in BLEND_SHARES:
+        clf.base_share.fill_(share)
+        logits = clf.combine(network, base)
+        score = (float((logits.argmax(1) == targets).float().mean()),
+                 float(torch.nn.functional.cross_entropy(logits, targets)))
+        if improves(score, best, criterion):
+            best, best_share = score, share
+    clf.base_share.fill_(best_share)
+    log.info("linear base blended: the regression's share %.2f, validation accuracy %.4f", best_share, best[0])
+    return best_share, best[0]
 
 
 def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, n_genes: int,
@@ -171,15 +196,16 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     """Adam with early stopping on a validation score (--ft_early_stop; the paper's: accuracy);
     returns the best model, the epochs run and its validation accuracy. Training cells are
     densified once when they fit in ``DENSE_TRAIN_BYTES``, else batch by batch (the same numbers,
-    memory bounded). With ``--ft_linear_base logistic`` the classifier first gets its linear base
-    (``linear_base``, or fitted here on the same cells) and the base alone is the first candidate."""
+    memory bounded). With ``--ft_linear_base`` the classifier gets its logistic regression
+    (``linear_base``, or fitted here on the same cells): ``residual`` before training, the regression
+    alone being the first early-stopping candidate; ``blend`` after, with its share chosen."""
     train_idx, val_idx, _ = split
     device = torch.device(device)
-    if getattr(args, "ft_linear_base", None) == "logistic":
-        n_classes = clf.out.out_features
-        linear_base = linear_base or fit_linear_base(features, codes, split, n_classes)
-        if linear_base is not None:
-            attach_linear_base(clf, linear_base)
+    mode = getattr(args, "ft_linear_base", None) or "none"
+    if mode != "none":
+        linear_base = linear_base or fit_linear_base(features, codes, split, clf.out.out_features)
+    if mode == "residual" and linear_base is not None:
+        attach_linear_base(clf, linear_base, mode)
     clf = clf.to(device)
     optimizer = make_optimizer([p for p in clf.parameters() if p.requires_grad], args)
     sparse = sparse_batches(features, getattr(args, "ft_batch_format", "auto"), device)
@@ -205,7 +231,7 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
             else:
                 rows = torch.as_tensor(batch, device=device)
                 x, y = train_rows.batch(batch, dropout=clf.dropout), y_train[rows]
-            logits = clf.network(x) if base_train is None else clf.network(x) + base_train[rows]
+            logits = clf.network(x) if base_train is None else clf.combine(clf.network(x), base_train[rows])
             loss = torch.nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -219,7 +245,11 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
             if wait >= args.patience:
                 break
     clf.load_state_dict(best_state)
-    return clf, epoch, best[0]
+    accuracy = best[0]
+    if mode == "blend" and linear_base is not None:
+        attach_linear_base(clf, linear_base, mode)
+        _, accuracy = choose_blend_share(clf, val_rows, y_val, criterion)
+    return clf, epoch, accuracy
 
 
 def sparse_batches(features, batch_format: str, device: torch.device) -> bool:

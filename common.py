@@ -115,7 +115,7 @@ RECIPES = {
     "paper": {"normalize": "none", "ft_batch_size": 5000, "ft_dropout": 0.0, "ft_weight_decay": 0.0,
               "ft_early_stop": "accuracy", "ft_linear_base": "none"},
     "plus": {"normalize": "cp10k", "ft_batch_size": 256, "ft_dropout": 0.2, "ft_weight_decay": 0.01,
-             "ft_early_stop": "accuracy_then_loss", "ft_linear_base": "logistic"},
+             "ft_early_stop": "accuracy_then_loss", "ft_linear_base": "blend"},
 }
 
 

@@ -92,7 +92,7 @@ def run_task(task: Task, args, device, run_id: str = results.NO_MODEL) -> list[d
             "seed": task.seed, "repeat": task.repeat, "pca_ft": bool(args.pca_ft), results.RUN_ID: run_id}
     # both methods start from the same linear base (--ft_linear_base), fitted once
     linear_base = (classifier.fit_linear_base(features, codes, split, len(classes))
-                   if args.ft_linear_base == "logistic" else None)
+                   if args.ft_linear_base != "none" else None)
     rows = []
     for method in METHODS:
         if method == "scPretrain" and task.pretrained is None:

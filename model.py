@@ -201,31 +201,43 @@ def offset_targets(labels: Sequence[np.ndarray], counts: Sequence[int]) -> np.nd
     return np.stack(cols, axis=1)
 
 
+LINEAR_BASE_MODES = ("residual", "blend")
+
+
 class Classifier(nn.Module):
-    """``sigmoid(encoder(x)) -> Linear(hid, hid/2) -> sigmoid -> Linear(hid/2, classes)``, plus,
-    with ``linear_base``, a fixed linear model of the genes whose class logits the network's are
-    added to (``--ft_linear_base``: the network learns a correction of a logistic regression).
+    """``sigmoid(encoder(x)) -> Linear(hid, hid/2) -> sigmoid -> Linear(hid/2, classes)``, and
+    optionally a fixed linear model of the genes (``linear_base``, ``--ft_linear_base``) that the
+    network's output is combined with: ``residual``, the network's logits added to the base's
+    (the network learns a correction of it); ``blend``, the mixture of their log-probabilities
+    ``(1 - s) log p_network + s log p_base`` with the share ``s`` (``base_share``) chosen on
+    validation cells.
 
     scPretrain: the classifier's architecture (without the linear base).
     """
 
     def __init__(self, n_genes: int, n_classes: int, hid: int = 200, dropout: float = 0.0,
-                 linear_base: bool = False):
+                 linear_base: str | None = None):
         super().__init__()
         self.encoder = Encoder(n_genes, hid)
         self.hidden = nn.Linear(hid, hid // 2)
         self.out = nn.Linear(hid // 2, n_classes)
         self.dropout = float(dropout)  # while training, on the input, z and the hidden layer (0: none)
-        self.base = None
-        if linear_base:
-            self.base = GeneLinear(n_genes, n_classes)
-            self.base.requires_grad_(False)  # fitted apart (classifier.fit_linear_base), never trained here
+        self.base, self.base_mode = None, None
+        if linear_base is not None:
+            self.set_base(GeneLinear(n_genes, n_classes), linear_base)
+
+    def set_base(self, base: "GeneLinear", mode: str, share: float = 1.0) -> None:
+        """Give the classifier a fixed linear base (never trained here) combined as ``mode``."""
+        if mode not in LINEAR_BASE_MODES:
+            raise ValueError(f"linear base mode {mode!r} is not one of {LINEAR_BASE_MODES}")
+        self.base, self.base_mode = base.requires_grad_(False), mode
+        self.register_buffer("base_share", torch.tensor(float(share), device=base.weight_t.device))
 
     def _drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, training=True) if self.dropout and self.training else x
 
     def classify(self, z: torch.Tensor) -> torch.Tensor:
-        """The network's class logits of representations ``z = encoder(x)`` (without the base's)."""
+        """The network's class logits of representations ``z = encoder(x)`` (without the base)."""
         return self.out(self._drop(torch.sigmoid(self.hidden(self._drop(z)))))
 
     def network(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
@@ -238,9 +250,17 @@ class Classifier(nn.Module):
         """The linear base's logits of ``x`` (None without a base)."""
         return None if self.base is None else self.base(x)
 
+    def combine(self, network_logits: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
+        """The classifier's logits from the network's and the base's (see the class)."""
+        if self.base is None:
+            return network_logits
+        if self.base_mode == "residual":
+            return network_logits + base_logits
+        share = self.base_share
+        return (1 - share) * F.log_softmax(network_logits, 1) + share * F.log_softmax(base_logits, 1)
+
     def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
-        logits = self.network(x)
-        return logits if self.base is None else logits + self.base(x)
+        return self.combine(self.network(x), self.base_logits(x))
 
 
 @torch.no_grad()
@@ -442,7 +462,7 @@ def classifier_checkpoint(clf: Classifier, genes: Sequence[str], classes: Sequen
         "format_version": FORMAT_VERSION,
         "model": {k: v.detach().cpu().contiguous() for k, v in clf.state_dict().items()},
         "model_args": {"n_genes": clf.encoder.linear.in_features, "hid": clf.encoder.linear.out_features,
-                       "n_classes": clf.out.out_features, "linear_base": clf.base is not None},
+                       "n_classes": clf.out.out_features, "linear_base": clf.base_mode or "none"},
         "gene_universe": [str(g) for g in genes],
         "classes": [str(c) for c in classes],
         **info,
@@ -454,8 +474,9 @@ def classifier_from_checkpoint(ckpt: dict, path="checkpoint") -> Classifier:
     checks an encoder's, and its classes and genes against its weights."""
     args = ckpt.get("model_args", {})
     try:
+        base = str(args.get("linear_base", "none"))  # written before the option existed: none
         clf = Classifier(int(args["n_genes"]), int(args["n_classes"]), int(args["hid"]),
-                         linear_base=bool(args.get("linear_base", False)))
+                         linear_base=None if base == "none" else base)
     except (KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: 'model_args' missing or not valid ({type(exc).__name__}: {exc}); "
                               "the checkpoint is damaged or not from scPretrain; train it again") from None

@@ -137,7 +137,7 @@ def test_sparse_training_rows_give_the_dense_rows_and_a_consistent_transpose():
     np.testing.assert_allclose(kept[kept != 0], 2 * X[rows].toarray()[x != 0], rtol=1e-6)  # the rest scaled
 
 
-@pytest.mark.parametrize("linear_base", ["none", "logistic"])
+@pytest.mark.parametrize("linear_base", ["none", "residual", "blend"])
 @pytest.mark.parametrize("batch_size", [5000, 32])  # one batch of all cells, and several
 def test_sparse_and_dense_fine_tuning_agree(batch_size, linear_base):
     X, types = toy_features()
@@ -208,15 +208,24 @@ def test_linear_base_needs_two_training_classes():
     assert classifier.fit_linear_base(X, types, (rows[:10], rows[10:15], rows[15:]), 3) is None
 
 
-def test_training_starts_from_the_linear_base_and_ends_no_lower_on_validation():
+def linear_base_args(mode: str, *extra: str):
+    return main.parse_args(["--kmeans", "--recipe", "plus", "--ft_epoch", "30", "--hid", "8",
+                            "--ft_linear_base", mode, *extra])
+
+
+def test_recipes_choose_their_linear_base():
+    assert main.parse_args(["--kmeans"]).ft_linear_base == "none"
+    assert main.parse_args(["--kmeans", "--recipe", "plus"]).ft_linear_base == "blend"
+
+
+def test_residual_training_starts_from_the_regression_and_ends_no_lower_on_validation():
     X, types = toy_features(n_cells=150, n_genes=30, seed=3)
     split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
-    args = main.parse_args(["--kmeans", "--recipe", "plus", "--ft_epoch", "30", "--hid", "8"])
-    assert args.ft_linear_base == "logistic" and main.parse_args(["--kmeans"]).ft_linear_base == "none"
+    args = linear_base_args("residual")
     fit, lr_accuracy = logistic_grid_choice(X, types, split)
     clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
     clf, _, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
-    assert clf.base is not None and not any(p.requires_grad for p in clf.base.parameters())
+    assert clf.base_mode == "residual" and not any(p.requires_grad for p in clf.base.parameters())
     assert accuracy >= lr_accuracy
     # a network that cannot move stays the regression: the zeroed output layer adds nothing
     args.ft_lr = 1e-12
@@ -228,7 +237,35 @@ def test_training_starts_from_the_linear_base_and_ends_no_lower_on_validation():
     np.testing.assert_allclose(probs, fit.predict_proba(X[split[2]]), atol=1e-5)
 
 
-def test_linear_base_travels_in_the_checkpoint_and_reads_a_query_in_its_own_gene_order(tmp_path):
+def test_blend_trains_the_network_alone_then_mixes_in_the_regression_by_validation():
+    X, types = toy_features(n_cells=150, n_genes=30, seed=3)
+    split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
+    alone = classifier.build_classifier(3, 0, linear_base_args("none"), None, X.shape[1])
+    alone, alone_epochs, alone_accuracy = classifier.train_classifier(alone, X, types, split, linear_base_args("none"),
+                                                                      0, torch.device("cpu"))
+    args = linear_base_args("blend")
+    clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
+    clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+    assert clf.base_mode == "blend" and epochs == alone_epochs
+    for key, value in alone.state_dict().items():  # the network is the one trained alone
+        torch.testing.assert_close(clf.state_dict()[key], value)
+    fit, lr_accuracy = logistic_grid_choice(X, types, split)
+    assert float(clf.base_share) in classifier.BLEND_SHARES and accuracy >= max(alone_accuracy, lr_accuracy)
+    test = split[2]
+    clf.base_share.fill_(0.0)  # share 0: the network's own probabilities
+    np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"),
+                               classifier.predict_proba(alone, X, test, "cpu"), atol=1e-6)
+    clf.base_share.fill_(1.0)  # share 1: the regression's
+    np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"), fit.predict_proba(X[test]), atol=1e-5)
+    clf.base_share.fill_(0.5)  # between: the normalised geometric mean of the two
+    p_net, p_lr = classifier.predict_proba(alone, X, test, "cpu"), fit.predict_proba(X[test])
+    mixed = np.sqrt(p_net * p_lr)
+    np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"), mixed / mixed.sum(1, keepdims=True),
+                               atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["residual", "blend"])
+def test_linear_base_travels_in_the_checkpoint_and_reads_a_query_in_its_own_gene_order(tmp_path, mode):
     n_genes = 30
     counts, types = toy_counts(150, n_genes, 3, 2)
     obs = pd.DataFrame({"t": [f"t{i}" for i in types]}, index=[f"c{i}" for i in range(150)])
@@ -236,10 +273,13 @@ def test_linear_base_travels_in_the_checkpoint_and_reads_a_query_in_its_own_gene
         tmp_path / "ref.h5ad")
     annotate.main(annotate.parse_args(["train", "--reference", str(tmp_path / "ref.h5ad"), "--label_key", "t",
                                        "--save_model", str(tmp_path / "clf.pt"), "--recipe", "plus", "--hid", "8",
-                                       "--ft_epoch", "10", "--log_level", "WARNING"]))
+                                       "--ft_epoch", "10", "--ft_linear_base", mode, "--log_level", "WARNING"]))
     ckpt = load_checkpoint(tmp_path / "clf.pt", kind="scpretrain-classifier")
-    assert ckpt["model_args"]["linear_base"] is True and ckpt["model"]["base.weight"].shape == (3, n_genes)
-    assert ckpt["config"]["ft_linear_base"] == "logistic"
+    assert ckpt["model_args"]["linear_base"] == mode and ckpt["model"]["base.weight"].shape == (3, n_genes)
+    assert ckpt["config"]["ft_linear_base"] == mode
+    if mode == "blend":  # whatever share validation chose, predict with both parts in play
+        ckpt["model"]["base_share"] = torch.tensor(0.5)
+        torch.save(ckpt, tmp_path / "clf.pt")
     rng = np.random.default_rng(0)
     keep = np.sort(rng.choice(n_genes, n_genes - 5, replace=False))[rng.permutation(n_genes - 5)]
     anndata.AnnData(X=sp.csr_matrix(counts[:, keep]), obs=obs,
