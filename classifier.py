@@ -21,7 +21,7 @@ from model import (Classifier, GeneLinear, SparseBatch, apply_in_batches, dense_
                    make_adam, torch_csr)
 
 DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once, larger sets per batch
-LINEAR_C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried for --ft_linear_base logistic
+LINEAR_C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried for --ft_linear_base
 LINEAR_MAX_ITER = 3000
 
 log = logging.getLogger("scpretrain.classifier")
