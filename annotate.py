@@ -33,9 +33,9 @@ import data
 import kmeans
 import metrics
 import results
-from model import (CHECKPOINT_KIND, CLASSIFIER_KIND, CheckpointError, atomic_torch_save, classifier_checkpoint,
-                   classifier_from_checkpoint, encoder_on_genes, linear_on_genes, load_checkpoint, model_normalize,
-                   sparse_input)
+from model import (CHECKPOINT_KIND, CLASSIFIER_KIND, CheckpointError, Classifier, Encoder, atomic_torch_save,
+                   classifier_checkpoint, classifier_from_checkpoint, encoder_on_genes, linear_on_genes,
+                   load_checkpoint, model_normalize, sparse_input)
 
 log = logging.getLogger("scpretrain.annotate")
 
@@ -215,14 +215,16 @@ def query_lookup(query: data.CellData, model_genes, path) -> data.GeneLookup:
 
 
 @torch.no_grad()
-def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, device, chunk_cells: int,
-               normalize: str = "none", base=None, combine=None):
-    """Representations (and class probabilities when ``head`` is given) of every query cell, a chunk
-    of cells at a time. The encoder (and a classifier's linear ``base``, whose logits ``combine``
-    joins with the head's) is re-expressed on the query's own genes (``encoder_on_genes``), so each chunk is
-    used as it is stored: only its values are transformed, only its non-zeros are multiplied, and
-    the query is never densified or reordered."""
-    on_query = encoder_on_genes(encoder, lookup).to(device)
+def run_chunks(query: data.CellData, lookup: data.GeneLookup, model: Encoder | Classifier, device, chunk_cells: int,
+               normalize: str = "none"):
+    """Representations of every query cell (``model``: an encoder), and class probabilities too
+    (``model``: a classifier, its linear base included), a chunk of cells at a time. The encoder
+    and the base are re-expressed on the query's own genes (``encoder_on_genes``,
+    ``linear_on_genes``), so each chunk is used as it is stored: only its values are transformed,
+    only its non-zeros are multiplied, and the query is never densified or reordered."""
+    clf = model if isinstance(model, Classifier) else None
+    on_query = encoder_on_genes(clf.encoder if clf is not None else model, lookup).to(device)
+    base = clf.base if clf is not None else None
     base_on_query = linear_on_genes(base, lookup).to(device) if base is not None else None
     reps, probs = [], []
     starts = range(0, query.n_cells, chunk_cells)
@@ -231,10 +233,10 @@ def run_chunks(query: data.CellData, lookup: data.GeneLookup, encoder, head, dev
         x = sparse_input(data.features(replace(query, X=block), normalize), device)
         z = on_query(x)
         reps.append(z.cpu().numpy())
-        if head is not None:
-            logits = head(z) if base_on_query is None else combine(head(z), base_on_query(x))
+        if clf is not None:
+            logits = clf.combine(clf.classify(z), base_on_query(x) if base_on_query is not None else None)
             probs.append(torch.softmax(logits, 1).cpu().numpy())
-    return np.concatenate(reps), (np.concatenate(probs) if head is not None else None)
+    return np.concatenate(reps), (np.concatenate(probs) if clf is not None else None)
 
 
 def assign_labels(probs: np.ndarray, classes, p_thres: float) -> tuple[np.ndarray, np.ndarray]:
@@ -277,8 +279,7 @@ def run_predict(args) -> pd.DataFrame:
     lookup = query_lookup(query, ckpt["gene_universe"], args.query)
     t0 = time.time()
     clf = clf.to(device)
-    representation, probs = run_chunks(query, lookup, clf.encoder, clf.classify, device, args.chunk_cells,
-                                       model_normalize(ckpt), clf.base, clf.combine)
+    representation, probs = run_chunks(query, lookup, clf, device, args.chunk_cells, model_normalize(ckpt))
     log.info("%d cells predicted in %.1fs (%.0f cells/s)", query.n_cells, time.time() - t0,
              query.n_cells / max(time.time() - t0, 1e-9))
     predicted, conf = assign_labels(probs, ckpt["classes"], args.p_thres)
@@ -485,8 +486,7 @@ def run_embed(args):
     encoder, universe, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
     query = read_dataset(args.query, args, None)
     lookup = query_lookup(query, universe, args.query)
-    representation, _ = run_chunks(query, lookup, encoder.to(device), None, device, args.chunk_cells,
-                                   model_normalize(ckpt))
+    representation, _ = run_chunks(query, lookup, encoder.to(device), device, args.chunk_cells, model_normalize(ckpt))
     table = pd.DataFrame({"cell": query.cells})
     uns = {"model": str(args.pretrained_model), "model_digest": results.model_digest(ckpt),
            "n_model_genes": lookup.n_universe, "n_model_genes_found": lookup.n_found,

@@ -91,7 +91,7 @@ def worker(args, query: Path, model: Path) -> dict:
     after_read = synth.memory_mib()
     t0 = time.time()
     lookup = annotate.query_lookup(query_data, ckpt["gene_universe"], query)
-    representation, probs = annotate.run_chunks(query_data, lookup, clf.encoder, clf.classify, device, args.chunk_cells)
+    representation, probs = annotate.run_chunks(query_data, lookup, clf, device, args.chunk_cells)
     labels, conf = annotate.assign_labels(probs, ckpt["classes"], 0.5)
     times["predict_s"] = time.time() - t0
     mem = synth.memory_mib()
