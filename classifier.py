@@ -17,8 +17,8 @@ import torch
 
 import common
 import data
-from model import (Classifier, GeneLinear, SparseBatch, apply_in_batches, dense_batch, init_encoder_from_pretrained,
-                   make_adam, torch_csr)
+from model import (LINEAR_BASE_MODES, Classifier, GeneLinear, SparseBatch, apply_in_batches, dense_batch,
+                   init_encoder_from_pretrained, make_adam, torch_csr)
 
 DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once, larger sets per batch
 LINEAR_C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried for --ft_linear_base
@@ -58,7 +58,7 @@ def add_classifier_args(parser) -> None:
 
 
 EARLY_STOP = ("accuracy", "loss", "accuracy_then_loss")
-LINEAR_BASES = ("none", "residual", "blend")
+LINEAR_BASES = ("none", *LINEAR_BASE_MODES)
 BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the regression's share in --ft_linear_base blend
 
 
@@ -148,9 +148,7 @@ def choose_blend_share(clf: Classifier, val_rows: "TrainingRows", y_val: np.ndar
     best, best_share = None, BLEND_SHARES[0]
     for share in BLEND_SHARES:
         clf.base_share.fill_(share)
-        logits = clf.combine(network, base)
-        score = (float((logits.argmax(1) == targets).float().mean()),
-                 float(torch.nn.functional.cross_entropy(logits, targets)))
+        score = logit_scores(clf.combine(network, base), targets)
         if improves(score, best, criterion):
             best, best_share = score, share
     clf.base_share.fill_(best_share)
@@ -297,11 +295,14 @@ class TrainingRows:
     @torch.no_grad()
     def score(self, clf: Classifier, codes: np.ndarray, with_loss: bool = False) -> tuple[float, float]:
         """(accuracy, mean cross-entropy or NaN when not asked for) of ``clf`` on these rows."""
-        logits = self.logits(clf)
-        targets = torch.as_tensor(codes, device=self.device)
-        accuracy = float((logits.argmax(1) == targets).float().mean())
-        loss = float(torch.nn.functional.cross_entropy(logits, targets)) if with_loss else float("nan")
-        return accuracy, loss
+        return logit_scores(self.logits(clf), torch.as_tensor(codes, device=self.device), with_loss)
+
+
+def logit_scores(logits: torch.Tensor, targets: torch.Tensor, with_loss: bool = True) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy or NaN when not asked for) of class logits against targets."""
+    accuracy = float((logits.argmax(1) == targets).float().mean())
+    loss = float(torch.nn.functional.cross_entropy(logits, targets)) if with_loss else float("nan")
+    return accuracy, loss
 
 
 class _TransposableCSR:
