@@ -11,7 +11,7 @@ serves every method, each trained by the shipped code (``classifier.build_classi
   1, ``main.py --is_pretrain --kmeans --recipe R``) on a collection of all the datasets here,
   labels unused (the paper's setting: the classified datasets are in the collection);
 - logistic regression on log1p CP10k with C tuned on the same validation cells (the regression
-  that ``plus``'s linear base starts from, ``classifier.fit_linear_base``).
+  ``--ft_linear_base`` puts beside the network in ``plus``, ``classifier.fit_linear_base``).
 
 Validation accuracy is what a recipe may be chosen on; test accuracy and macro-F1 are printed
 for the record of the final choice. Rows go to ``bench/out/recipe/recipe.csv``.
@@ -100,7 +100,7 @@ def network_row(d, codes, n_classes, split, recipe: str, ckpt, seed: int) -> dic
 
 def logistic_row(d, codes, split, seed: int) -> dict:
     """Logistic regression on log1p CP10k, C tuned on the validation cells: the shipped
-    ``classifier.fit_linear_base`` (the regression ``--ft_linear_base logistic`` starts from)."""
+    ``classifier.fit_linear_base`` (the regression ``--ft_linear_base`` puts beside the network)."""
     import classifier
     import data
 
