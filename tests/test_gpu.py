@@ -7,17 +7,21 @@ GPU machine). Tolerances allow for float32 rounding and the GPU's non-determinis
 import os
 import sys
 
+import anndata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import torch
 from sklearn.datasets import make_blobs
 
+import annotate
+import classifier
 import data
 import kmeans
 import main
 import pretrain
-from helpers import launched_vs_single, toy_counts
+from helpers import gene_names, launched_vs_single, toy_counts
 from model import DeviceCSR, ModelConfig, PretrainModel, load_checkpoint, offset_targets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +99,58 @@ def test_device_csr_on_cuda_gathers_what_scipy_does():
     np.testing.assert_array_equal(batch.x.to_dense().cpu().numpy(), want)
     np.testing.assert_array_equal(batch.x_t.to_dense().cpu().numpy(), want.T)
     np.testing.assert_array_equal(store.take(rows).dense(np.arange(5)).cpu().numpy(), want[:5])
+
+
+# --------------------------------------------------------------------------- fine-tuning with a linear base
+
+
+@needs_cuda
+@pytest.mark.parametrize("linear_base", ["residual", "blend"])
+def test_fine_tuning_with_a_linear_base_on_cuda_matches_cpu(linear_base):
+    counts, types = toy_counts(n_cells=150, n_genes=40, n_types=3, seed=5)
+    X = data.log1p_features(sp.csr_matrix(counts))
+    args = main.parse_args(["--kmeans", "--ft_epoch", "12", "--patience", "100", "--hid", "8",
+                            "--ft_linear_base", linear_base, "--recipe", "plus"])
+    main.common.resolve_recipe(args)
+    args.ft_dropout = 0.0  # dropout masks are drawn by different generators on the two devices
+    split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
+    trained = []
+    for device in ("cpu", "cuda"):
+        clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
+        clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device(device))
+        assert clf.base is not None
+        trained.append((clf, epochs, {k: v.detach().cpu() for k, v in clf.state_dict().items()}))
+    (cpu_clf, cpu_epochs, cpu_state), (gpu_clf, gpu_epochs, gpu_state) = trained
+    assert gpu_epochs == cpu_epochs
+    for key in cpu_state:
+        torch.testing.assert_close(gpu_state[key], cpu_state[key], rtol=1e-3, atol=1e-4)
+    test = split[2]
+    np.testing.assert_allclose(classifier.predict_proba(gpu_clf, X, test, "cuda"),
+                               classifier.predict_proba(cpu_clf, X, test, "cpu"), atol=1e-4)
+
+
+@needs_cuda
+def test_annotate_predict_on_cuda_matches_cpu_with_a_blended_base(tmp_path):
+    counts, types = toy_counts(n_cells=200, n_genes=30, n_types=3, seed=2)
+    obs = pd.DataFrame({"t": [f"t{i}" for i in types]}, index=[f"c{i}" for i in range(200)])
+    anndata.AnnData(X=sp.csr_matrix(counts), obs=obs, var=pd.DataFrame(index=gene_names(30))).write_h5ad(
+        tmp_path / "ref.h5ad")
+    annotate.main(annotate.parse_args(["train", "--reference", str(tmp_path / "ref.h5ad"), "--label_key", "t",
+                                       "--save_model", str(tmp_path / "clf.pt"), "--recipe", "plus", "--hid", "8",
+                                       "--ft_epoch", "10", "--device", "cuda", "--log_level", "WARNING"]))
+    ckpt = load_checkpoint(tmp_path / "clf.pt", kind="scpretrain-classifier")
+    assert ckpt["model_args"]["linear_base"] == "blend"
+    ckpt["model"]["base_share"] = torch.tensor(0.5)  # both parts in play, whatever validation chose
+    torch.save(ckpt, tmp_path / "clf.pt")
+    written = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"o_{device}.h5ad"
+        annotate.main(annotate.parse_args(["predict", "--model", str(tmp_path / "clf.pt"), "--query",
+                                           str(tmp_path / "ref.h5ad"), "--out", str(out), "--probabilities",
+                                           "--device", device, "--log_level", "WARNING"]))
+        written[device] = pd.read_csv(tmp_path / f"o_{device}.probabilities.csv", index_col="cell")
+    np.testing.assert_allclose(written["cuda"].to_numpy(), written["cpu"].to_numpy(), atol=1e-4)
+    assert (written["cpu"].to_numpy().argmax(1) == np.searchsorted(ckpt["classes"], obs["t"])).mean() > 0.5
 
 
 # --------------------------------------------------------------------------- main.py end to end
