@@ -359,7 +359,10 @@ def obs_column(obs: pd.DataFrame, key: str, path) -> pd.Series:
 def write_outputs(args, out: Path, query: data.CellData, table: pd.DataFrame, representation: np.ndarray,
                   uns: dict, extra_obsm: dict | None = None) -> None:
     """The query as an h5ad with the new obs columns, obsm and uns (its own X, var, layers and obs
-    untouched), and the per-cell columns as CSV beside it."""
+    untouched; text held as plain strings, which every anndata reads), and the per-cell columns as
+    CSV beside it."""
+    import anndata
+
     adata = query_anndata(args.query, query)
     for column in table.columns.drop("cell"):
         if column in adata.obs.columns:
@@ -370,6 +373,10 @@ def write_outputs(args, out: Path, query: data.CellData, table: pd.DataFrame, re
     for key, value in (extra_obsm or {}).items():
         adata.obsm[key] = value
     adata.uns["scpretrain"] = uns
+    adata.obs, adata.var = data.plain_string_frame(adata.obs), data.plain_string_frame(adata.var)
+    if adata.raw is not None:
+        adata.raw = anndata.AnnData(X=adata.raw.X, var=data.plain_string_frame(adata.raw.var),
+                                    varm=dict(adata.raw.varm), obs=adata.obs[[]])
     data.atomic_write_path(out, adata.write_h5ad)
     csv_path = out.with_suffix(".csv")
     data.atomic_write(csv_path, lambda fh: table.to_csv(fh, index=False))

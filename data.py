@@ -1079,6 +1079,30 @@ def atomic_write(path, write_fn, mode: str = "w") -> None:
     atomic_write_path(path, write)
 
 
+def plain_string_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``frame`` with its index, string columns and string categories held as Python objects.
+
+    pandas 3 reads text as its string dtype, which anndata >= 0.11 writes only when
+    ``allow_write_nullable_strings`` is set, and then in an encoding anndata < 0.11 cannot read.
+    Objects write everywhere as anndata's plain string arrays and read back as the same text."""
+    out = frame.copy()
+    if is_typed_strings(out.index.dtype):
+        out.index = pd.Index(out.index, dtype=object, name=out.index.name)
+    for column in out.columns:
+        values = out[column]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            if is_typed_strings(values.cat.categories.dtype):
+                out[column] = values.cat.set_categories(pd.Index(values.cat.categories, dtype=object), rename=True)
+        elif is_typed_strings(values.dtype):
+            out[column] = values.astype(object)
+    return out
+
+
+def is_typed_strings(dtype) -> bool:
+    """pandas' string dtype (pandas 3's default for text), as opposed to strings held as objects."""
+    return isinstance(dtype, pd.StringDtype)
+
+
 def atomic_write_path(path, write_fn) -> None:
     """Call ``write_fn(temporary_path)`` (for writers that take a file name), then rename the
     temporary file over ``path``: never a half-written file. The file gets the permissions a plain

@@ -1,5 +1,6 @@
 """annotate.py: train a classifier on a reference, label queries, write them back (tiny fixtures)."""
 import anndata
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
@@ -241,3 +242,29 @@ def test_a_classifier_whose_weights_disagree_with_its_model_args_is_one_clear_er
     del ckpt["model"]["hidden.bias"]
     with pytest.raises(CheckpointError, match=r"missing \['hidden.bias'\]"):
         classifier_from_checkpoint(ckpt, "clf.pt")
+
+
+def test_output_holds_text_as_plain_strings_when_the_query_holds_pandas_string_dtype(trained, tmp_path):
+    """pandas 3 reads text as its string dtype, which anndata refuses to write unless allowed (and
+    anndata < 0.11 cannot read): the output must write anyway, as plain strings, with the same text."""
+    ref = anndata.read_h5ad(trained["ref"])
+    typed = pd.StringDtype()
+    obs = pd.DataFrame({"donor": pd.array(np.where(np.arange(ref.n_obs) % 3, "d1", "d2"), dtype=typed),
+                        "state": pd.Categorical(pd.array(np.where(np.arange(ref.n_obs) % 2, "x", "y"), dtype=typed))},
+                       index=pd.Index(pd.array(ref.obs_names, dtype=typed)))
+    var = pd.DataFrame({"symbol": pd.array(ref.var_names, dtype=typed)}, index=pd.Index(pd.array(ref.var_names, dtype=typed)))
+    query = anndata.AnnData(X=ref.X.copy(), obs=obs, var=var)
+    query.raw = query.copy()
+    query.write_h5ad(tmp_path / "q.h5ad")  # the fixture itself may write nullable strings (conftest allows it)
+    with anndata.settings.override(allow_write_nullable_strings=False):
+        predict(trained, tmp_path / "q.h5ad", tmp_path / "out.h5ad")
+    encodings = {}
+    with h5py.File(tmp_path / "out.h5ad", "r") as f:
+        f.visititems(lambda name, item: encodings.__setitem__(name, item.attrs.get("encoding-type")))
+    assert encodings["obs/_index"] == encodings["var/_index"] == encodings["raw/var/_index"] == "string-array"
+    assert "nullable-string-array" not in encodings.values()
+    out = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert list(out.obs_names) == list(ref.obs_names) and list(out.var_names) == list(ref.var_names)
+    assert list(out.obs["donor"]) == list(obs["donor"]) and list(out.obs["state"]) == list(obs["state"])
+    assert list(out.raw.var_names) == list(ref.var_names)
+    assert out.obs["predicted_labels"].isin(["type_0", "type_1", "type_2"]).all()
