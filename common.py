@@ -208,13 +208,29 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     returns it to the system at once. Datasets are read whole and freed one by one as they are
     aligned; with glibc's default (a threshold that grows up to 32 MB as blocks are freed) about
     half of the freed memory stayed with the process and raised phase 1's peak (figures in
-    bench/README.md). False (and nothing done) where there is no glibc."""
+    bench/README.md). For reading: computing under it is slow (``reuse_freed_memory``). False
+    (and nothing done) where there is no glibc."""
+    return set_malloc_thresholds(mmap=threshold)
+
+
+def reuse_freed_memory(threshold: int = 256 << 20) -> bool:
+    """glibc only: once the inputs are read, let the process keep and reuse freed blocks below
+    ``threshold`` bytes (and up to twice that free at the top of its heap). K-means and training
+    steps allocate and free the same large buffers again and again; under the reading threshold
+    each came fresh from the system and was faulted in page by page (1 MiB threshold vs this:
+    K-means 1.5x, a scale-0.5 pre-training step ~2x slower; bench/README.md). False (and nothing
+    done) where there is no glibc."""
+    return set_malloc_thresholds(mmap=threshold, trim=2 * threshold)
+
+
+def set_malloc_thresholds(mmap: int, trim: int | None = None) -> bool:
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+        ok = bool(libc.mallopt(-3, int(mmap)))  # -3: M_MMAP_THRESHOLD
+        return ok and (trim is None or bool(libc.mallopt(-1, int(trim))))  # -1: M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         return False
 

@@ -409,6 +409,7 @@ def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -
     start = phase_start(args)
     coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and args.kmeans_on == "raw"),
                             normalize=args.normalize)
+    common.reuse_freed_memory()  # the inputs are read and freed: from here on, buffers are reused
     settings = run_settings(args, start, coll)
     save_path = Path(args.save_model)
     resume_path = resume_path_for(save_path)

@@ -117,10 +117,12 @@ def build_model(n_genes: int, counts, hid: int, seed: int, device="cpu"):
 def worker_ours(paths, args) -> dict:
     import torch
 
+    import common
     import pretrain
 
     t0 = time.perf_counter()
     coll = pretrain.build_collection(load(paths))  # as main.py: the list is emptied as it is aligned
+    common.reuse_freed_memory()  # as pretrain.run_pretraining once the collection is built
     n_cells = [X.shape[0] for X in coll.features]
     t_kmeans = time.perf_counter()
     targets, counts = pseudo_targets(n_cells, args.seed, coll, args.kmeans)
@@ -355,6 +357,7 @@ def main(args) -> dict:
             import common
 
             common.flush_denormals()
+            common.return_freed_memory()
         out = {"ours": worker_ours, "original": worker_original}[args.worker](paths, args)
         out["baseline_mib"] = baseline
         print(json.dumps(out))
