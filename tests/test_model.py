@@ -74,9 +74,11 @@ def test_stack_csr_stacks_frees_and_row_block_shares():
 def test_weight_gradient_from_transposed_pieces_equals_the_whole():
     X = sp.random(10, 30, density=0.3, format="csr", dtype=np.float32, random_state=4)
     g = torch.randn(10, 5)
-    whole = transposed_pieces(X, piece_rows=3)  # 10 rows: at most 4 pieces' worth, kept whole
+    whole = transposed_pieces(X, piece_rows=3)  # 10 rows: at most 4 pieces' worth, too few to halve
     pieces = transposed_pieces(X, piece_rows=2)
     assert sp.issparse(whole) and len(pieces) == 5 and [p.shape for p in pieces] == [(30, 2)] * 5
+    single = transposed_pieces(X, piece_rows=2, workers=1)  # the same pieces, made one after another
+    assert all((a != b).nnz == 0 for a, b in zip(single, pieces))
     want = X.toarray().T @ g.numpy()
     for x_t in (torch_csr(whole, torch.device("cpu")), tuple(torch_csr(p, torch.device("cpu")) for p in pieces)):
         np.testing.assert_allclose(transposed_times(x_t, g).numpy(), want, rtol=1e-5, atol=1e-6)
@@ -87,6 +89,17 @@ def test_weight_gradient_from_transposed_pieces_equals_the_whole():
     encoder.zero_grad()
     encoder(torch.from_numpy(X.toarray())).sum().backward()
     torch.testing.assert_close(sparse_grad, encoder.linear.weight_t.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mid_sized_batch_is_transposed_in_two_halves_when_there_are_two_workers():
+    X = sp.random(600, 40, density=0.2, format="csr", dtype=np.float32, random_state=5)
+    halves = transposed_pieces(X, piece_rows=2048, workers=2)
+    assert isinstance(halves, tuple) and [p.shape for p in halves] == [(40, 300), (40, 300)]
+    np.testing.assert_array_equal(sp.hstack(halves).toarray(), X.toarray().T)
+    assert sp.issparse(transposed_pieces(X, piece_rows=2048, workers=1))  # one worker: kept whole
+    g = torch.randn(600, 3)
+    x_t = tuple(torch_csr(p, torch.device("cpu")) for p in halves)
+    np.testing.assert_allclose(transposed_times(x_t, g).numpy(), X.toarray().T @ g.numpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_device_csr_gathers_rows_as_scipy_does():
