@@ -177,6 +177,8 @@ def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[
                                          max_cells=args.kmeans_max_cells, tol=args.kmeans_tol)
             log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
             labels.append(per_k)
+            del X
+            common.release_free_memory()  # this dataset's buffers, kept for reuse while it was clustered
     return broadcast(labels)
 
 

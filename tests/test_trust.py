@@ -11,7 +11,9 @@ import pytest
 import clus
 import common
 import fig
+import finetune
 import main
+import pretrain
 import rf_svm_lr
 from helpers import toy_counts, toy_dataset_file, write_cellblast_h5
 
@@ -200,3 +202,36 @@ def test_scripts_have_freed_arrays_returned_to_the_system(monkeypatch):
     monkeypatch.setattr(common, "return_freed_memory", lambda: calls.append(1) or True)
     assert common.run_script(lambda args: "ran", argparse.Namespace(log_level="WARNING", seed=0)) == "ran"
     assert calls == [1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_pretraining_and_the_sweep_reuse_freed_memory_once_their_inputs_are_read(collection, tmp_path, monkeypatch):
+    assert common.reuse_freed_memory() is True  # mallopt accepted both thresholds
+    assert common.release_free_memory() is True  # glibc has malloc_trim
+    common.return_freed_memory()  # back to the reading threshold for the rest of this process
+    seen = []
+
+    def record():
+        seen.append(loaded.copy())
+        return True
+
+    loaded = []
+    real_build = pretrain.build_collection
+
+    def build(*a, **k):
+        out = real_build(*a, **k)
+        loaded.append("collection")
+        return out
+
+    monkeypatch.setattr(common, "reuse_freed_memory", record)
+    monkeypatch.setattr(pretrain, "build_collection", build)
+    save = tmp_path / "p1.pt"
+    main.main(main.parse_args(["--is_pretrain", "--kmeans", "--datasets", *collection, "--save_model", str(save),
+                               "--pt_epoch", "1", "--batch_num", "2", "--avg_cluster_num", "20", "--hid", "8",
+                               "--log_level", "WARNING"]))
+    assert seen == [["collection"]]  # once, after the collection was built (before K-means and the epochs)
+    monkeypatch.setattr(finetune, "finetune_datasets", lambda args, real=finetune.finetune_datasets:
+                        loaded.append("labelled") or real(args))
+    main.main(main.parse_args(["--kmeans", "--datasets", *collection, "--pretrained_model", str(save), "--save_result",
+                               str(tmp_path / "ft.csv"), "--ft_epoch", "2", "--hid", "8", "--log_level", "WARNING"]))
+    assert seen[-1] == ["collection", "labelled"]  # after the sweep's datasets were read
