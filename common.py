@@ -213,27 +213,15 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     return set_malloc_thresholds(mmap=threshold)
 
 
-def reuse_freed_memory(threshold: int = 16 << 20) -> bool:
-    """glibc only: once the inputs are read, let the process keep and reuse freed blocks below
-    ``threshold`` bytes (and up to twice that free at the top of its heap). K-means and training
-    steps allocate and free the same buffers again and again; under the reading threshold each
-    came fresh from the system and was faulted in page by page. Measured on the whole-collection
-    benchmark (bench/README.md): K-means on its largest dataset (80,398 cells, 2 iterations per
-    granularity) 68.5 s under 1 MiB, 51.1 s under 16 MiB, 42.2 s under 256 MiB, but the larger
-    thresholds kept ~0.7-1.9 GB more at the peak; 16 MiB costs ~200 MiB. False (and nothing done)
-    where there is no glibc."""
+def reuse_freed_memory(threshold: int = 256 << 20) -> bool:
+    """glibc only: from here on, let the process keep and reuse freed blocks below ``threshold``
+    bytes (and up to twice that free at the top of its heap). Pre-training steps allocate and free
+    the same tens of megabytes per dataset head again and again; under the reading threshold each
+    came fresh from the system and was faulted in page by page. On the whole-collection benchmark
+    (bench/README.md) a step took 1.57 s under 256 MiB, 1.96 s under 16 MiB and ~2.5-3 s under
+    1 MiB (peaks 7,976, 7,691 and about the same MiB). False (and nothing done) where there is
+    no glibc."""
     return set_malloc_thresholds(mmap=threshold, trim=2 * threshold)
-
-
-def release_free_memory() -> bool:
-    """glibc only: hand the heap's free pages back to the system (``malloc_trim``), e.g. between
-    one dataset's K-means and the next, whose buffers have other sizes. False (and nothing done)
-    where there is no glibc."""
-    libc = _libc()
-    if libc is None:
-        return False
-    libc.malloc_trim(0)  # its result says only whether any page was released
-    return True
 
 
 def set_malloc_thresholds(mmap: int, trim: int | None = None) -> bool:
@@ -245,13 +233,13 @@ def set_malloc_thresholds(mmap: int, trim: int | None = None) -> bool:
 
 
 def _libc():
-    """glibc, or None where there is none (mallopt and malloc_trim are glibc's)."""
+    """glibc, or None where there is none (mallopt is glibc's)."""
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (both must exist)
+        libc.mallopt  # noqa: B018 (must exist)
         return libc
     except (OSError, AttributeError):
         return None

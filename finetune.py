@@ -157,7 +157,6 @@ def run_sweep(args, device) -> pd.DataFrame:
         _, _, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
     else:
         log.warning("no --pretrained_model: running the 'Without pretraining' baseline only")
-    common.reuse_freed_memory()  # the inputs are read: from here on, training buffers are reused
     out = Path(args.save_result)
     run_id, finished = results.start_run_with(out, args, result_settings(args), results.model_digest(ckpt),
                                               RESULT_COLUMNS, RESULT_KEY)

@@ -93,7 +93,7 @@ class GeneBlockedCSR:
         for column_block in prepared:
             acc = torch.sparse.mm(self.parts[0], column_block[0])
             for part, right in zip(self.parts[1:], column_block[1:]):
-                acc += torch.sparse.mm(part, right)
+                acc.addmm_(part, right)  # in place: no (rows x CENTROID_BLOCK) product allocated per block
             outs.append(acc)
         return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 

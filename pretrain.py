@@ -177,8 +177,6 @@ def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[
                                          max_cells=args.kmeans_max_cells, tol=args.kmeans_tol)
             log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
             labels.append(per_k)
-            del X
-            common.release_free_memory()  # this dataset's buffers, kept for reuse while it was clustered
     return broadcast(labels)
 
 
@@ -411,12 +409,14 @@ def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -
     start = phase_start(args)
     coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and args.kmeans_on == "raw"),
                             normalize=args.normalize)
-    common.reuse_freed_memory()  # the inputs are read and freed: from here on, buffers are reused
     settings = run_settings(args, start, coll)
     save_path = Path(args.save_model)
     resume_path = resume_path_for(save_path)
     state = load_resume(resume_path, settings, start.phase) if args.resume else None
     labels = state["pseudo_labels"] if state else compute_pseudo_labels(coll, args, device, start.encoder)
+    # from here on the steps' buffers are reused (K-means stays under the reading threshold: kept
+    # buffers of its many sizes raised the peak by up to 0.8 GB, bench/README.md)
+    common.reuse_freed_memory()
     cfg = model_config(start, coll, args)
     model, optimizer, step_module, targets = build_model(cfg, labels, start, args, device)
     progress = new_progress()

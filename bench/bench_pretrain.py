@@ -122,11 +122,11 @@ def worker_ours(paths, args) -> dict:
 
     t0 = time.perf_counter()
     coll = pretrain.build_collection(load(paths))  # as main.py: the list is emptied as it is aligned
-    common.reuse_freed_memory()  # as pretrain.run_pretraining once the collection is built
     n_cells = [X.shape[0] for X in coll.features]
     t_kmeans = time.perf_counter()
     targets, counts = pseudo_targets(n_cells, args.seed, coll, args.kmeans)
     t_kmeans = time.perf_counter() - t_kmeans
+    common.reuse_freed_memory()  # as pretrain.run_pretraining once the pseudo-labels are there
     load_seconds = time.perf_counter() - t0 - t_kmeans
     device = torch.device(args.device)
     model, step_module, optimizer = build_model(len(coll.gene_universe), counts, args.hid, args.seed, device)

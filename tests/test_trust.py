@@ -11,7 +11,6 @@ import pytest
 import clus
 import common
 import fig
-import finetune
 import main
 import pretrain
 import rf_svm_lr
@@ -205,33 +204,15 @@ def test_scripts_have_freed_arrays_returned_to_the_system(monkeypatch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
-def test_pretraining_and_the_sweep_reuse_freed_memory_once_their_inputs_are_read(collection, tmp_path, monkeypatch):
+def test_pretraining_reuses_freed_memory_once_k_means_is_done(collection, tmp_path, monkeypatch):
     assert common.reuse_freed_memory() is True  # mallopt accepted both thresholds
-    assert common.release_free_memory() is True  # glibc has malloc_trim
     common.return_freed_memory()  # back to the reading threshold for the rest of this process
-    seen = []
-
-    def record():
-        seen.append(loaded.copy())
-        return True
-
-    loaded = []
-    real_build = pretrain.build_collection
-
-    def build(*a, **k):
-        out = real_build(*a, **k)
-        loaded.append("collection")
-        return out
-
-    monkeypatch.setattr(common, "reuse_freed_memory", record)
-    monkeypatch.setattr(pretrain, "build_collection", build)
-    save = tmp_path / "p1.pt"
-    main.main(main.parse_args(["--is_pretrain", "--kmeans", "--datasets", *collection, "--save_model", str(save),
-                               "--pt_epoch", "1", "--batch_num", "2", "--avg_cluster_num", "20", "--hid", "8",
-                               "--log_level", "WARNING"]))
-    assert seen == [["collection"]]  # once, after the collection was built (before K-means and the epochs)
-    monkeypatch.setattr(finetune, "finetune_datasets", lambda args, real=finetune.finetune_datasets:
-                        loaded.append("labelled") or real(args))
-    main.main(main.parse_args(["--kmeans", "--datasets", *collection, "--pretrained_model", str(save), "--save_result",
-                               str(tmp_path / "ft.csv"), "--ft_epoch", "2", "--hid", "8", "--log_level", "WARNING"]))
-    assert seen[-1] == ["collection", "labelled"]  # after the sweep's datasets were read
+    done, seen = [], []
+    real_labels = pretrain.compute_pseudo_labels
+    monkeypatch.setattr(pretrain, "compute_pseudo_labels",
+                        lambda *a, **k: (lambda out: done.append("k-means") or out)(real_labels(*a, **k)))
+    monkeypatch.setattr(common, "reuse_freed_memory", lambda: seen.append(list(done)) or True)
+    main.main(main.parse_args(["--is_pretrain", "--kmeans", "--datasets", *collection, "--save_model",
+                               str(tmp_path / "p1.pt"), "--pt_epoch", "1", "--batch_num", "2", "--avg_cluster_num",
+                               "20", "--hid", "8", "--log_level", "WARNING"]))
+    assert seen == [["k-means"]]  # once, after K-means (which reads under the reading threshold), before the epochs
