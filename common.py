@@ -218,9 +218,9 @@ def reuse_freed_memory(threshold: int = 256 << 20) -> bool:
     bytes (and up to twice that free at the top of its heap). Pre-training steps allocate and free
     the same tens of megabytes per dataset head again and again; under the reading threshold each
     came fresh from the system and was faulted in page by page. On the whole-collection benchmark
-    (bench/README.md) a step took 1.57 s under 256 MiB, 1.96 s under 16 MiB and ~2.5-3 s under
-    1 MiB (peaks 7,976, 7,691 and about the same MiB). False (and nothing done) where there is
-    no glibc."""
+    (bench/README.md) a step took 1.57 s under 256 MiB and 1.96 s under 16 MiB (peaks 7,976 and
+    7,691 MiB), and 2.4-3.9 s over its first steps under 1 MiB. False (and nothing done) where
+    there is no glibc."""
     return set_malloc_thresholds(mmap=threshold, trim=2 * threshold)
 
 
