@@ -115,6 +115,7 @@ class _Rows:
         # CPU: each chunk's gene-blocked copy, kept for the next pass when ``cache`` (Lloyd's
         # iterations reread every chunk; the copies together are one copy of the matrix)
         self.cache = {} if cache else None
+        self._norms = None
         if self.sparse:
             if store is None:
                 X = sp.csr_matrix(X)
@@ -129,10 +130,23 @@ class _Rows:
             self.n_rows, self.n_cols = X.shape
 
     def chunk(self, start: int, stop: int):
-        """(matrix on device, its row of each stored value or None, row squared norms)."""
+        """Rows ``start:stop`` in the form ``times`` multiplies (kept when the rows cache chunks)."""
         if not self.sparse:
-            block = self.dense[start:stop].to(self.device, non_blocking=True)
-            return block, None, (block * block).sum(1)
+            return self.dense[start:stop].to(self.device, non_blocking=True)
+        if self.cache is not None and (start, stop) in self.cache:
+            return self.cache[(start, stop)]
+        row_of_value, col, val = self.values(start, stop)
+        if self.dense_products:
+            block = torch.zeros(stop - start, self.n_cols, device=self.device)
+            block[row_of_value, col.long()] = val
+            return block
+        block = GeneBlockedCSR(row_of_value.numpy(), col.numpy(), val.numpy(), stop - start, self.n_cols)
+        if self.cache is not None:
+            self.cache[(start, stop)] = block
+        return block
+
+    def values(self, start: int, stop: int):
+        """Sparse rows ``start:stop`` as (row within the chunk, column, value) of each stored value."""
         store = self.store
         lo, hi = int(store.host_indptr[start]), int(store.host_indptr[stop])
         col = store.indices[lo:hi].to(self.device, non_blocking=True)
@@ -140,17 +154,20 @@ class _Rows:
         lengths = torch.from_numpy(np.diff(store.host_indptr[start:stop + 1])).to(self.device, non_blocking=True)
         row_of_value = torch.repeat_interleave(torch.arange(stop - start, device=self.device), lengths,
                                                output_size=hi - lo)
-        norms = torch.zeros(stop - start, device=self.device).index_add_(0, row_of_value, val * val)
-        if self.dense_products:
-            block = torch.zeros(stop - start, self.n_cols, device=self.device)
-            block[row_of_value, col.long()] = val
-        elif self.cache is not None and (start, stop) in self.cache:
-            block = self.cache[(start, stop)]
-        else:
-            block = GeneBlockedCSR(row_of_value.numpy(), col.numpy(), val.numpy(), stop - start, self.n_cols)
-            if self.cache is not None:
-                self.cache[(start, stop)] = block
-        return block, (row_of_value, col, val), norms
+        return row_of_value, col, val
+
+    def norms(self, chunk_rows: int = 8192) -> torch.Tensor:
+        """Squared norm of every row (computed once, a chunk at a time)."""
+        if self._norms is None:
+            if not self.sparse:
+                self._norms = (self.dense * self.dense).sum(1).to(self.device)
+            else:
+                self._norms = torch.zeros(self.n_rows, device=self.device)
+                for start in range(0, self.n_rows, chunk_rows):
+                    stop = min(start + chunk_rows, self.n_rows)
+                    row_of_value, _, val = self.values(start, stop)
+                    self._norms[start:stop].index_add_(0, row_of_value, val * val)
+        return self._norms
 
     def prepare_product(self, right: torch.Tensor):
         """A dense (genes x m) right-hand side in the form ``times`` takes, once per pass."""
@@ -177,9 +194,37 @@ class _Rows:
         return _Rows(None, self.device, store=self.store.take(rows), cache=cache)
 
 
+# each cell remembers its NEAREST nearest centroids between Lloyd's iterations, so that the next
+# pass computes only its distances to the centroids that moved
+NEAREST = 4
+# above this share of centroids moved, a pass computes every distance (pruning would save little)
+FULL_PASS_SHARE = 0.5
+
+
+@dataclass
+class Nearest:
+    """What an assignment pass knows for the next: each cell's ``NEAREST`` nearest centroids (at
+    the pass) and their distances, and a lower bound on its distance to every centroid not listed.
+
+    Distances are ``|c|^2 - 2 x.c`` (the cell's own ``|x|^2`` left out: the same for every
+    centroid). ``inf`` marks a slot that holds nothing.
+    """
+    dist: torch.Tensor  # cells x NEAREST
+    index: torch.Tensor  # cells x NEAREST int64
+    bound: torch.Tensor  # cells
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.index[:, 0]
+
+    @property
+    def best(self) -> torch.Tensor:
+        return self.dist[:, 0]
+
+
 def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
            chunk_rows: int = 8192, init_sample: int | None = None, max_cells: int = 0,
-           tol: float = DEFAULT_TOL) -> KMeansResult:
+           tol: float = DEFAULT_TOL, prune: bool = True) -> KMeansResult:
     """Cluster the rows of ``X`` (CSR or dense) into ``k`` clusters; seeded and deterministic.
 
     Lloyd's loop runs at most ``n_iter`` iterations and stops after one in which at most a share
@@ -187,31 +232,52 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
     ``n_iter`` iterations, as the original). With ``max_cells`` > 0, the centroids are fitted on a
     seeded sample of that many cells and every cell is then assigned to its nearest centroid (for
     very large datasets on a CPU).
+
+    Each iteration after the first computes a cell's distances only to the centroids that moved
+    (a centroid moves only when a cell joined or left its cluster) and takes the others from the
+    iteration before; the nearest centroid is the same as computing every distance (``prune=False``
+    computes them all, for comparison), up to the rounding of products computed in another order.
+    The cluster sums follow the cells that changed cluster.
     """
     device = torch.device(device)
-    subsample = 0 < max_cells < X.shape[0]
-    rows = _Rows(X, device, cache=not subsample)  # the rows Lloyd's loop passes over keep their chunks
+    # the rows Lloyd's loop passes over keep their chunks
+    rows = X if isinstance(X, _Rows) else _Rows(X, device, cache=not 0 < max_cells < X.shape[0])
     n = rows.n_rows
+    subsample = 0 < max_cells < n
     k = int(min(max(k, 1), n))
     gen = np.random.default_rng(seed)
     fit_rows = rows
     if subsample:
         fit_rows = rows.subset(np.sort(gen.choice(n, size=max(max_cells, k), replace=False)), cache=True)
     centroids = _kmeans_pp(fit_rows, k, gen, init_sample)
-    previous, n_iter_run = None, 0
+    known, moved, sums, n_iter_run = None, None, None, 0
     for n_iter_run in range(1, n_iter + 1):
-        labels, _, sums, counts = _assign(fit_rows, centroids, chunk_rows, accumulate=True)
-        centroids = _update(centroids, sums, counts, fit_rows, gen)
-        if previous is not None and tol >= 0:
-            # counted on the device, one number comes back; a re-seeded empty cluster has moved, so
-            # the loop goes on even when no cell changed
-            changed = int((labels != previous).sum())
-            if changed <= tol * fit_rows.n_rows and bool((counts > 0).all()):
-                break
-        previous = labels
+        nearest = _assign(fit_rows, centroids, chunk_rows, known if prune else None, moved)
+        labels = nearest.labels
+        changed = None if known is None else torch.nonzero(labels != known.labels).flatten()
+        if changed is None or 2 * len(changed) > fit_rows.n_rows:
+            sums = _cluster_sums(fit_rows, labels, k, chunk_rows)
+        else:
+            _move_cells(fit_rows, sums, changed, known.labels[changed], labels[changed], chunk_rows)
+        counts = torch.bincount(labels, minlength=k)
+        if changed is None:
+            moved = torch.ones(k, dtype=torch.bool, device=centroids.device)
+        else:
+            moved = torch.zeros(k, dtype=torch.bool, device=centroids.device)
+            moved[known.labels[changed]] = True
+            moved[labels[changed]] = True
+        moved |= counts == 0  # an empty cluster restarts at a random cell
+        centroids = _update(centroids, sums, counts, moved, fit_rows, gen)
+        known = nearest
+        # counted on the device, one number comes back; a re-seeded empty cluster has moved, so
+        # the loop goes on even when no cell changed
+        if changed is not None and tol >= 0 and len(changed) <= tol * fit_rows.n_rows and bool((counts > 0).all()):
+            break
     log.debug("k=%d: %d Lloyd iterations of at most %d", k, n_iter_run, n_iter)
-    labels, inertia, _, _ = _assign(rows, centroids, chunk_rows, accumulate=False)
-    return KMeansResult(labels.cpu().numpy().astype(np.int64), centroids.cpu().numpy(), float(inertia), n_iter_run)
+    final = _assign(rows, centroids, chunk_rows, known if prune and not subsample else None, moved)
+    inertia = torch.clamp(final.best + rows.norms(), min=0).double().sum()
+    return KMeansResult(final.labels.cpu().numpy().astype(np.int64), centroids.cpu().numpy(), float(inertia),
+                        n_iter_run)
 
 
 def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None,
@@ -225,7 +291,7 @@ def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int |
     """
     m = min(rows.n_rows, init_sample or max(4 * k, 1024))
     sample = rows.subset(np.sort(gen.choice(rows.n_rows, size=m, replace=False)))
-    block, _, _ = sample.chunk(0, m)
+    block = sample.chunk(0, m)
     if rows.n_cols > 2 * projection_dim:
         torch_gen = torch.Generator().manual_seed(int(gen.integers(2**31)))
         projection = torch.randn(rows.n_cols, projection_dim, generator=torch_gen) / projection_dim ** 0.5
@@ -252,37 +318,114 @@ def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int |
     return sample.rows_dense(chosen)
 
 
-def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, accumulate: bool):
-    """Nearest centroid of every row; with ``accumulate`` also per-cluster sums and counts."""
-    k, g = centroids.shape
+def _nearest_listed(dist: torch.Tensor, index: torch.Tensor | None, m: int):
+    """The ``m`` smallest of each row of ``dist`` (ascending) with their centroids (``index``: the
+    centroid of each entry, None = its column), and the next smallest (``inf`` if none)."""
+    take = min(m + 1, dist.shape[1])
+    vals, pos = dist.topk(take, 1, largest=False, sorted=True)
+    idx = pos if index is None else index.gather(1, pos)
+    if take <= m:  # fewer candidates than slots: pad, nothing is left unlisted
+        pad = m + 1 - take
+        vals = torch.cat([vals, vals.new_full((len(vals), pad), float("inf"))], 1)
+        idx = torch.cat([idx, idx.new_zeros((len(idx), pad))], 1)
+    return vals[:, :m], idx[:, :m], vals[:, m]
+
+
+def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, known: Nearest | None = None,
+            moved: torch.Tensor | None = None) -> Nearest:
+    """Every row's nearest centroids (a ``Nearest``).
+
+    With ``known`` (the previous pass over the same rows) and ``moved`` (per centroid: changed
+    since), a row's distances to the centroids that did not move are taken from ``known`` and only
+    those to the moved ones are computed. A row whose best known distance is not within its bound
+    (every listed centroid moved away) is computed against all centroids.
+    """
+    k = centroids.shape[0]
+    m = min(NEAREST, k)
+    dev = centroids.device
     c_sq = (centroids * centroids).sum(1)
-    right = rows.prepare_product(centroids.T)
-    labels = torch.empty(rows.n_rows, dtype=torch.int64, device=centroids.device)
-    sums = torch.zeros(k * g, device=centroids.device) if accumulate else None
-    inertia = torch.zeros((), dtype=torch.float64, device=centroids.device)
+    out = Nearest(torch.empty(rows.n_rows, m, device=dev), torch.empty(rows.n_rows, m, dtype=torch.int64, device=dev),
+                  torch.empty(rows.n_rows, device=dev))
+    moved_idx = None if known is None or moved is None else torch.nonzero(moved).flatten()
+    if moved_idx is None or len(moved_idx) > FULL_PASS_SHARE * k:
+        _full_pass(rows, centroids, c_sq, chunk_rows, out, m)
+        return out
+    right = rows.prepare_product(centroids[moved_idx].T) if len(moved_idx) else None
+    redo = []
     for start in range(0, rows.n_rows, chunk_rows):
         stop = min(start + chunk_rows, rows.n_rows)
-        block, coo, norms = rows.chunk(start, stop)
-        dist = c_sq.unsqueeze(0) - 2 * rows.times(block, right)
-        best, lab = dist.min(1)
-        labels[start:stop] = lab
-        inertia += torch.clamp(best + norms, min=0).double().sum()
-        if accumulate:
-            if coo is None:
-                sums.view(k, g).index_add_(0, lab, block)
-            else:
-                row_of_value, col, val = coo
-                sums.index_add_(0, lab[row_of_value] * g + col, val)
-    counts = torch.bincount(labels, minlength=k) if accumulate else None
-    return labels, inertia, (sums.view(k, g) if accumulate else None), counts
+        cand_d = known.dist[start:stop].masked_fill(moved[known.index[start:stop]], float("inf"))
+        cand_i = known.index[start:stop]
+        if right is not None:
+            moved_d = c_sq[moved_idx].unsqueeze(0) - 2 * rows.times(rows.chunk(start, stop), right)
+            cand_d = torch.cat([cand_d, moved_d], 1)
+            cand_i = torch.cat([cand_i, moved_idx.unsqueeze(0).expand(stop - start, -1)], 1)
+        d, i, next_d = _nearest_listed(cand_d, cand_i, m)
+        bound = known.bound[start:stop]
+        out.dist[start:stop], out.index[start:stop] = d, i
+        out.bound[start:stop] = torch.minimum(bound, next_d)
+        redo.append(torch.nonzero(d[:, 0] > bound).flatten() + start)
+    redo = torch.cat(redo)
+    if len(redo):
+        sub = rows.subset(redo.cpu().numpy())
+        part = Nearest(torch.empty(len(redo), m, device=dev), torch.empty(len(redo), m, dtype=torch.int64, device=dev),
+                       torch.empty(len(redo), device=dev))
+        _full_pass(sub, centroids, c_sq, chunk_rows, part, m)
+        out.dist[redo], out.index[redo], out.bound[redo] = part.dist, part.index, part.bound
+    log.debug("pass: %d of %d centroids moved, %d of %d cells recomputed in full", len(moved_idx), k,
+              len(redo), rows.n_rows)
+    return out
 
 
-def _update(centroids, sums, counts, rows: _Rows, gen: np.random.Generator) -> torch.Tensor:
-    """Centroid = mean of its cells; an empty cluster restarts at a random cell."""
-    new = sums / counts.clamp(min=1).unsqueeze(1).to(sums.dtype)
+def _full_pass(rows: _Rows, centroids, c_sq, chunk_rows: int, out: Nearest, m: int) -> None:
+    right = rows.prepare_product(centroids.T)
+    for start in range(0, rows.n_rows, chunk_rows):
+        stop = min(start + chunk_rows, rows.n_rows)
+        dist = c_sq.unsqueeze(0) - 2 * rows.times(rows.chunk(start, stop), right)
+        out.dist[start:stop], out.index[start:stop], out.bound[start:stop] = _nearest_listed(dist, None, m)
+
+
+def _cluster_sums(rows: _Rows, labels: torch.Tensor, k: int, chunk_rows: int) -> torch.Tensor:
+    """Per-cluster sums of the rows (k x genes)."""
+    g = rows.n_cols
+    sums = torch.zeros(k * g, device=labels.device)
+    for start in range(0, rows.n_rows, chunk_rows):
+        stop = min(start + chunk_rows, rows.n_rows)
+        _add_rows(rows, start, stop, labels[start:stop], sums, 1.0)
+    return sums.view(k, g)
+
+
+def _add_rows(rows: _Rows, start: int, stop: int, labels: torch.Tensor, sums: torch.Tensor, sign: float) -> None:
+    """Add (``sign`` 1) or take away (-1) rows ``start:stop`` to the flat sums of their clusters."""
+    g = rows.n_cols
+    if not rows.sparse:
+        block = rows.chunk(start, stop)
+        sums.view(-1, g).index_add_(0, labels, block if sign > 0 else -block)
+        return
+    row_of_value, col, val = rows.values(start, stop)
+    sums.index_add_(0, labels[row_of_value] * g + col, val if sign > 0 else -val)
+
+
+def _move_cells(rows: _Rows, sums: torch.Tensor, changed: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+                chunk_rows: int) -> None:
+    """Update the cluster sums (k x genes) for the ``changed`` rows moving from ``old`` to ``new``."""
+    flat = sums.view(-1)
+    for start in range(0, len(changed), chunk_rows):  # a chunk's rows copied at a time
+        stop = min(start + chunk_rows, len(changed))
+        sub = rows.subset(changed[start:stop].cpu().numpy())
+        _add_rows(sub, 0, sub.n_rows, old[start:stop], flat, -1.0)
+        _add_rows(sub, 0, sub.n_rows, new[start:stop], flat, 1.0)
+
+
+def _update(centroids, sums, counts, moved, rows: _Rows, gen: np.random.Generator) -> torch.Tensor:
+    """Each moved centroid = mean of its cells (in place); an empty cluster restarts at a random cell."""
+    new = centroids
+    idx = torch.nonzero(moved).flatten()
+    new[idx] = sums[idx] / counts[idx].clamp(min=1).unsqueeze(1).to(sums.dtype)
     empty = torch.nonzero(counts == 0).flatten().cpu().numpy()
     if len(empty):
         log.debug("re-seeding %d empty clusters", len(empty))
+        sums[torch.as_tensor(empty, device=sums.device)] = 0  # no cells: what the sums follow starts again from 0
         new[torch.as_tensor(empty, device=new.device)] = rows.rows_dense(
             np.sort(gen.choice(rows.n_rows, size=len(empty), replace=False)))
     return new
@@ -292,5 +435,7 @@ def pseudo_labels(X, avg_cluster_num: int = 100, n_iter: int = 20, seed: int = 0
                   device: str | torch.device = "cpu", max_cells: int = 0, tol: float = DEFAULT_TOL) -> list[np.ndarray]:
     """K-means labels of the rows of ``X`` at scPretrain's three granularities."""
     ks = granularities(X.shape[0], avg_cluster_num)
-    return [kmeans(X, k, n_iter=n_iter, seed=seed + i, device=device, max_cells=max_cells, tol=tol).labels
+    # one set of rows for the three runs: the chunks they cache are built once
+    rows = _Rows(X, torch.device(device), cache=not 0 < max_cells < X.shape[0])
+    return [kmeans(rows, k, n_iter=n_iter, seed=seed + i, device=device, max_cells=max_cells, tol=tol).labels
             for i, k in enumerate(ks)]

@@ -5,7 +5,9 @@ three numbers of clusters k = n//100, n//50, n//200+1, 20 iterations each. Every
 in a fresh subprocess that loads the same matrix, resets its memory high-water mark, runs the
 method and reads the new mark from /proc/self/status (tracemalloc cannot see torch or faiss).
 
-- ours:    ``kmeans.kmeans`` on the CSR matrix (k-means++ on a sample, Lloyd over row chunks)
+- ours:    ``kmeans.kmeans`` on the CSR matrix (k-means++ on a sample, Lloyd over row chunks;
+           after two iterations only the distances to centroids that moved are computed)
+- ours_every: the same computing every distance in every iteration (``prune=False``)
 - faiss:   ``faiss.Kmeans(niter=20, seed)`` on the densified float32 matrix (the original's
            choice; densifying is part of its time and memory), labels from ``index.search``
 - sklearn: ``KMeans(n_init=1, max_iter=20)`` on the CSR matrix (k-means++ on all cells)
@@ -40,7 +42,7 @@ sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
 
-METHODS = ("ours", "faiss", "sklearn")
+METHODS = ("ours", "ours_every", "faiss", "sklearn")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,11 +78,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_method(method: str, X: sp.csr_matrix, k: int, iters: int, seed: int, tol=None, device: str = "cpu"):
     """(labels, centroids, Lloyd iterations run) of one method; everything inside is timed and counted."""
-    if method == "ours":
+    if method in ("ours", "ours_every"):
         import kmeans
 
         res = kmeans.kmeans(X, k, n_iter=iters, seed=seed, device=device,
-                            tol=kmeans.DEFAULT_TOL if tol is None else tol)
+                            tol=kmeans.DEFAULT_TOL if tol is None else tol, prune=method == "ours")
         return res.labels, res.centroids, res.n_iter_run
     if method == "faiss":
         import faiss
@@ -114,7 +116,7 @@ def inertia(X: sp.csr_matrix, labels: np.ndarray, centroids: np.ndarray, chunk: 
 
 def worker(method: str, k: int, npz: str, iters: int, seed: int, tol=None, device: str = "cpu") -> dict:
     # libraries are imported before the clock starts and before the memory mark is reset
-    __import__({"ours": "kmeans", "faiss": "faiss", "sklearn": "sklearn.cluster"}[method])
+    __import__({"ours": "kmeans", "ours_every": "kmeans", "faiss": "faiss", "sklearn": "sklearn.cluster"}[method])
     X = sp.load_npz(npz).tocsr()
     X.data = X.data.astype(np.float32, copy=False)
     exact = synth.reset_peak_memory()
@@ -124,7 +126,7 @@ def worker(method: str, k: int, npz: str, iters: int, seed: int, tol=None, devic
     seconds = time.perf_counter() - t0
     after = synth.memory_mib()
     return {"method": method, "k": k, "seconds": seconds, "iterations": n_iter_run,
-            "device": device if method == "ours" else "cpu", "peak_mib": after["peak"],
+            "device": device if method.startswith("ours") else "cpu", "peak_mib": after["peak"],
             "extra_mib": after["peak"] - before["rss"], "data_mib": before["rss"], "peak_exact": exact,
             "inertia": inertia(X, labels, centroids), "clusters_used": int(len(np.unique(labels)))}
 
@@ -181,14 +183,16 @@ def iteration_cost(npz: str, ks: list[int], seed: int, device: str, repeats: int
         gen = np.random.default_rng(seed)
         centroids = rows.rows_dense(np.sort(gen.choice(rows.n_rows, size=k, replace=False)))
 
-        def lloyd():
-            _, _, sums, counts = kmeans._assign(rows, centroids, 8192, accumulate=True)
-            kmeans._update(centroids, sums, counts, rows, gen)
+        def lloyd():  # an iteration that computes every distance (the first two of a run; later ones prune)
+            labels = kmeans._assign(rows, centroids, 8192).labels
+            sums = kmeans._cluster_sums(rows, labels, k, 8192)
+            counts = torch.bincount(labels, minlength=k)
+            kmeans._update(centroids.clone(), sums, counts, torch.ones(k, dtype=torch.bool), rows, gen)
 
         lloyd()  # the first pass builds the chunks the next ones reuse (kmeans.kmeans pays it once)
         lloyd_s = best(lloyd)
 
-        ready = [rows.chunk(start, min(start + 8192, rows.n_rows))[0] for start in range(0, rows.n_rows, 8192)]
+        ready = [rows.chunk(start, min(start + 8192, rows.n_rows)) for start in range(0, rows.n_rows, 8192)]
 
         def chunked_product():  # what the iteration multiplies, as it multiplies it, on ready chunks
             right = rows.prepare_product(centroids.T)

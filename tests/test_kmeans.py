@@ -232,3 +232,81 @@ def test_kmeans_on_many_genes_matches_dense_input():
     b = kmeans.kmeans(dense, 4, seed=0)
     assert a.inertia == pytest.approx(b.inertia, rel=1e-4)
     np.testing.assert_array_equal(a.labels, b.labels)
+
+
+# --------------------------------------------------------------------------- pruned passes
+
+
+def brute_distances(X, centroids):
+    """|c|^2 - 2 x.c for every cell and centroid, in float64 (what a pass ranks)."""
+    X = X.toarray() if sp.issparse(X) else np.asarray(X)
+    C = centroids.double().numpy()
+    return (C * C).sum(1)[None, :] - 2 * X.astype(np.float64) @ C.T
+
+
+def check_nearest(nearest, X, centroids):
+    """The pass's listed centroids are exact, its first is the nearest, and nothing unlisted is
+    nearer than its bound."""
+    full = brute_distances(X, centroids)
+    scale = 1e-4 * (1 + np.abs(full).max())
+    index, dist, bound = nearest.index.numpy(), nearest.dist.double().numpy(), nearest.bound.double().numpy()
+    finite = np.isfinite(dist)
+    rows = np.nonzero(finite)[0]
+    np.testing.assert_allclose(dist[finite], full[rows, index[finite]], atol=scale)
+    np.testing.assert_allclose(dist[:, 0], full.min(1), atol=scale)
+    unlisted = np.ones_like(full, dtype=bool)
+    unlisted[np.repeat(np.arange(len(full)), index.shape[1])[finite.ravel()], index[finite]] = False
+    assert (np.where(unlisted, full, np.inf).min(1) >= bound - scale).all()
+
+
+def test_pruned_pass_finds_what_all_distances_find(sparse_counts, caplog):
+    """Passes that compute only the moved centroids' distances, over rounds of small and far moves
+    (a far move of every listed centroid forces cells to be recomputed in full)."""
+    X, k = sparse_counts, 12
+    rows = kmeans._Rows(X, torch.device("cpu"), cache=True)
+    rng = np.random.default_rng(0)
+    centroids = rows.rows_dense(rng.choice(X.shape[0], size=k, replace=False))
+    known = kmeans._assign(rows, centroids, 64)
+    check_nearest(known, X, centroids)
+    recomputed = 0
+    for round_ in range(6):
+        moved = torch.zeros(k, dtype=torch.bool)
+        moved[torch.as_tensor(rng.choice(k, size=int(rng.integers(1, k // 2 + 1)), replace=False))] = True
+        step = 5.0 if round_ % 2 else 0.05  # far moves, then small ones
+        centroids = centroids.clone()
+        centroids[moved] += step * torch.rand(int(moved.sum()), X.shape[1])
+        with caplog.at_level("DEBUG", logger="scpretrain.kmeans"):
+            caplog.clear()
+            known = kmeans._assign(rows, centroids, 64, known, moved)
+        recomputed += sum(int(r.getMessage().split(", ")[1].split()[0]) for r in caplog.records
+                          if r.getMessage().startswith("pass:"))
+        check_nearest(known, X, centroids)
+    assert recomputed > 0  # the full recomputation of cells ran
+
+
+def test_cluster_sums_followed_through_moves_equal_fresh_sums(sparse_counts):
+    rows = kmeans._Rows(sparse_counts, torch.device("cpu"))
+    rng = np.random.default_rng(1)
+    labels = torch.as_tensor(rng.integers(7, size=rows.n_rows))
+    sums = kmeans._cluster_sums(rows, labels, 7, 50)
+    for _ in range(3):
+        new = labels.clone()
+        changed = torch.as_tensor(np.sort(rng.choice(rows.n_rows, size=60, replace=False)))
+        new[changed] = torch.as_tensor(rng.integers(7, size=60))
+        kmeans._move_cells(rows, sums, changed, labels[changed], new[changed], 16)
+        labels = new
+    np.testing.assert_allclose(sums.numpy(), kmeans._cluster_sums(rows, labels, 7, 50).numpy(), atol=1e-4)
+    dense = np.zeros((7, rows.n_cols))
+    np.add.at(dense, labels.numpy(), sparse_counts.toarray())
+    np.testing.assert_allclose(sums.numpy(), dense, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [6, 40])
+def test_pruned_lloyd_matches_computing_every_distance(sparse_counts, blobs, k):
+    for X in (sparse_counts, blobs):
+        pruned = kmeans.kmeans(X, k, seed=0, tol=-1)
+        every = kmeans.kmeans(X, k, seed=0, tol=-1, prune=False)
+        assert pruned.inertia == pytest.approx(every.inertia, rel=1e-5)
+        assert (pruned.labels == every.labels).mean() >= 0.99
+    separated = kmeans.kmeans(blobs, 8, seed=0, tol=-1), kmeans.kmeans(blobs, 8, seed=0, tol=-1, prune=False)
+    np.testing.assert_array_equal(separated[0].labels, separated[1].labels)
