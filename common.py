@@ -203,6 +203,16 @@ def progress(iterable=None, disable: bool = False, **kwargs):
     return tqdm(iterable, disable=True if disable else None, **kwargs)
 
 
+def peak_memory_mib() -> float | None:
+    """This process's peak resident memory so far in MiB (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
 def return_freed_memory(threshold: int = 1 << 20) -> bool:
     """glibc only: allocate blocks of ``threshold`` bytes and more with mmap, so that freeing one
     returns it to the system at once. Datasets are read whole and freed one by one as they are

@@ -177,7 +177,12 @@ def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[
                                          max_cells=args.kmeans_max_cells, tol=args.kmeans_tol)
             log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
             labels.append(per_k)
+        log.debug("pseudo-labels ready; peak resident memory so far %s MiB", _mib(common.peak_memory_mib()))
     return broadcast(labels)
+
+
+def _mib(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:,.0f}"
 
 
 # --------------------------------------------------------------------------- training
@@ -381,6 +386,7 @@ def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, s
             seconds = max(time.time() - t0, 1e-9)
             log.info("phase %d epoch %d: loss %.4f%s (%.1fs, %.0f cells/s)", phase, epoch, loss,
                      "" if improved else f" (no improvement for {progress['wait']})", seconds, n_cells / seconds)
+            log.debug("peak resident memory so far %s MiB", _mib(common.peak_memory_mib()))
             save_resume(resume_path, model, optimizer, progress, labels, coll, settings, phase)
     if progress["wait"] >= args.pt_patience:
         log.info("early stop: no lower loss for %d epochs", args.pt_patience)
