@@ -225,7 +225,8 @@ class Nearest:
 def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
            chunk_rows: int = 8192, init_sample: int | None = None, max_cells: int = 0,
            tol: float = DEFAULT_TOL, prune: bool = True) -> KMeansResult:
-    """Cluster the rows of ``X`` (CSR or dense) into ``k`` clusters; seeded and deterministic.
+    """Cluster the rows of ``X`` (CSR, dense, or the ``_Rows`` of an earlier run on the same
+    matrix, whose cached chunks are then reused) into ``k`` clusters; seeded and deterministic.
 
     Lloyd's loop runs at most ``n_iter`` iterations and stops after one in which at most a share
     ``tol`` of the cells changed cluster; a negative ``tol`` never stops early (exactly
@@ -233,9 +234,9 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
     seeded sample of that many cells and every cell is then assigned to its nearest centroid (for
     very large datasets on a CPU).
 
-    Each iteration after the first computes a cell's distances only to the centroids that moved
-    (a centroid moves only when a cell joined or left its cluster) and takes the others from the
-    iteration before; the nearest centroid is the same as computing every distance (``prune=False``
+    From the third iteration on, a cell's distances are computed only to the centroids that moved
+    (a centroid moves only when a cell joined or left its cluster; after the first iteration all
+    do) and the others are taken from the iteration before; the nearest centroid is the same as computing every distance (``prune=False``
     computes them all, for comparison), up to the rounding of products computed in another order.
     The cluster sums follow the cells that changed cluster.
     """
@@ -269,8 +270,7 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
         moved |= counts == 0  # an empty cluster restarts at a random cell
         centroids = _update(centroids, sums, counts, moved, fit_rows, gen)
         known = nearest
-        # counted on the device, one number comes back; a re-seeded empty cluster has moved, so
-        # the loop goes on even when no cell changed
+        # a re-seeded empty cluster has moved, so the loop goes on even when no cell changed
         if changed is not None and tol >= 0 and len(changed) <= tol * fit_rows.n_rows and bool((counts > 0).all()):
             break
     log.debug("k=%d: %d Lloyd iterations of at most %d", k, n_iter_run, n_iter)

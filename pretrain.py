@@ -283,20 +283,26 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     sparse = sparse_input(args, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     # on a GPU the host prepares the next step while the device works on this one: nothing here
-    # waits for the device but the logged loss
-    hosts = (prepare_step(coll, targets, rows, rank, world, sparse, source) for rows in steps)
-    bar = common.progress(hosts, total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False,
-                          disable=rank != 0)
-    for step, host in enumerate(bar):
+    # waits for the device but the logged loss. The bar is advanced by hand: iterating it over the
+    # steps' batches would keep each batch referenced while the next one is gathered
+    bar = common.progress(total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
+    for step, rows in enumerate(steps):
+        host = prepare_step(coll, targets, rows, rank, world, sparse, source)
+        bar.update(1)
         if host is None:
             continue
         loss = step_module(*step_inputs(host, device))
+        del host  # the batch's CSR goes once the forward is done (its transposes stay with the graph)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach()
         if rank == 0 and (step % 10 == 9 or step == len(steps) - 1):
             bar.set_postfix(loss=f"{loss.item():.4f}")  # rank 0's share estimates the whole
+        # the graph, and the transposes it holds, go before the next step's cells are gathered
+        # (kept to the next forward, they and the batch raised a 30,000-cell step's peak)
+        del loss
+    bar.close()
     if world > 1:  # each rank's loss estimates the whole batch's: average them
         dist.all_reduce(loss_sum)
         loss_sum /= world
