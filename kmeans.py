@@ -213,6 +213,11 @@ class Nearest:
     index: torch.Tensor  # cells x NEAREST int64
     bound: torch.Tensor  # cells
 
+    @staticmethod
+    def empty(n_cells: int, m: int, device) -> "Nearest":
+        return Nearest(torch.empty(n_cells, m, device=device), torch.empty(n_cells, m, dtype=torch.int64, device=device),
+                       torch.empty(n_cells, device=device))
+
     @property
     def labels(self) -> torch.Tensor:
         return self.index[:, 0]
@@ -344,8 +349,7 @@ def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, known: Neares
     m = min(NEAREST, k)
     dev = centroids.device
     c_sq = (centroids * centroids).sum(1)
-    out = Nearest(torch.empty(rows.n_rows, m, device=dev), torch.empty(rows.n_rows, m, dtype=torch.int64, device=dev),
-                  torch.empty(rows.n_rows, device=dev))
+    out = Nearest.empty(rows.n_rows, m, dev)
     moved_idx = None if known is None or moved is None else torch.nonzero(moved).flatten()
     if moved_idx is None or len(moved_idx) > FULL_PASS_SHARE * k:
         _full_pass(rows, centroids, c_sq, chunk_rows, out, m)
@@ -368,8 +372,7 @@ def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, known: Neares
     redo = torch.cat(redo)
     if len(redo):
         sub = rows.subset(redo.cpu().numpy())
-        part = Nearest(torch.empty(len(redo), m, device=dev), torch.empty(len(redo), m, dtype=torch.int64, device=dev),
-                       torch.empty(len(redo), device=dev))
+        part = Nearest.empty(len(redo), m, dev)
         _full_pass(sub, centroids, c_sq, chunk_rows, part, m)
         out.dist[redo], out.index[redo], out.bound[redo] = part.dist, part.index, part.bound
     log.debug("pass: %d of %d centroids moved, %d of %d cells recomputed in full", len(moved_idx), k,
@@ -419,16 +422,15 @@ def _move_cells(rows: _Rows, sums: torch.Tensor, changed: torch.Tensor, old: tor
 
 def _update(centroids, sums, counts, moved, rows: _Rows, gen: np.random.Generator) -> torch.Tensor:
     """Each moved centroid = mean of its cells (in place); an empty cluster restarts at a random cell."""
-    new = centroids
     idx = torch.nonzero(moved).flatten()
-    new[idx] = sums[idx] / counts[idx].clamp(min=1).unsqueeze(1).to(sums.dtype)
+    centroids[idx] = sums[idx] / counts[idx].clamp(min=1).unsqueeze(1).to(sums.dtype)
     empty = torch.nonzero(counts == 0).flatten().cpu().numpy()
     if len(empty):
         log.debug("re-seeding %d empty clusters", len(empty))
         sums[torch.as_tensor(empty, device=sums.device)] = 0  # no cells: what the sums follow starts again from 0
-        new[torch.as_tensor(empty, device=new.device)] = rows.rows_dense(
+        centroids[torch.as_tensor(empty, device=centroids.device)] = rows.rows_dense(
             np.sort(gen.choice(rows.n_rows, size=len(empty), replace=False)))
-    return new
+    return centroids
 
 
 def pseudo_labels(X, avg_cluster_num: int = 100, n_iter: int = 20, seed: int = 0,
