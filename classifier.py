@@ -17,7 +17,7 @@ import torch
 
 import common
 import data
-from model import (LINEAR_BASE_MODES, Classifier, GeneLinear, SparseBatch, apply_in_batches, dense_batch,
+from model import (LINEAR_BASE_MODES, Classifier, GeneLinear, HostCSR, SparseBatch, apply_in_batches, dense_batch,
                    init_encoder_from_pretrained, make_adam, torch_csr)
 
 DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once, larger sets per batch
@@ -268,16 +268,16 @@ class TrainingRows:
         self.dense, self.sparse = None, sparse
         if sparse:
             self.csr = sp.csr_matrix(features[self.rows], dtype=np.float32)
-            self.whole = _TransposableCSR(self.csr, self.device)
+            self.whole = _sparse_rows(self.csr, self.device)
         elif len(self.rows) * features.shape[1] * 4 <= DENSE_TRAIN_BYTES:
             self.dense = dense_batch(features, self.rows).to(device)
 
-    def batch(self, positions: np.ndarray | None, dropout: float = 0.0) -> torch.Tensor | SparseBatch:
+    def batch(self, positions: np.ndarray | None, dropout: float = 0.0) -> torch.Tensor | SparseBatch | HostCSR:
         """The rows at ``positions`` (of these rows; None: all, in their stored order, sparse only)
         for a training step; a sparse batch gets the classifier's input dropout here, on its
         stored values (dense ones get it in the model)."""
         if self.sparse:
-            part = self.whole if positions is None else _TransposableCSR(self.csr[positions], self.device)
+            part = self.whole if positions is None else _sparse_rows(self.csr[positions], self.device)
             return part.batch(dropout)
         if self.dense is not None:
             return self.dense[torch.as_tensor(positions, device=self.device)]
@@ -287,7 +287,7 @@ class TrainingRows:
     def logits(self, model) -> torch.Tensor:
         """``model``'s outputs for all these rows, in their order (no dropout: inference)."""
         if self.sparse:
-            return model(SparseBatch(self.whole.x, None))
+            return model(self.whole.inference())
         if self.dense is not None:
             return model(self.dense)
         return torch.from_numpy(apply_in_batches(model, self.features, self.rows, self.device)).to(self.device)
@@ -305,6 +305,28 @@ def logit_scores(logits: torch.Tensor, targets: torch.Tensor, with_loss: bool = 
     return accuracy, loss
 
 
+def _sparse_rows(X: sp.csr_matrix, device: torch.device):
+    """A CSR batch as training input: a ``HostCSR`` on the CPU, its CSR and transpose on a GPU."""
+    return _HostRows(X) if device.type == "cpu" else _TransposableCSR(X, device)
+
+
+class _HostRows:
+    """A CSR batch on the CPU (``HostCSR``: the sparse products need no transpose); dropout acts
+    on its stored values."""
+
+    def __init__(self, X: sp.csr_matrix):
+        self.x = HostCSR(X)
+        self.values = torch.from_numpy(self.x.data)
+
+    def inference(self) -> HostCSR:
+        return self.x
+
+    def batch(self, dropout: float = 0.0) -> HostCSR:
+        if not dropout:
+            return self.x
+        return self.x.with_values(torch.nn.functional.dropout(self.values, dropout, training=True).numpy())
+
+
 class _TransposableCSR:
     """A CSR batch and the CSR of its transpose on the device, with where each of the transpose's
     values sits in the batch's (so that dropout on the values reaches both alike)."""
@@ -317,6 +339,9 @@ class _TransposableCSR:
         self.to_t = torch.from_numpy(order_t.data).to(device)
         self.x_t = torch_csr(sp.csr_matrix((X.data[order_t.data], order_t.indices, order_t.indptr),
                                            shape=order_t.shape), device)
+
+    def inference(self) -> SparseBatch:
+        return SparseBatch(self.x, None)
 
     def batch(self, dropout: float = 0.0) -> SparseBatch:
         if not dropout:

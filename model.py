@@ -1,7 +1,7 @@
-"""Networks of scPretrain and their self-describing checkpoints. Pure torch; importing does nothing."""
+"""Networks of scPretrain and their self-describing checkpoints. Torch, with the CPU's sparse products in
+``csr_kernels``; importing does nothing."""
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+import csr_kernels
 import data
 from data import atomic_write
 
@@ -33,70 +34,69 @@ class ModelConfig:
     sigmoid_logits: bool = True  # scPretrain: heads' sigmoid(logits) go into cross-entropy
 
 
-GRADIENT_PIECE_ROWS = 2048  # cells per piece of a large batch's transpose (see transposed_pieces)
-
-
 class SparseBatch(NamedTuple):
-    """A batch of cells as a torch CSR tensor, and the CSR of its transpose for the weight gradient
-    (None for inference), whole or as the transposes of consecutive pieces of the batch's rows."""
+    """A batch of cells as a torch CSR tensor on a GPU, and the CSR of its transpose for the weight
+    gradient (None for inference). On the CPU a batch is a ``HostCSR``."""
 
     x: torch.Tensor  # cells x genes
-    x_t: torch.Tensor | tuple[torch.Tensor, ...] | None  # genes x cells
+    x_t: torch.Tensor | None  # genes x cells
 
 
-def transposed_pieces(X: sp.csr_matrix, piece_rows: int = GRADIENT_PIECE_ROWS, workers: int | None = None):
-    """The transpose of a CSR batch as CSR, for the weight gradient ``X^T g``, as a tuple of the
-    transposes of consecutive row pieces, made by ``workers`` threads at once (default: torch's
-    threads; scipy's transpose holds no lock, and the host has nothing else to do meanwhile).
+class HostCSR:
+    """A CSR batch of cells as the encoder's input on the CPU: the batch's own column indices and
+    values (not copied) and where each row's values of each gene block start
+    (``csr_kernels.block_pointers``). The forward product and the weight gradient both read these
+    (``csr_kernels``): no transpose is built, and only the non-zeros are multiplied."""
 
-    A batch of more than 4 x ``piece_rows`` cells is cut into pieces of ``piece_rows``, so that each
-    piece's product reads a slice of ``g`` that stays in cache (a 30,000-cell step's gradient
-    product: 0.18 s in 2,048-row pieces against 0.37 s whole). A smaller batch is cut in two when
-    there are two workers (each half's transpose on its own core: 11 ms against 22 ms for a
-    3,075-cell step; the two halves' products cost what the whole's does), else kept whole."""
-    workers = workers or torch.get_num_threads()
-    n = X.shape[0]
-    if n > 4 * piece_rows:
-        bounds = [*range(0, n, piece_rows), n]
-    elif workers > 1 and n >= 2 * MIN_PIECE_ROWS:
-        bounds = [0, n // 2, n]
-    else:
-        return X.T.tocsr()
-    pieces = [data.row_block(X, start, stop) for start, stop in zip(bounds[:-1], bounds[1:])]
-    if workers < 2:
-        return tuple(piece.T.tocsr() for piece in pieces)
-    return tuple(transpose_pool(workers).map(lambda piece: piece.T.tocsr(), pieces))
+    def __init__(self, X: sp.csr_matrix):
+        X = X if X.dtype == np.float32 else X.astype(np.float32)
+        try:
+            ptr = csr_kernels.block_pointers(X.indptr, X.indices, X.shape[1])
+        except ValueError:  # unsorted column indices (out-of-range ones fail again below)
+            X = X.sorted_indices()
+            ptr = csr_kernels.block_pointers(X.indptr, X.indices, X.shape[1])
+        self.shape, self.indices, self.data, self.ptr = X.shape, X.indices, X.data, ptr
 
+    def csr(self) -> sp.csr_matrix:
+        """The batch as a scipy CSR matrix (sharing its arrays)."""
+        indptr = np.append(self.ptr[0], self.ptr[-1, -1] if self.shape[0] else 0)
+        return sp.csr_matrix((self.data, self.indices, indptr), shape=self.shape)
 
-MIN_PIECE_ROWS = 256  # below this a batch's transpose is kept whole: threads cost more than they save
-_TRANSPOSE_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def transpose_pool(workers: int) -> ThreadPoolExecutor:
-    """One pool of ``workers`` threads for the process, made on first use."""
-    if workers not in _TRANSPOSE_POOLS:
-        _TRANSPOSE_POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="transpose")
-    return _TRANSPOSE_POOLS[workers]
+    def with_values(self, data: np.ndarray) -> "HostCSR":
+        """The same cells and genes with other stored values (e.g. after dropout)."""
+        out = HostCSR.__new__(HostCSR)
+        out.shape, out.indices, out.ptr = self.shape, self.indices, self.ptr
+        out.data = np.ascontiguousarray(data, dtype=np.float32)
+        return out
 
 
-def transposed_times(x_t: torch.Tensor | tuple[torch.Tensor, ...], grad: torch.Tensor) -> torch.Tensor:
-    """``X^T grad`` from the transpose ``transposed_pieces`` made (as torch CSR tensors)."""
-    if isinstance(x_t, torch.Tensor):
-        return torch.sparse.mm(x_t, grad)
-    grad = grad.contiguous()
-    out, start = None, 0
-    for piece in x_t:
-        stop = start + piece.shape[1]
-        part = torch.sparse.mm(piece, grad[start:stop])
-        out = part if out is None else out.add_(part)
-        start = stop
-    return out
+SPARSE_INPUTS = (SparseBatch, HostCSR)  # the encoder's inputs that are not dense tensors
+
+
+class _HostSparseLinear(torch.autograd.Function):
+    """``x W^T + b`` for a ``HostCSR`` ``x`` and the gene-major ``W^T``: both products touch only
+    the non-zeros (~5 % of a batch), gene block by gene block. No gradient flows to ``x`` (data)."""
+
+    @staticmethod
+    def forward(ctx, weight_t, bias, x: HostCSR):
+        ctx.x = x
+        return torch.from_numpy(csr_kernels.times_dense(x.ptr, x.indices, x.data, weight_t.detach().numpy(),
+                                                        bias.detach().numpy()))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.x
+        grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_w = torch.from_numpy(csr_kernels.transposed_times(
+                x.ptr, x.indices, x.data, grad.detach().contiguous().numpy(), x.shape[1]))
+        grad_b = grad.sum(0) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_b, None
 
 
 class _SparseInputLinear(torch.autograd.Function):
-    """``x W^T + b`` for a CSR ``x`` and the gene-major ``W^T``: both products touch only the
-    non-zeros (~5 % of a batch), where a dense batch pays for every entry. No gradient flows to
-    ``x`` (it is data)."""
+    """``x W^T + b`` for a torch CSR ``x`` (on a GPU) and the gene-major ``W^T``, the weight
+    gradient from the CSR of ``x``'s transpose. No gradient flows to ``x`` (it is data)."""
 
     @staticmethod
     def forward(ctx, x, x_t, weight_t, bias):
@@ -105,7 +105,7 @@ class _SparseInputLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad_w = transposed_times(ctx.x_t, grad) if ctx.needs_input_grad[2] else None
+        grad_w = torch.sparse.mm(ctx.x_t, grad) if ctx.needs_input_grad[2] else None
         grad_b = grad.sum(0) if ctx.needs_input_grad[3] else None
         return None, None, grad_w, grad_b
 
@@ -137,7 +137,12 @@ class GeneLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.weight_t.t()
 
-    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SparseBatch | HostCSR) -> torch.Tensor:
+        if isinstance(x, HostCSR):
+            if self.weight_t.device.type != "cpu" or self.weight_t.dtype != torch.float32:
+                raise TypeError(f"a HostCSR batch needs a float32 layer on the CPU, not {self.weight_t.dtype} "
+                                f"on {self.weight_t.device}")
+            return _HostSparseLinear.apply(self.weight_t, self.bias, x)
         if isinstance(x, SparseBatch):
             return _SparseInputLinear.apply(x.x, x.x_t, self.weight_t, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -155,14 +160,15 @@ class GeneLinear(nn.Module):
 class Encoder(nn.Module):
     """One ``Linear(G, hid)``; a cell's representation is ``sigmoid(encoder(x))``.
 
-    ``x`` is a dense ``cells x genes`` tensor or a ``SparseBatch``; both give the same function.
+    ``x`` is a dense ``cells x genes`` tensor, a ``HostCSR`` (CPU) or a ``SparseBatch`` (GPU); all
+    give the same function.
     """
 
     def __init__(self, n_genes: int, hid: int = 200, linear: GeneLinear | None = None):
         super().__init__()
         self.linear = linear if linear is not None else GeneLinear(n_genes, hid)
 
-    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SparseBatch | HostCSR) -> torch.Tensor:
         return torch.sigmoid(self.linear(x))
 
 
@@ -265,13 +271,13 @@ class Classifier(nn.Module):
         """The network's class logits of representations ``z = encoder(x)`` (without the base)."""
         return self.out(self._drop(torch.sigmoid(self.hidden(self._drop(z)))))
 
-    def network(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+    def network(self, x: torch.Tensor | SparseBatch | HostCSR) -> torch.Tensor:
         """The network's logits; a dense ``x`` gets input dropout here while training (a sparse
         batch gets it on its stored values when it is made)."""
-        x = x if isinstance(x, SparseBatch) else self._drop(x)
+        x = x if isinstance(x, SPARSE_INPUTS) else self._drop(x)
         return self.classify(self.encoder(x))
 
-    def base_logits(self, x: torch.Tensor | SparseBatch) -> torch.Tensor | None:
+    def base_logits(self, x: torch.Tensor | SparseBatch | HostCSR) -> torch.Tensor | None:
         """The linear base's logits of ``x`` (None without a base)."""
         return None if self.base is None else self.base(x)
 
@@ -284,7 +290,7 @@ class Classifier(nn.Module):
         share = self.base_share
         return (1 - share) * F.log_softmax(network_logits, 1) + share * F.log_softmax(base_logits, 1)
 
-    def forward(self, x: torch.Tensor | SparseBatch) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | SparseBatch | HostCSR) -> torch.Tensor:
         return self.combine(self.network(x), self.base_logits(x))
 
 
@@ -307,11 +313,29 @@ def encoder_on_genes(encoder: Encoder, lookup: data.GeneLookup) -> Encoder:
     return Encoder(linear.in_features, linear.out_features, linear=linear).eval()
 
 
-def sparse_input(X: sp.csr_matrix, device) -> SparseBatch:
+def sparse_input(X: sp.csr_matrix, device) -> SparseBatch | HostCSR:
     """A CSR block as an encoder input for inference (no transpose: no gradient is needed); only
     its non-zeros are multiplied."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return HostCSR(X)
     X = X if X.dtype == np.float32 else X.astype(np.float32)
-    return SparseBatch(torch_csr(X, torch.device(device)), None)
+    return SparseBatch(torch_csr(X, device), None)
+
+
+def device_sparse_batch(X: sp.csr_matrix, device: torch.device) -> SparseBatch:
+    """A host CSR batch on a GPU with the CSR of its transpose, made there, for training."""
+    X = X if X.dtype == np.float32 else X.astype(np.float32)
+    return with_transpose(torch_csr(X, device))
+
+
+def with_transpose(x: torch.Tensor) -> SparseBatch:
+    """A torch CSR batch with the CSR of its transpose (made where ``x`` is)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        csc = x.to_sparse_csc()
+        x_t = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), size=x.shape[::-1])
+    return SparseBatch(x, x_t)
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -390,11 +414,7 @@ class DeviceCSR:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             x = torch.sparse_csr_tensor(crow, col.to(crow.dtype), val, size=size)
-            if not transposed:
-                return SparseBatch(x, None)
-            csc = x.to_sparse_csc()
-            x_t = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(), csc.values(), size=size[::-1])
-        return SparseBatch(x, x_t)
+        return with_transpose(x) if transposed else SparseBatch(x, None)
 
 
 @torch.no_grad()

@@ -24,10 +24,9 @@ import common
 import data
 import kmeans
 import results
-from model import (RESUME_KIND, CheckpointError, DeviceCSR, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, load_checkpoint, make_adam, model_normalize,
-                   offset_targets, represent, transposed_pieces,
-                   to_device, torch_csr)
+from model import (RESUME_KIND, CheckpointError, DeviceCSR, HostCSR, ModelConfig, PretrainModel, SparseBatch,
+                   atomic_torch_save, device_sparse_batch, encoder_checkpoint, encoder_from_checkpoint, load_checkpoint,
+                   make_adam, model_normalize, offset_targets, represent, to_device)
 
 log = logging.getLogger("scpretrain.pretrain")
 
@@ -219,15 +218,16 @@ def sparse_input(args, device: torch.device) -> bool:
 
 @dataclass
 class HostStep:
-    """One step's inputs: the cells of the datasets ``used``, stacked, as CSR on the host (and
-    its transpose for sparse products), or, gathered on the device, as the encoder's input."""
+    """One step's inputs: the cells of the datasets ``used``, stacked, as CSR on the host (with its
+    gene-block pointers for the CPU's sparse products), or, gathered on the device, as the
+    encoder's input."""
 
     used: list[int]
-    X: sp.csr_matrix | None
-    X_t: sp.csr_matrix | tuple[sp.csr_matrix, ...] | None  # the transpose (transposed_pieces), for sparse products
+    X: sp.csr_matrix | HostCSR | None
     targets: list[np.ndarray]
     denominators: list[float]
     on_device: torch.Tensor | SparseBatch | None = None
+    sparse: bool = False  # a host CSR ``X`` goes to the GPU as a sparse batch, not densified
 
 
 def step_source(coll: Collection, device: torch.device) -> DeviceCSR | None:
@@ -243,7 +243,7 @@ def step_source(coll: Collection, device: torch.device) -> DeviceCSR | None:
 
 
 def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: int, sparse: bool,
-                 source: DeviceCSR | None = None) -> HostStep | None:
+                 source: DeviceCSR | None = None, device: torch.device = torch.device("cpu")) -> HostStep | None:
     mine = [rows[rank::world] for rows in rows_per_dataset]  # this rank's share of each batch
     used = [d for d, rows in enumerate(mine) if len(rows)]
     if not used:
@@ -253,20 +253,22 @@ def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: 
     # each dataset's summed loss is divided by its whole batch: a mean once DDP averages ranks
     denominators = [len(rows_per_dataset[d]) / world for d in used]
     if source is not None:
-        return HostStep(used, None, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
+        return HostStep(used, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
     X = coll.stacked[rows]
-    return HostStep(used, X, transposed_pieces(X) if sparse else None, ys, denominators)
+    if sparse and device.type == "cpu":
+        return HostStep(used, HostCSR(X), ys, denominators)
+    return HostStep(used, X, ys, denominators, sparse=sparse)
 
 
 def step_inputs(host: HostStep, device: torch.device):
     """(encoder input, targets, dataset ids, denominators) on the device; the encoder input is a
-    ``SparseBatch`` or a dense float32 tensor."""
+    ``HostCSR`` (CPU), a ``SparseBatch`` (GPU) or a dense float32 tensor."""
     if host.on_device is not None:
         x = host.on_device
-    elif host.X_t is not None:
-        x_t = (torch_csr(host.X_t, device) if sp.issparse(host.X_t)
-               else tuple(torch_csr(piece, device) for piece in host.X_t))
-        x = SparseBatch(torch_csr(host.X, device), x_t)
+    elif isinstance(host.X, HostCSR):
+        x = host.X
+    elif host.sparse:
+        x = device_sparse_batch(host.X, device)
     else:
         x = to_device(torch.from_numpy(host.X.toarray()), device)
     ts = [to_device(torch.from_numpy(t), device) for t in host.targets]
@@ -287,20 +289,20 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     # steps' batches would keep each batch referenced while the next one is gathered
     bar = common.progress(total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
     for step, rows in enumerate(steps):
-        host = prepare_step(coll, targets, rows, rank, world, sparse, source)
+        host = prepare_step(coll, targets, rows, rank, world, sparse, source, device)
         bar.update(1)
         if host is None:
             continue
         loss = step_module(*step_inputs(host, device))
-        del host  # the batch's CSR goes once the forward is done (its transposes stay with the graph)
+        del host  # the batch now lives only in the graph (its weight gradient reads it)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach()
         if rank == 0 and (step % 10 == 9 or step == len(steps) - 1):
             bar.set_postfix(loss=f"{loss.item():.4f}")  # rank 0's share estimates the whole
-        # the graph, and the transposes it holds, go before the next step's cells are gathered
-        # (kept to the next forward, they and the batch raised a 30,000-cell step's peak)
+        # the graph, and the batch it holds, go before the next step's cells are gathered (kept to
+        # the next forward, a 30,000-cell step's batch raised the peak)
         del loss
     bar.close()
     if world > 1:  # each rank's loss estimates the whole batch's: average them

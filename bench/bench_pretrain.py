@@ -151,7 +151,7 @@ def _step_input(coll, targets, rows_per_dataset, sparse: bool, device):
     """The encoder's input for one step exactly as pretrain.train_epoch builds it, on ``device``."""
     import pretrain
 
-    host = pretrain.prepare_step(coll, targets, rows_per_dataset, 0, 1, sparse)
+    host = pretrain.prepare_step(coll, targets, rows_per_dataset, 0, 1, sparse, device=device)
     return pretrain.step_inputs(host, device)[0]
 
 
@@ -166,7 +166,8 @@ def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
     """(a): the encoder's two products per step on ready dense batches; and the same on torch CSR."""
     import torch
 
-    from model import transposed_times
+    import csr_kernels
+    from model import HostCSR
 
     hid, n_genes = weight.shape
     sizes = [sum(len(r) for r in rows) for rows in steps]
@@ -189,16 +190,22 @@ def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
         return time.perf_counter() - t
 
     dense = min(dense_epoch() for _ in range(repeats))
-    # the same products on sparse CSR batches (and the transposed batch for the weight gradient)
+    # the same products on the sparse batches the epoch uses: on the CPU csr_kernels' gene-blocked
+    # products on HostCSR batches, on a GPU torch CSR batches and their transposes
     batches = [_step_input(coll, targets, rows, True, device) for rows in steps]
     w_tc = w_t.contiguous()
+    w_np, bias, grad_np = w_tc.cpu().numpy(), np.zeros(hid, np.float32), grad.cpu().numpy()
 
     def sparse_epoch():
         _sync(device)
         t = time.perf_counter()
         for batch in batches:
-            batch.x @ w_tc
-            transposed_times(batch.x_t, grad[:batch.x.shape[0]])
+            if isinstance(batch, HostCSR):
+                csr_kernels.times_dense(batch.ptr, batch.indices, batch.data, w_np, bias)
+                csr_kernels.transposed_times(batch.ptr, batch.indices, batch.data, grad_np[:batch.shape[0]], n_genes)
+            else:
+                batch.x @ w_tc
+                torch.sparse.mm(batch.x_t, grad[:batch.x.shape[0]])
         _sync(device)
         return time.perf_counter() - t
 

@@ -8,9 +8,8 @@ from torch.nn import functional as F
 import common
 import data
 import pretrain
-from model import (CheckpointError, DeviceCSR, Encoder, ModelConfig, PretrainModel, SparseBatch, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, offset_targets, torch_csr, transposed_pieces,
-                   transposed_times)
+from model import (CheckpointError, DeviceCSR, Encoder, HostCSR, ModelConfig, PretrainModel, atomic_torch_save,
+                   encoder_checkpoint, encoder_from_checkpoint, offset_targets)
 
 COUNTS = [[5, 9, 2], [3, 4, 1]]
 
@@ -71,37 +70,6 @@ def test_stack_csr_stacks_frees_and_row_block_shares():
     assert grown_offsets.tolist() == offsets.tolist()
 
 
-def test_weight_gradient_from_transposed_pieces_equals_the_whole():
-    X = sp.random(10, 30, density=0.3, format="csr", dtype=np.float32, random_state=4)
-    g = torch.randn(10, 5)
-    whole = transposed_pieces(X, piece_rows=3)  # 10 rows: at most 4 pieces' worth, too few to halve
-    pieces = transposed_pieces(X, piece_rows=2)
-    assert sp.issparse(whole) and len(pieces) == 5 and [p.shape for p in pieces] == [(30, 2)] * 5
-    single = transposed_pieces(X, piece_rows=2, workers=1)  # the same pieces, made one after another
-    assert all((a != b).nnz == 0 for a, b in zip(single, pieces))
-    want = X.toarray().T @ g.numpy()
-    for x_t in (torch_csr(whole, torch.device("cpu")), tuple(torch_csr(p, torch.device("cpu")) for p in pieces)):
-        np.testing.assert_allclose(transposed_times(x_t, g).numpy(), want, rtol=1e-5, atol=1e-6)
-    encoder = Encoder(30, 5)
-    out = encoder(SparseBatch(torch_csr(X, torch.device("cpu")), tuple(torch_csr(p, torch.device("cpu")) for p in pieces)))
-    out.sum().backward()
-    sparse_grad = encoder.linear.weight_t.grad.clone()
-    encoder.zero_grad()
-    encoder(torch.from_numpy(X.toarray())).sum().backward()
-    torch.testing.assert_close(sparse_grad, encoder.linear.weight_t.grad, rtol=1e-5, atol=1e-6)
-
-
-def test_a_mid_sized_batch_is_transposed_in_two_halves_when_there_are_two_workers():
-    X = sp.random(600, 40, density=0.2, format="csr", dtype=np.float32, random_state=5)
-    halves = transposed_pieces(X, piece_rows=2048, workers=2)
-    assert isinstance(halves, tuple) and [p.shape for p in halves] == [(40, 300), (40, 300)]
-    np.testing.assert_array_equal(sp.hstack(halves).toarray(), X.toarray().T)
-    assert sp.issparse(transposed_pieces(X, piece_rows=2048, workers=1))  # one worker: kept whole
-    g = torch.randn(600, 3)
-    x_t = tuple(torch_csr(p, torch.device("cpu")) for p in halves)
-    np.testing.assert_allclose(transposed_times(x_t, g).numpy(), X.toarray().T @ g.numpy(), rtol=1e-5, atol=1e-5)
-
-
 def test_device_csr_gathers_rows_as_scipy_does():
     X = sp.random(60, 25, density=0.2, format="csr", dtype=np.float32, random_state=3)
     store = DeviceCSR(X, torch.device("cpu"))
@@ -132,8 +100,8 @@ def test_a_step_gathers_each_datasets_rows_in_order():
     host = pretrain.prepare_step(coll, targets, rows, 0, 1, sparse=True)
     assert host.used == [0, 2]
     want = np.vstack([want_all[0][rows[0]], want_all[2][rows[2]]])
-    np.testing.assert_array_equal(host.X.toarray(), want)
-    np.testing.assert_array_equal(host.X_t.toarray(), want.T)
+    assert isinstance(host.X, HostCSR)
+    np.testing.assert_array_equal(host.X.csr().toarray(), want)
     np.testing.assert_array_equal(host.targets[1], targets[2][rows[2]])
 
 
@@ -147,7 +115,7 @@ def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
         coll = pretrain.Collection.of_stacked(["toy"], *data.stack_csr([X]), [None], [f"G{i}" for i in range(40)])
         host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], 0, 1, sparse)
         x = pretrain.step_inputs(host, torch.device("cpu"))[0]
-        assert isinstance(x, SparseBatch) == sparse
+        assert isinstance(x, HostCSR) == sparse
         out = encoder(x)
         (out * torch.arange(5.0)).sum().backward()
         outs.append(out.detach())

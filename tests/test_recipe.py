@@ -117,24 +117,35 @@ def toy_features(n_cells=120, n_genes=40, seed=5):
     return data.log1p_features(sp.csr_matrix(counts)), types
 
 
-def test_sparse_training_rows_give_the_dense_rows_and_a_consistent_transpose():
+def test_sparse_training_rows_give_the_dense_rows_and_drop_stored_values():
     X, _ = toy_features()
     rows = np.random.default_rng(0).permutation(X.shape[0])[:50]
     sparse = classifier.TrainingRows(X, rows, "cpu", sparse=True)
     dense = classifier.TrainingRows(X, rows, "cpu", sparse=False)
     positions = np.array([3, 0, 49, 7])
-    batch = sparse.batch(positions)
-    np.testing.assert_array_equal(batch.x.to_dense().numpy(), dense.batch(positions).numpy())
-    np.testing.assert_array_equal(batch.x_t.to_dense().numpy(), dense.batch(positions).numpy().T)
-    whole = sparse.batch(None)
-    np.testing.assert_array_equal(whole.x.to_dense().numpy(), X[rows].toarray())
+    np.testing.assert_array_equal(sparse.batch(positions).csr().toarray(), dense.batch(positions).numpy())
+    np.testing.assert_array_equal(sparse.batch(None).csr().toarray(), X[rows].toarray())
     torch.manual_seed(0)
-    dropped = sparse.batch(None, dropout=0.5)
-    x, x_t = dropped.x.to_dense().numpy(), dropped.x_t.to_dense().numpy()
-    np.testing.assert_array_equal(x_t, x.T)  # the same values dropped in both
+    x = sparse.batch(None, dropout=0.5).csr().toarray()
     kept = x[X[rows].toarray() != 0]
     assert 0 < (kept == 0).sum() < kept.size  # some stored values dropped, not all
     np.testing.assert_allclose(kept[kept != 0], 2 * X[rows].toarray()[x != 0], rtol=1e-6)  # the rest scaled
+
+
+def test_gpu_style_sparse_rows_drop_the_same_values_in_the_batch_and_its_transpose():
+    """What a GPU trains on (a torch CSR batch and its transpose), built here on the CPU."""
+    X, _ = toy_features()
+    rows = np.random.default_rng(0).permutation(X.shape[0])[:50]
+    part = classifier._TransposableCSR(sp.csr_matrix(X[rows], dtype=np.float32), torch.device("cpu"))
+    whole = part.batch()
+    np.testing.assert_array_equal(whole.x.to_dense().numpy(), X[rows].toarray())
+    np.testing.assert_array_equal(whole.x_t.to_dense().numpy(), X[rows].toarray().T)
+    torch.manual_seed(0)
+    dropped = part.batch(dropout=0.5)
+    x, x_t = dropped.x.to_dense().numpy(), dropped.x_t.to_dense().numpy()
+    np.testing.assert_array_equal(x_t, x.T)  # the same values dropped in both
+    kept = x[X[rows].toarray() != 0]
+    assert 0 < (kept == 0).sum() < kept.size
 
 
 @pytest.mark.parametrize("linear_base", ["none", "residual", "blend"])

@@ -1,0 +1,131 @@
+"""The CPU's gene-blocked sparse products (csr_kernels) against dense float64 arithmetic, and the
+encoder on HostCSR batches against the dense encoder."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import csr_kernels
+from model import Classifier, Encoder, HostCSR
+
+
+def random_csr(n, genes, density, seed, index_dtype=np.int32):
+    X = sp.random(n, genes, density=density, format="csr", dtype=np.float32, random_state=seed)
+    X.indices, X.indptr = X.indices.astype(index_dtype), X.indptr.astype(index_dtype)
+    return X
+
+
+def brute_pointers(X, block):
+    n_blocks = -(-X.shape[1] // block)
+    ptr = np.empty((n_blocks + 1, X.shape[0]), np.int64)
+    for i in range(X.shape[0]):
+        cols = X.indices[X.indptr[i]:X.indptr[i + 1]]
+        ptr[:, i] = X.indptr[i] + np.searchsorted(cols, np.arange(n_blocks + 1) * block)
+    return ptr
+
+
+@pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("block", [1, 4, 7, 30, 64])
+def test_block_pointers_cut_every_row_at_each_block_start(block, index_dtype):
+    X = random_csr(23, 30, 0.3, seed=block, index_dtype=index_dtype)
+    X.data[X.indptr[3]:X.indptr[4]] = 0  # an empty row
+    X.eliminate_zeros()
+    assert X.indptr[3] == X.indptr[4]
+    ptr = csr_kernels.block_pointers(X.indptr, X.indices, X.shape[1], block)
+    np.testing.assert_array_equal(ptr, brute_pointers(X, block))
+
+
+def test_block_pointers_refuse_unsorted_or_out_of_range_columns():
+    indptr = np.array([0, 2, 3], np.int32)
+    for indices in ([3, 1, 0], [0, 1, 5], [0, 1, -1]):  # unsorted row 0; column 5 of 5; negative column
+        with pytest.raises(ValueError, match="sorted column indices"):
+            csr_kernels.block_pointers(indptr, np.array(indices, np.int32), 5, 2)
+    ptr = csr_kernels.block_pointers(indptr, np.array([1, 1, 4], np.int32), 5, 2)  # repeats are sorted
+    assert ptr[:, 0].tolist() == [0, 2, 2, 2] and ptr[:, 1].tolist() == [2, 2, 2, 3]
+
+
+@pytest.mark.parametrize("shape,density", [((0, 40), 0.1), ((9, 40), 0.0), ((37, 50), 0.2), ((300, 1100), 0.03)])
+def test_both_products_equal_dense_float64_arithmetic(shape, density, monkeypatch):
+    # small chunks, so that a few dozen cells cross chunk and block boundaries as a real step's do
+    monkeypatch.setattr(csr_kernels, "FORWARD_ROWS", 5)
+    monkeypatch.setattr(csr_kernels, "GRADIENT_ROWS", 7)
+    rng = np.random.default_rng(0)
+    X = random_csr(*shape, density, seed=1)
+    weight = rng.standard_normal((shape[1], 6)).astype(np.float32)
+    bias = rng.standard_normal(6).astype(np.float32)
+    grad = rng.standard_normal((shape[0], 6)).astype(np.float32)
+    dense = X.toarray().astype(np.float64)
+    for block in (8, csr_kernels.BLOCK_GENES):
+        ptr = csr_kernels.block_pointers(X.indptr, X.indices, shape[1], block)
+        out = csr_kernels.times_dense(ptr, X.indices, X.data, weight, bias)
+        assert out.dtype == np.float32 and out.shape == (shape[0], 6)
+        np.testing.assert_allclose(out, dense @ weight + bias, rtol=1e-5, atol=1e-5)
+        grad_w = csr_kernels.transposed_times(ptr, X.indices, X.data, grad, shape[1])
+        assert grad_w.dtype == np.float32 and grad_w.shape == (shape[1], 6)
+        np.testing.assert_allclose(grad_w, dense.T @ grad, rtol=1e-5, atol=1e-5)
+
+
+def test_products_do_not_depend_on_the_number_of_threads():
+    X = random_csr(700, 3000, 0.05, seed=2)
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((3000, 16)).astype(np.float32)
+    grad = rng.standard_normal((700, 16)).astype(np.float32)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            ptr = csr_kernels.block_pointers(X.indptr, X.indices, 3000)
+            outs.append((csr_kernels.times_dense(ptr, X.indices, X.data, weight, np.zeros(16, np.float32)),
+                         csr_kernels.transposed_times(ptr, X.indices, X.data, grad, 3000)))
+    finally:
+        torch.set_num_threads(before)
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+def test_host_csr_sorts_unsorted_columns_and_refuses_columns_past_its_width():
+    X = random_csr(12, 20, 0.4, seed=3)
+    shuffled = X.copy()
+    for i in range(12):  # reverse each row's stored order: the same matrix, unsorted
+        lo, hi = shuffled.indptr[i], shuffled.indptr[i + 1]
+        shuffled.indices[lo:hi] = shuffled.indices[lo:hi][::-1]
+        shuffled.data[lo:hi] = shuffled.data[lo:hi][::-1]
+    shuffled.has_sorted_indices = False
+    batch = HostCSR(shuffled)
+    np.testing.assert_array_equal(batch.csr().toarray(), X.toarray())
+    bad = sp.csr_matrix((np.ones(2, np.float32), np.array([0, 25], np.int32), np.array([0, 2])), shape=(1, 20))
+    with pytest.raises(ValueError, match="sorted column indices"):
+        HostCSR(bad)
+
+
+def test_encoder_on_host_csr_gives_the_dense_output_and_gradients():
+    torch.manual_seed(0)
+    X = sp.random(50, 1200, density=0.05, format="csr", dtype=np.float64, random_state=4)  # float64 in: cast once
+    encoder = Encoder(1200, 7)
+    weights = torch.arange(7.0)
+    results = []
+    for x in (HostCSR(X), torch.from_numpy(X.toarray().astype(np.float32))):
+        encoder.zero_grad()
+        out = encoder(x)
+        (out * weights).sum().backward()
+        results.append((out.detach(), encoder.linear.weight_t.grad.clone(), encoder.linear.bias.grad.clone()))
+    for sparse, dense in zip(*results):
+        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_dropout_on_host_csr_values_is_dense_dropout_on_the_stored_values():
+    X = random_csr(30, 100, 0.2, seed=5)
+    batch = HostCSR(X)
+    kept = np.where(np.arange(X.nnz) % 3 == 0, 0.0, X.data * 2).astype(np.float32)
+    other = batch.with_values(kept)
+    assert other.indices is batch.indices and other.ptr is batch.ptr
+    np.testing.assert_array_equal(other.csr().toarray(), sp.csr_matrix((kept, X.indices, X.indptr), X.shape).toarray())
+    clf = Classifier(100, 4, hid=5, dropout=0.5).train()  # a HostCSR input gets no second dropout in the model
+    torch.manual_seed(1)
+    a = clf.network(batch)
+    torch.manual_seed(1)
+    b = clf.network(batch)
+    torch.testing.assert_close(a, b)  # the same draws for the hidden layers' dropout
+    with pytest.raises(TypeError, match="float32 layer on the CPU"):
+        Encoder(100, 3).double()(batch)
