@@ -49,6 +49,7 @@ class HostCSR:
     (``csr_kernels``): no transpose is built, and only the non-zeros are multiplied."""
 
     def __init__(self, X: sp.csr_matrix):
+        X = X if X.format == "csr" else X.tocsr()
         X = X if X.dtype == np.float32 else X.astype(np.float32)
         try:
             ptr = csr_kernels.block_pointers(X.indptr, X.indices, X.shape[1])
@@ -444,13 +445,23 @@ def dense_batch(features, rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(features[rows], dtype=np.float32))
 
 
+def inference_batch(features, rows: np.ndarray, device) -> torch.Tensor | HostCSR:
+    """Rows of a feature matrix as a network's input for inference on ``device``: a ``HostCSR``
+    for CSR features on the CPU (only the non-zeros are multiplied), else a dense batch there."""
+    device = torch.device(device)
+    if sp.issparse(features) and device.type == "cpu":
+        return HostCSR(features[rows])
+    return dense_batch(features, rows).to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def apply_in_batches(fn, features, rows: np.ndarray | None = None, device="cpu",
                      batch_size: int = 4096) -> np.ndarray:
-    """``fn`` (a network's forward) on the chosen rows of ``features``, one dense batch at a time,
-    so that only one batch is ever dense; returns the stacked outputs as a numpy array."""
+    """``fn`` (a network's forward) on the chosen rows of ``features``, one batch at a time (only
+    one batch is ever dense, and on the CPU none is: ``inference_batch``); returns the stacked
+    outputs as a numpy array."""
     rows = np.arange(features.shape[0]) if rows is None else np.asarray(rows)
-    out = [fn(dense_batch(features, rows[batch]).to(device, non_blocking=True)).cpu().numpy()
+    out = [fn(inference_batch(features, rows[batch], device)).cpu().numpy()
            for batch in data.iter_batches(len(rows), batch_size)]
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 

@@ -243,7 +243,9 @@ def step_source(coll: Collection, device: torch.device) -> DeviceCSR | None:
 
 
 def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: int, sparse: bool,
-                 source: DeviceCSR | None = None, device: torch.device = torch.device("cpu")) -> HostStep | None:
+                 device: torch.device, source: DeviceCSR | None = None) -> HostStep | None:
+    """This rank's share of one step's cells: gathered from ``source`` on the device, or from the
+    host's collection (a ``HostCSR`` for the CPU's sparse products, a CSR otherwise)."""
     mine = [rows[rank::world] for rows in rows_per_dataset]  # this rank's share of each batch
     used = [d for d, rows in enumerate(mine) if len(rows)]
     if not used:
@@ -289,7 +291,7 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     # steps' batches would keep each batch referenced while the next one is gathered
     bar = common.progress(total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
     for step, rows in enumerate(steps):
-        host = prepare_step(coll, targets, rows, rank, world, sparse, source, device)
+        host = prepare_step(coll, targets, rows, rank, world, sparse, device, source)
         bar.update(1)
         if host is None:
             continue

@@ -6,8 +6,8 @@ time per dataset, dense batches (before) vs CSR batches (after), on a synthetic 
 2. Epoch: ``classifier.train_classifier`` for ``--epochs`` epochs (patience above that, so every
    epoch runs) with ``--ft_batch_format dense`` and ``sparse``, on the sweep's split of the first
    repeat; seconds per epoch (training step and validation scoring). The limit: the encoder's two
-   products on a ready batch of the training cells (forward, and the weight gradient), the faster
-   of dense and CSR, with nothing else.
+   products on a ready batch of the training cells (forward, and the weight gradient), the fastest
+   of dense, torch CSR and (on the CPU) csr_kernels' gene-blocked CSR, with nothing else.
 3. Sweep: ``main.py --kmeans`` on the dataset (``--fold2`` repeats, both methods, the encoder
    pre-trained for one epoch on the same cells), dense vs auto (CSR on this CPU); wall seconds.
 
@@ -68,7 +68,8 @@ def product_limit(features, rows, hid: int, device) -> dict:
     import scipy.sparse as sp
     import torch
 
-    from model import torch_csr
+    import csr_kernels
+    from model import HostCSR, torch_csr
 
     X = sp.csr_matrix(features[rows], dtype=np.float32)
     weight_t = torch.randn(X.shape[1], hid, device=device)
@@ -82,7 +83,13 @@ def product_limit(features, rows, hid: int, device) -> dict:
 
     dense_s = best_of(run(lambda: (dense @ weight_t, dense.T @ grad)))
     sparse_s = best_of(run(lambda: (torch.sparse.mm(x, weight_t), torch.sparse.mm(x_t, grad))))
-    return {"dense_products_s": dense_s, "sparse_products_s": sparse_s, "limit_s": min(dense_s, sparse_s)}
+    out = {"dense_products_s": dense_s, "sparse_products_s": sparse_s}
+    if torch.device(device).type == "cpu":  # what the CPU's sparse batches use: csr_kernels on a HostCSR
+        b, w, g, bias = HostCSR(X), weight_t.numpy(), grad.numpy(), np.zeros(hid, np.float32)
+        out["blocked_products_s"] = best_of(lambda: (csr_kernels.times_dense(b.ptr, b.indices, b.data, w, bias),
+                                                     csr_kernels.transposed_times(b.ptr, b.indices, b.data, g,
+                                                                                  X.shape[1])))
+    return {**out, "limit_s": min(out.values())}
 
 
 def epoch_seconds(path: Path, batch_format: str, args, warm_up: bool = False) -> tuple[float, dict]:
@@ -157,7 +164,9 @@ def main(args) -> dict:
     print(f"{info['cells']} cells x {info['genes']} genes ({100 * info['density']:.1f} % non-zero), "
           f"{info['train']} training and {info['validation']} validation cells")
     print(f"limit (the encoder's forward and weight-gradient products on a ready batch of the training cells): "
-          f"dense {1000 * info['dense_products_s']:.2f} ms, CSR {1000 * info['sparse_products_s']:.2f} ms")
+          f"dense {1000 * info['dense_products_s']:.2f} ms, torch CSR {1000 * info['sparse_products_s']:.2f} ms"
+          + (f", gene-blocked CSR (csr_kernels) {1000 * info['blocked_products_s']:.2f} ms"
+             if "blocked_products_s" in info else ""))
     for batch_format in ("dense", "sparse"):
         print(f"epoch / limit, {batch_format}: {out[batch_format] / info['limit_s']:.2f}")
     print(f"dense / sparse epoch: {out['dense'] / out['sparse']:.2f}x", flush=True)

@@ -94,6 +94,7 @@ def test_host_csr_sorts_unsorted_columns_and_refuses_columns_past_its_width():
     shuffled.has_sorted_indices = False
     batch = HostCSR(shuffled)
     np.testing.assert_array_equal(batch.csr().toarray(), X.toarray())
+    np.testing.assert_array_equal(HostCSR(X.tocsc()).csr().toarray(), X.toarray())  # another format: made CSR
     bad = sp.csr_matrix((np.ones(2, np.float32), np.array([0, 25], np.int32), np.array([0, 2])), shape=(1, 20))
     with pytest.raises(ValueError, match="sorted column indices"):
         HostCSR(bad)
@@ -129,3 +130,25 @@ def test_dropout_on_host_csr_values_is_dense_dropout_on_the_stored_values():
     torch.testing.assert_close(a, b)  # the same draws for the hidden layers' dropout
     with pytest.raises(TypeError, match="float32 layer on the CPU"):
         Encoder(100, 3).double()(batch)
+
+
+def test_inference_on_csr_features_reads_host_csr_batches_and_gives_the_dense_representation(monkeypatch):
+    import model
+
+    X = sp.random(90, 300, density=0.1, format="csr", dtype=np.float32, random_state=6)
+    encoder = Encoder(300, 4)
+    seen = []
+    real = model.inference_batch
+
+    def spy(*a, **k):
+        batch = real(*a, **k)
+        seen.append((type(batch).__name__, tuple(batch.shape)))
+        return batch
+
+    monkeypatch.setattr(model, "inference_batch", spy)
+    rows = np.array([5, 80, 3, 3, 41])
+    sparse = model.represent(encoder, X, rows, batch_size=2)
+    assert seen == [("HostCSR", (2, 300)), ("HostCSR", (2, 300)), ("HostCSR", (1, 300))]  # never densified
+    dense = model.represent(encoder, X.toarray(), rows)  # a dense matrix is batched dense
+    assert seen[3:] == [("Tensor", (5, 300))]
+    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
