@@ -10,7 +10,8 @@ arrays and one table of where each row's values of each block start (``block_poi
 pass over the column indices): no transpose, no copy of the batch.
 
 Every output row (forward) or gene block (gradient) is summed by one thread in a fixed order, so
-results do not depend on the number of threads. Compiled by numba on first use and cached beside
+results do not depend on the number of threads. Only multiply-adds are fused (``contract``): NaN and
+infinity propagate as in torch's products (full fast-math measured no faster). Compiled by numba on first use and cached beside
 this file; the threads are torch's (``torch.get_num_threads``). Importing compiles nothing.
 """
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _block_pointers(indptr, indices, n_genes, block):  # pragma: no cover - comp
     return ptr, bad.any()
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath={"contract"}, cache=True)
 def _times_dense(ptr, indices, data, weight, bias, rows):  # pragma: no cover - compiled
     n_blocks, n = ptr.shape[0] - 1, ptr.shape[1]
     hid = weight.shape[1]
@@ -66,7 +67,7 @@ def _times_dense(ptr, indices, data, weight, bias, rows):  # pragma: no cover - 
     return out
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@njit(parallel=True, fastmath={"contract"}, cache=True)
 def _transposed_times(ptr, indices, data, grad, n_genes, rows):  # pragma: no cover - compiled
     n_blocks, n = ptr.shape[0] - 1, ptr.shape[1]
     hid = grad.shape[1]

@@ -65,6 +65,16 @@ def test_both_products_equal_dense_float64_arithmetic(shape, density, monkeypatc
         np.testing.assert_allclose(grad_w, dense.T @ grad, rtol=1e-5, atol=1e-5)
 
 
+def test_nan_and_infinity_propagate_as_in_dense_arithmetic():
+    X = sp.csr_matrix(np.array([[1.0, 0, 2.0], [0, np.nan, 0], [np.inf, 0, 0]], np.float32))
+    weight = np.ones((3, 2), np.float32)
+    ptr = csr_kernels.block_pointers(X.indptr, X.indices, 3)
+    out = csr_kernels.times_dense(ptr, X.indices, X.data, weight, np.zeros(2, np.float32))
+    np.testing.assert_array_equal(out, [[3, 3], [np.nan, np.nan], [np.inf, np.inf]])
+    grad = csr_kernels.transposed_times(ptr, X.indices, X.data, np.ones((3, 2), np.float32), 3)
+    np.testing.assert_array_equal(grad, [[np.inf, np.inf], [np.nan, np.nan], [2, 2]])
+
+
 def test_products_do_not_depend_on_the_number_of_threads():
     X = random_csr(700, 3000, 0.05, seed=2)
     rng = np.random.default_rng(1)
