@@ -258,10 +258,10 @@ def sparse_batches(features, batch_format: str, device: torch.device) -> bool:
 
 
 class TrainingRows:
-    """Some rows of a feature matrix as the classifier's inputs. Sparse: their CSR with its gene-block
-    pointers on the CPU (``HostCSR``), or their CSR and its transpose's on a GPU, with all rows
-    prepared once, so that an epoch of one batch builds nothing. Dense: densified once when they fit ``DENSE_TRAIN_BYTES``,
-    else a batch at a time."""
+    """Some rows of a feature matrix as the classifier's inputs. Sparse: their CSR with its
+    gene-block pointers on the CPU (``HostCSR``), or their CSR and its transpose's on a GPU, all
+    rows prepared once, so that an epoch of one batch builds nothing. Dense: densified once when
+    they fit ``DENSE_TRAIN_BYTES``, else a batch at a time."""
 
     def __init__(self, features, rows: np.ndarray, device, sparse: bool = False):
         self.features, self.rows, self.device = features, np.asarray(rows), torch.device(device)

@@ -96,8 +96,8 @@ class _HostSparseLinear(torch.autograd.Function):
 
 
 class _SparseInputLinear(torch.autograd.Function):
-    """``x W^T + b`` for a torch CSR ``x`` (on a GPU) and the gene-major ``W^T``, the weight
-    gradient from the CSR of ``x``'s transpose. No gradient flows to ``x`` (it is data)."""
+    """``x W^T + b`` for a torch CSR ``x`` (a GPU's ``SparseBatch``) and the gene-major ``W^T``, the
+    weight gradient from the CSR of ``x``'s transpose. No gradient flows to ``x`` (it is data)."""
 
     @staticmethod
     def forward(ctx, x, x_t, weight_t, bias):

@@ -162,3 +162,29 @@ def test_inference_on_csr_features_reads_host_csr_batches_and_gives_the_dense_re
     dense = model.represent(encoder, X.toarray(), rows)  # a dense matrix is batched dense
     assert seen[3:] == [("Tensor", (5, 300))]
     np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+
+
+def test_a_host_built_step_sent_as_torch_csr_gives_the_dense_output_and_gradients():
+    """The path a GPU takes for a step built on the host (the collection too large to hold there):
+    a torch CSR batch with its transpose made where it is, run here on the CPU."""
+    import data
+    import pretrain
+
+    X = sp.random(20, 700, density=0.1, format="csr", dtype=np.float32, random_state=7)
+    coll = pretrain.Collection.of_stacked(["toy"], *data.stack_csr([X]), [None], [f"G{i}" for i in range(700)])
+    targets = [np.zeros((20, 3), np.int64)]
+    host = pretrain.prepare_step(coll, targets, [np.arange(20)], 0, 1, True, torch.device("cpu"))
+    as_gpu = pretrain.HostStep(host.used, host.X.csr(), host.targets, host.denominators, sparse=True)
+    x = pretrain.step_inputs(as_gpu, torch.device("cpu"))[0]
+    assert type(x).__name__ == "SparseBatch"
+    np.testing.assert_array_equal(x.x_t.to_dense().numpy(), X.toarray().T)
+    encoder = Encoder(700, 5)
+    results = []
+    for batch in (x, host.X, torch.from_numpy(X.toarray())):
+        encoder.zero_grad()
+        out = encoder(batch)
+        (out * torch.arange(5.0)).sum().backward()
+        results.append((out.detach(), encoder.linear.weight_t.grad.clone()))
+    for other in results[1:]:
+        torch.testing.assert_close(other[0], results[0][0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(other[1], results[0][1], rtol=1e-5, atol=1e-6)
