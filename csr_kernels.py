@@ -10,9 +10,10 @@ arrays and one table of where each row's values of each block start (``block_poi
 pass over the column indices): no transpose, no copy of the batch.
 
 Every output row (forward) or gene block (gradient) is summed by one thread in a fixed order, so
-results do not depend on the number of threads. Only multiply-adds are fused (``contract``): NaN and
-infinity propagate as in torch's products (full fast-math measured no faster). Compiled by numba on first use and cached beside
-this file; the threads are torch's (``torch.get_num_threads``). Importing compiles nothing.
+results do not depend on the number of threads. Only multiply-adds are fused (``contract``): NaN
+and infinity propagate as in torch's products (full fast-math measured no faster). Compiled by
+numba on first use (~3 s) and cached beside this file (``__pycache__``); the threads are torch's
+(``torch.get_num_threads``). Importing compiles nothing.
 """
 from __future__ import annotations
 
