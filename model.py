@@ -63,6 +63,14 @@ class HostCSR:
         indptr = np.append(self.ptr[0], self.ptr[-1, -1] if self.shape[0] else 0)
         return sp.csr_matrix((self.data, self.indices, indptr), shape=self.shape)
 
+    def times(self, weight_t: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """``X weight_t + bias`` for the gene-major ``genes x hid`` float32 ``weight_t``."""
+        return csr_kernels.times_dense(self.ptr, self.indices, self.data, weight_t, bias)
+
+    def transposed_times(self, grad: np.ndarray) -> np.ndarray:
+        """``X^T grad`` (``genes x hid``) for a ``cells x hid`` float32 ``grad``."""
+        return csr_kernels.transposed_times(self.ptr, self.indices, self.data, grad, self.shape[1])
+
     def with_values(self, data: np.ndarray) -> "HostCSR":
         """The same cells and genes with other stored values (e.g. after dropout)."""
         out = HostCSR.__new__(HostCSR)
@@ -81,16 +89,13 @@ class _HostSparseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight_t, bias, x: HostCSR):
         ctx.x = x
-        return torch.from_numpy(csr_kernels.times_dense(x.ptr, x.indices, x.data, weight_t.detach().numpy(),
-                                                        bias.detach().numpy()))
+        return torch.from_numpy(x.times(weight_t.detach().numpy(), bias.detach().numpy()))
 
     @staticmethod
     def backward(ctx, grad):
-        x = ctx.x
         grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_w = torch.from_numpy(csr_kernels.transposed_times(
-                x.ptr, x.indices, x.data, grad.detach().contiguous().numpy(), x.shape[1]))
+            grad_w = torch.from_numpy(ctx.x.transposed_times(grad.detach().contiguous().numpy()))
         grad_b = grad.sum(0) if ctx.needs_input_grad[1] else None
         return grad_w, grad_b, None
 
@@ -318,16 +323,14 @@ def sparse_input(X: sp.csr_matrix, device) -> SparseBatch | HostCSR:
     """A CSR block as an encoder input for inference (no transpose: no gradient is needed); only
     its non-zeros are multiplied."""
     device = torch.device(device)
-    if device.type == "cpu":
-        return HostCSR(X)
-    X = X if X.dtype == np.float32 else X.astype(np.float32)
-    return SparseBatch(torch_csr(X, device), None)
+    return HostCSR(X) if device.type == "cpu" else device_sparse_batch(X, device, transposed=False)
 
 
-def device_sparse_batch(X: sp.csr_matrix, device: torch.device) -> SparseBatch:
-    """A host CSR batch on a GPU with the CSR of its transpose, made there, for training."""
-    X = X if X.dtype == np.float32 else X.astype(np.float32)
-    return with_transpose(torch_csr(X, device))
+def device_sparse_batch(X: sp.csr_matrix, device: torch.device, transposed: bool = True) -> SparseBatch:
+    """A host CSR batch on a GPU, with the CSR of its transpose made there when ``transposed``
+    (for training)."""
+    x = torch_csr(X if X.dtype == np.float32 else X.astype(np.float32), device)
+    return with_transpose(x) if transposed else SparseBatch(x, None)
 
 
 def with_transpose(x: torch.Tensor) -> SparseBatch:

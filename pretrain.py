@@ -219,15 +219,14 @@ def sparse_input(args, device: torch.device) -> bool:
 @dataclass
 class HostStep:
     """One step's inputs: the cells of the datasets ``used``, stacked, as CSR on the host (with its
-    gene-block pointers for the CPU's sparse products), or, gathered on the device, as the
-    encoder's input."""
+    gene-block pointers for the CPU's sparse products), or, gathered on the device or sent to it
+    as a sparse batch, as the encoder's input."""
 
     used: list[int]
     X: sp.csr_matrix | HostCSR | None
     targets: list[np.ndarray]
     denominators: list[float]
     on_device: torch.Tensor | SparseBatch | None = None
-    sparse: bool = False  # a host CSR ``X`` goes to the GPU as a sparse batch, not densified
 
 
 def step_source(coll: Collection, device: torch.device) -> DeviceCSR | None:
@@ -257,9 +256,12 @@ def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: 
     if source is not None:
         return HostStep(used, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
     X = coll.stacked[rows]
-    if sparse and device.type == "cpu":
+    if not sparse:
+        return HostStep(used, X, ys, denominators)
+    if device.type == "cpu":
         return HostStep(used, HostCSR(X), ys, denominators)
-    return HostStep(used, X, ys, denominators, sparse=sparse)
+    # a GPU without room for the collection: the step's CSR goes there, its transpose is made there
+    return HostStep(used, None, ys, denominators, device_sparse_batch(X, device))
 
 
 def step_inputs(host: HostStep, device: torch.device):
@@ -269,8 +271,6 @@ def step_inputs(host: HostStep, device: torch.device):
         x = host.on_device
     elif isinstance(host.X, HostCSR):
         x = host.X
-    elif host.sparse:
-        x = device_sparse_batch(host.X, device)
     else:
         x = to_device(torch.from_numpy(host.X.toarray()), device)
     ts = [to_device(torch.from_numpy(t), device) for t in host.targets]

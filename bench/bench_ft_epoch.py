@@ -68,7 +68,6 @@ def product_limit(features, rows, hid: int, device) -> dict:
     import scipy.sparse as sp
     import torch
 
-    import csr_kernels
     from model import HostCSR, torch_csr
 
     X = sp.csr_matrix(features[rows], dtype=np.float32)
@@ -86,9 +85,7 @@ def product_limit(features, rows, hid: int, device) -> dict:
     out = {"dense_products_s": dense_s, "sparse_products_s": sparse_s}
     if torch.device(device).type == "cpu":  # what the CPU's sparse batches use: csr_kernels on a HostCSR
         b, w, g, bias = HostCSR(X), weight_t.numpy(), grad.numpy(), np.zeros(hid, np.float32)
-        out["blocked_products_s"] = best_of(lambda: (csr_kernels.times_dense(b.ptr, b.indices, b.data, w, bias),
-                                                     csr_kernels.transposed_times(b.ptr, b.indices, b.data, g,
-                                                                                  X.shape[1])))
+        out["blocked_products_s"] = best_of(lambda: (b.times(w, bias), b.transposed_times(g)))
     return {**out, "limit_s": min(out.values())}
 
 

@@ -166,7 +166,6 @@ def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
     """(a): the encoder's two products per step on ready dense batches; and the same on torch CSR."""
     import torch
 
-    import csr_kernels
     from model import HostCSR
 
     hid, n_genes = weight.shape
@@ -201,8 +200,8 @@ def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
         t = time.perf_counter()
         for batch in batches:
             if isinstance(batch, HostCSR):
-                csr_kernels.times_dense(batch.ptr, batch.indices, batch.data, w_np, bias)
-                csr_kernels.transposed_times(batch.ptr, batch.indices, batch.data, grad_np[:batch.shape[0]], n_genes)
+                batch.times(w_np, bias)
+                batch.transposed_times(grad_np[:batch.shape[0]])
             else:
                 batch.x @ w_tc
                 torch.sparse.mm(batch.x_t, grad[:batch.x.shape[0]])

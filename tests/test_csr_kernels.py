@@ -168,14 +168,14 @@ def test_a_host_built_step_sent_as_torch_csr_gives_the_dense_output_and_gradient
     """The path a GPU takes for a step built on the host (the collection too large to hold there):
     a torch CSR batch with its transpose made where it is, run here on the CPU."""
     import data
+    import model
     import pretrain
 
     X = sp.random(20, 700, density=0.1, format="csr", dtype=np.float32, random_state=7)
     coll = pretrain.Collection.of_stacked(["toy"], *data.stack_csr([X]), [None], [f"G{i}" for i in range(700)])
     targets = [np.zeros((20, 3), np.int64)]
     host = pretrain.prepare_step(coll, targets, [np.arange(20)], 0, 1, True, torch.device("cpu"))
-    as_gpu = pretrain.HostStep(host.used, host.X.csr(), host.targets, host.denominators, sparse=True)
-    x = pretrain.step_inputs(as_gpu, torch.device("cpu"))[0]
+    x = model.device_sparse_batch(host.X.csr(), torch.device("cpu"))  # what prepare_step makes on such a GPU
     assert type(x).__name__ == "SparseBatch"
     np.testing.assert_array_equal(x.x_t.to_dense().numpy(), X.toarray().T)
     encoder = Encoder(700, 5)
