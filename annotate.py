@@ -27,15 +27,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+import checkpoints
 import classifier
-import common
+import cli
 import data
+import files
+import genes
 import kmeans
 import metrics
-import results
-from model import (CHECKPOINT_KIND, CLASSIFIER_KIND, CheckpointError, Classifier, Encoder, atomic_torch_save,
-                   classifier_checkpoint, classifier_from_checkpoint, encoder_on_genes, linear_on_genes,
-                   load_checkpoint, model_normalize, sparse_input)
+import runtime
+from checkpoints import Feeding
+from errors import DataError
+from features import features as feature_matrix
+from h5ad import plain_string_frame
+from model import Classifier, Encoder, encoder_on_genes, linear_on_genes
+from sparse import inference_input, row_block
+from splits import encode_labels, validation_split
 
 log = logging.getLogger("scpretrain.annotate")
 
@@ -59,23 +66,25 @@ def parse_args(argv=None) -> argparse.Namespace:
                        help="scPretrain encoder checkpoint to start from (without it: random init, as the "
                             "sweep's 'Without pretraining')")
     train.add_argument("--save_model", required=True, help="where the classifier checkpoint is written")
-    train.add_argument("--hid", type=common.positive_int, default=200,
+    train.add_argument("--hid", type=cli.positive_int, default=200,
                        help="encoder width without --pretrained_model (with one, the encoder's own)")
-    train.add_argument("--per_val", type=common.fraction, default=0.1,
+    train.add_argument("--per_val", type=cli.fraction, default=0.1,
                        help="validation share of the reference (at most 1000 cells), for early stopping")
-    classifier.add_classifier_args(train)
-    common.add_recipe_args(train)
+    cli.add_classifier_args(train)
+    cli.add_recipe_args(train)
+    cli.add_feeding_arg(train)
     predict = commands.add_parser("predict", help="label a query with a trained classifier",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     predict.add_argument("--model", required=True, help="classifier checkpoint written by `annotate.py train`")
     add_query_args(predict)
-    predict.add_argument("--p_thres", type=common.fraction, default=0.5,
+    cli.add_feeding_arg(predict)
+    predict.add_argument("--p_thres", type=cli.fraction, default=0.5,
                          help="a cell whose best class probability is below this is 'Unassigned'")
     predict.add_argument("--majority_voting", action="store_true",
                          help="over-cluster the query on its representation and give each cluster its majority label")
     predict.add_argument("--over_clustering", default=None,
                          help="obs column holding an over-clustering to vote in (default: K-means on the representation)")
-    predict.add_argument("--n_clusters", type=common.positive_int, default=None,
+    predict.add_argument("--n_clusters", type=cli.positive_int, default=None,
                          help="K-means clusters for the over-clustering (default: cells/100, between 2 and 500)")
     predict.add_argument("--min_prop", type=float, default=0.0,
                          help="a cluster whose majority label has a smaller share is 'Heterogeneous'")
@@ -92,11 +101,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     embed.add_argument("--pretrained_model", required=True, help="scPretrain encoder checkpoint")
     add_query_args(embed)
+    cli.add_feeding_arg(embed)
     for sub in (train, predict, embed):
         add_run_args(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
-        common.resolve_recipe(args)
+        cli.resolve_recipe(args)
     if args.command == "predict" and not 0 <= args.min_prop <= 1:
         parser.error(f"--min_prop must lie in [0, 1], got {args.min_prop}")
     if args.command == "predict" and args.label_map and not args.query_label_key:
@@ -107,16 +117,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def add_query_args(parser) -> None:
     parser.add_argument("--query", required=True, help="dataset to annotate (.h5ad, Cell BLAST .h5 or numpy folder)")
     parser.add_argument("--out", default=None, help="annotated .h5ad (default: results/<query>_annotated.h5ad)")
-    parser.add_argument("--chunk_cells", type=common.positive_int, default=8192,
+    parser.add_argument("--chunk_cells", type=cli.positive_int, default=8192,
                         help="cells per chunk: the query is processed this many cells at a time")
 
 
 def add_run_args(parser) -> None:
-    parser.add_argument("--seed", type=common.non_negative_int, default=0, help="seeds the split, init and K-means")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto = cuda when available")
-    parser.add_argument("--cuda", action="store_true", help="same as --device cuda")
-    common.add_input_args(parser)
-    common.add_log_level_arg(parser)
+    cli.add_seed_arg(parser, "seeds the split, init and K-means")
+    cli.add_device_args(parser)
+    cli.add_input_args(parser)
+    cli.add_log_level_arg(parser)
 
 
 # --------------------------------------------------------------------------- reading
@@ -125,17 +134,18 @@ def add_run_args(parser) -> None:
 def read_dataset(path, args, label_key: str | None) -> data.CellData:
     """A reference or query as the data layer reads it (h5ad values and gene-symbol rules
     included), genes mapped to human symbols."""
-    d = data.read_any(path, label_key=label_key, strict_label_key=label_key is not None, **common.input_options(args))
-    return data.map_dataset_genes(d)
+    read = cli.read_settings(args)
+    d = data.read_any(path, label_key=label_key, strict_label_key=label_key is not None, **read.reader_options())
+    return genes.map_dataset_genes(d)
 
 
 def read_reference(args) -> data.CellData:
     d = read_dataset(args.reference, args, args.label_key)
     if not d.is_labelled:
-        raise data.DataError(f"{args.reference}: no labels in '{args.label_key}'; pass --label_key COLUMN")
-    (d,) = common.with_two_classes([data.labelled_cells(d)]) or [None]
+        raise DataError(f"{args.reference}: no labels in '{args.label_key}'; pass --label_key COLUMN")
+    (d,) = data.with_two_classes([data.labelled_cells(d)]) or [None]
     if d is None:
-        raise data.DataError(f"{args.reference}: one cell type only; a classifier needs two or more")
+        raise DataError(f"{args.reference}: one cell type only; a classifier needs two or more")
     return d
 
 
@@ -143,39 +153,40 @@ def read_reference(args) -> data.CellData:
 
 
 def run_train(args) -> dict:
-    save_path = common.check_output_file(args.save_model, "--save_model")
-    device = common.resolve_device(args)
+    save_path = files.check_output_file(args.save_model, "--save_model")
+    files.refuse_clashes({"--save_model": save_path},
+                         {"--reference": args.reference, "--pretrained_model": args.pretrained_model})
+    device = runtime.resolve_device(cli.device_wanted(args))
     reference = read_reference(args)
-    pretrained, digest, hid = None, results.NO_MODEL, args.hid
+    pretrained, digest, hid = None, checkpoints.NO_MODEL, args.hid
+    fed = Feeding(reference.values, args.normalize)
     if args.pretrained_model:
-        _, _, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
-        hid, digest = int(ckpt["model_args"]["hid"]), results.model_digest(ckpt)
-        if model_normalize(ckpt) != args.normalize:
-            log.info("the encoder was pre-trained on --normalize %s features; the classifier is trained on %s",
-                     model_normalize(ckpt), args.normalize)
-        lookup = data.gene_lookup(reference, ckpt["gene_universe"], whose="the pretrained model's")
-        pretrained = {"state": ckpt["model"], "lookup": lookup}
+        loaded = checkpoints.load_encoder(args.pretrained_model, cli.PRETRAIN_HINT)
+        hid, digest = int(loaded.ckpt["model_args"]["hid"]), loaded.digest
+        checkpoints.check_feeding(loaded.fed, fed, args.pretrained_model, args.allow_feature_mismatch)
+        lookup = genes.gene_lookup(reference, loaded.gene_universe, whose="the pretrained model's")
+        pretrained = classifier.PretrainedStart(loaded.ckpt["model"], lookup)
     else:
         log.warning("no --pretrained_model: the classifier starts from random init ('Without pretraining')")
-    codes, classes = data.encode_labels(reference.labels)
-    train_idx, val_idx = data.validation_split(reference.n_cells, args.seed, args.per_val)
+    codes, classes = encode_labels(reference.labels)
+    train_idx, val_idx = validation_split(reference.n_cells, args.seed, args.per_val, what=reference.name)
     log.info("%s: %d cells, %d types; %d train, %d validate", reference.name, reference.n_cells, len(classes),
              len(train_idx), len(val_idx))
-    args.hid = hid
+    settings = cli.classifier_settings(args, hid=hid)
     t0 = time.time()
-    clf = classifier.build_classifier(len(classes), args.seed, args, pretrained, reference.n_genes)
-    clf, epochs, val_accuracy = classifier.train_classifier(clf, data.features(reference, args.normalize), codes,
-                                                            (train_idx, val_idx, None), args, args.seed, device)
+    clf = classifier.build_classifier(len(classes), reference.n_genes, settings, args.seed, pretrained)
+    clf, epochs, val_accuracy = classifier.train_classifier(clf, feature_matrix(reference, args.normalize), codes,
+                                                            (train_idx, val_idx, None), settings, args.seed, device)
     log.info("trained in %.1fs, %d epochs; validation accuracy %.4f", time.time() - t0, epochs, val_accuracy)
-    info = {"label_key": args.label_key, "values": reference.values, "normalize": args.normalize,
-            "reference": {"name": reference.name, "path": str(args.reference), "n_cells": reference.n_cells,
+    info = {"reference": {"name": reference.name, "path": str(args.reference), "n_cells": reference.n_cells,
                           "n_genes": reference.n_genes, "species": reference.species,
                           "class_counts": {str(c): int(n) for c, n in zip(classes, np.bincount(codes))}},
             "validation_accuracy": float(val_accuracy), "epochs": int(epochs), "n_train": len(train_idx),
             "n_val": len(val_idx), "pretrained_model": args.pretrained_model, "pretrained_digest": digest,
-            "config": results.args_to_dict(args)}
-    ckpt = classifier_checkpoint(clf.cpu(), reference.genes, classes, info)
-    atomic_torch_save(ckpt, save_path)
+            "config": cli.args_dict(args)}
+    ckpt = checkpoints.classifier_checkpoint(clf.cpu(), reference.genes, classes, fed=fed, label_key=args.label_key,
+                                             info=info)
+    checkpoints.save(ckpt, save_path)
     log.info("classifier saved to %s (%d classes, %d genes)", save_path, len(classes), reference.n_genes)
     return ckpt
 
@@ -183,30 +194,9 @@ def run_train(args) -> dict:
 # --------------------------------------------------------------------------- predict
 
 
-def load_classifier(path):
-    """A classifier checkpoint; an encoder checkpoint gets the way to make a classifier from it."""
-    try:
-        ckpt = load_checkpoint(path, kind=CLASSIFIER_KIND)
-    except CheckpointError:
-        other = _kind_of(path)
-        if other == CHECKPOINT_KIND:
-            raise CheckpointError(f"{path}: is a pretrained encoder, not a classifier; train one first: "
-                                  f"python annotate.py train --reference REF --label_key KEY "
-                                  f"--pretrained_model {path} --save_model models/NAME.pt") from None
-        raise
-    return classifier_from_checkpoint(ckpt, path), ckpt
-
-
-def _kind_of(path) -> str | None:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True).get("kind")
-    except Exception:  # unreadable: load_checkpoint has said why
-        return None
-
-
 def query_lookup(query: data.CellData, model_genes, path) -> data.GeneLookup:
     """The query's genes on the model's, with a warning when the model sees under half its genes."""
-    lookup = data.gene_lookup(query, model_genes, whose="the model's")
+    lookup = genes.gene_lookup(query, model_genes, whose="the model's")
     if lookup.n_found < LOW_COVERAGE * lookup.n_universe:
         log.warning("%s: the query has only %d of the model's %d genes (%.0f%%); predictions rest on the rest "
                     "being zero: check the species, --gene_symbols and the reference", path, lookup.n_found,
@@ -215,7 +205,7 @@ def query_lookup(query: data.CellData, model_genes, path) -> data.GeneLookup:
 
 
 @torch.no_grad()
-def run_chunks(query: data.CellData, lookup: data.GeneLookup, model: Encoder | Classifier, device, chunk_cells: int,
+def run_chunks(query: data.CellData, lookup: genes.GeneLookup, model: Encoder | Classifier, device, chunk_cells: int,
                normalize: str = "none"):
     """Representations of every query cell (``model``: an encoder), and class probabilities too
     (``model``: a classifier, its linear base included), a chunk of cells at a time. The encoder
@@ -228,9 +218,9 @@ def run_chunks(query: data.CellData, lookup: data.GeneLookup, model: Encoder | C
     base_on_query = linear_on_genes(base, lookup).to(device) if base is not None else None
     reps, probs = [], []
     starts = range(0, query.n_cells, chunk_cells)
-    for start in common.progress(starts, desc="cells", unit="chunk"):
-        block = data.row_block(query.X, start, min(start + chunk_cells, query.n_cells))
-        x = sparse_input(data.features(replace(query, X=block), normalize), device)
+    for start in runtime.progress(starts, desc="cells", unit="chunk"):
+        block = row_block(query.X, start, min(start + chunk_cells, query.n_cells))
+        x = inference_input(feature_matrix(replace(query, X=block), normalize), device)
         z = on_query(x)
         reps.append(z.cpu().numpy())
         if clf is not None:
@@ -272,14 +262,16 @@ def majority_vote(predicted: np.ndarray, clusters: np.ndarray, min_prop: float =
 
 def run_predict(args) -> pd.DataFrame:
     out = output_path(args, "annotated")
-    device = common.resolve_device(args)
-    clf, ckpt = load_classifier(args.model)
+    files.refuse_clashes(predict_outputs(args, out), {"--model": args.model, "--query": args.query,
+                                                      "--label_map": args.label_map})
+    device = runtime.resolve_device(cli.device_wanted(args))
+    clf, ckpt = checkpoints.load_classifier(args.model)
     query = read_dataset(args.query, args, args.query_label_key)
-    check_values(query, ckpt)
+    check_values(query, ckpt, args.model, args.allow_feature_mismatch)
     lookup = query_lookup(query, ckpt["gene_universe"], args.query)
     t0 = time.time()
     clf = clf.to(device)
-    representation, probs = run_chunks(query, lookup, clf, device, args.chunk_cells, model_normalize(ckpt))
+    representation, probs = run_chunks(query, lookup, clf, device, args.chunk_cells, checkpoints.feeding(ckpt).normalize)
     log.info("%d cells predicted in %.1fs (%.0f cells/s)", query.n_cells, time.time() - t0,
              query.n_cells / max(time.time() - t0, 1e-9))
     predicted, conf = assign_labels(probs, ckpt["classes"], args.p_thres)
@@ -293,8 +285,8 @@ def run_predict(args) -> pd.DataFrame:
         table["majority_voting"] = majority_vote(predicted, table["over_clustering"].to_numpy(), args.min_prop)
     log.info("labels: %s; Unassigned %.1f%%", summary_counts(table["predicted_labels"]),
              100.0 * float(np.mean(predicted == UNASSIGNED)))
-    uns = {"model": str(args.model), "model_digest": results.model_digest(ckpt), "reference": ckpt["reference"]["name"],
-           "normalize": model_normalize(ckpt),
+    uns = {"model": str(args.model), "model_digest": checkpoints.model_digest(ckpt),
+           "reference": ckpt["reference"]["name"], "normalize": checkpoints.feeding(ckpt).normalize,
            "n_model_genes": lookup.n_universe, "n_model_genes_found": lookup.n_found,
            "gene_coverage": lookup.n_found / lookup.n_universe, "p_thres": args.p_thres,
            "classes": list(ckpt["classes"]), "majority_voting": bool(args.majority_voting)}
@@ -302,18 +294,16 @@ def run_predict(args) -> pd.DataFrame:
     write_outputs(args, out, query, table, representation, uns, extra_obsm)
     if args.probabilities:
         frame = pd.DataFrame(probs, columns=ckpt["classes"]).assign(cell=query.cells).set_index("cell")
-        data.atomic_write(out.with_suffix(".probabilities.csv"), lambda fh: frame.to_csv(fh))
+        files.atomic_write(with_extension(out.with_suffix(""), ".probabilities.csv"), lambda fh: frame.to_csv(fh))
     if args.query_label_key:
         evaluate_against_labels(args, out, table, obs)
     return table
 
 
-def check_values(query: data.CellData, ckpt: dict) -> None:
-    trained_on = ckpt.get("values", data.RAW_VALUES)
-    if query.values != trained_on:
-        log.warning("the model was trained on %s values and the query holds %s values: its inputs will not look "
-                    "like the reference's (choose the query's values with --layer / --log_transformed)",
-                    trained_on, query.values)
+def check_values(query: data.CellData, ckpt: dict, model_path, allow: bool = False) -> None:
+    """The query must be fed what the model was: refused otherwise, unless ``allow``."""
+    fed = checkpoints.feeding(ckpt)
+    checkpoints.check_feeding(fed, Feeding(query.values, fed.normalize), model_path, allow)
 
 
 def summary_counts(labels: pd.Series, top: int = 8) -> str:
@@ -326,10 +316,24 @@ def summary_counts(labels: pd.Series, top: int = 8) -> str:
 
 
 def output_path(args, suffix: str) -> Path:
-    out = Path(args.out) if args.out else common.RESULTS_DIR / f"{Path(args.query).stem}_{suffix}.h5ad"
-    if out.suffix != ".h5ad":
-        raise data.DataError(f"--out {out}: must end in .h5ad")
-    return common.check_output_file(out, "--out")
+    out = Path(args.out) if args.out else cli.RESULTS_DIR / f"{Path(args.query).stem}_{suffix}.h5ad"
+    if out.suffix.lower() != ".h5ad":
+        raise DataError(f"--out {out}: must end in .h5ad")
+    return files.check_output_file(out, "--out")
+
+
+def predict_outputs(args, out: Path) -> dict:
+    """Every file predict may write, by what it is: checked against its inputs before any work."""
+    stem = out.with_suffix("")
+    found = {"--out": out, "--out (its CSV)": with_extension(stem, ".csv")}
+    if args.probabilities:
+        found["--out (probabilities)"] = with_extension(stem, ".probabilities.csv")
+    if args.query_label_key:
+        found["--out (contingency tables, figures)"] = [
+            with_extension(out.with_name(f"{stem.name}.contingency_{column}"), ext)
+            for column in ("predicted_labels", "majority_voting") for ext in (".csv", ".png", ".pdf")]
+        found["--out (scores)"] = with_extension(stem, ".scores.csv")
+    return found
 
 
 def load_obs(path, query: data.CellData) -> pd.DataFrame:
@@ -342,7 +346,7 @@ def load_obs(path, query: data.CellData) -> pd.DataFrame:
         obs = backed.obs.copy()
         backed.file.close()
         if len(obs) != query.n_cells:
-            raise data.DataError(f"{path}: obs has {len(obs)} rows for {query.n_cells} cells")
+            raise DataError(f"{path}: obs has {len(obs)} rows for {query.n_cells} cells")
         return obs
     obs = pd.DataFrame(index=pd.Index(query.cells.astype(str), name="cell"))
     if query.labels is not None:
@@ -352,7 +356,7 @@ def load_obs(path, query: data.CellData) -> pd.DataFrame:
 
 def obs_column(obs: pd.DataFrame, key: str, path) -> pd.Series:
     if key not in obs.columns:
-        raise data.DataError(f"{path}: no obs column '{key}'; available columns: {list(obs.columns)}")
+        raise DataError(f"{path}: no obs column '{key}'; available columns: {list(obs.columns)}")
     return obs[key]
 
 
@@ -373,13 +377,13 @@ def write_outputs(args, out: Path, query: data.CellData, table: pd.DataFrame, re
     for key, value in (extra_obsm or {}).items():
         adata.obsm[key] = value
     adata.uns["scpretrain"] = uns
-    adata.obs, adata.var = data.plain_string_frame(adata.obs), data.plain_string_frame(adata.var)
+    adata.obs, adata.var = plain_string_frame(adata.obs), plain_string_frame(adata.var)
     if adata.raw is not None:
-        adata.raw = anndata.AnnData(X=adata.raw.X, var=data.plain_string_frame(adata.raw.var),
+        adata.raw = anndata.AnnData(X=adata.raw.X, var=plain_string_frame(adata.raw.var),
                                     varm=dict(adata.raw.varm), obs=adata.obs[[]])
-    data.atomic_write_path(out, adata.write_h5ad)
-    csv_path = out.with_suffix(".csv")
-    data.atomic_write(csv_path, lambda fh: table.to_csv(fh, index=False))
+    files.atomic_write_path(out, adata.write_h5ad)
+    csv_path = with_extension(out.with_suffix(""), ".csv")
+    files.atomic_write(csv_path, lambda fh: table.to_csv(fh, index=False))
     log.info("wrote %s and %s", out, csv_path)
 
 
@@ -410,9 +414,9 @@ def read_label_map(path) -> dict:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise data.DataError(f"{path}: cannot be read as a two-column CSV ({exc})") from None
+        raise DataError(f"{path}: cannot be read as a two-column CSV ({exc})") from None
     if frame.shape[1] != 2:
-        raise data.DataError(f"{path}: needs two columns (model label, query label), found {list(frame.columns)}")
+        raise DataError(f"{path}: needs two columns (model label, query label), found {list(frame.columns)}")
     source, target = frame.columns
     return {s.strip(): t.strip() for s, t in zip(frame[source], frame[target]) if t.strip()}
 
@@ -440,7 +444,7 @@ def evaluate_against_labels(args, out: Path, table: pd.DataFrame, obs: pd.DataFr
         contingency = pd.crosstab(pd.Series(given, name=args.query_label_key),
                                   pd.Series(table[column].to_numpy(), name=column))
         stem = out.with_name(f"{out.stem}.contingency_{column}")
-        data.atomic_write(with_extension(stem, ".csv"), lambda fh: contingency.to_csv(fh))
+        files.atomic_write(with_extension(stem, ".csv"), lambda fh: contingency.to_csv(fh))
         draw_contingency(contingency, stem, f"{Path(args.query).stem}: {args.query_label_key} vs {column}")
         log.info("contingency of %s vs %s in %s.csv/.png/.pdf", args.query_label_key, column, stem)
     if not args.label_map:
@@ -458,7 +462,7 @@ def evaluate_against_labels(args, out: Path, table: pd.DataFrame, obs: pd.DataFr
             log.info("%s (%s): accuracy %.4f macro-F1 %.4f kappa %.4f on %d mapped cells", column, name,
                      scores["accuracy"], scores["macro_f1"], scores["kappa"], scores["n_scored"])
     frame = pd.DataFrame(rows)
-    data.atomic_write(out.with_name(f"{out.stem}.scores.csv"), lambda fh: frame.to_csv(fh, index=False))
+    files.atomic_write(out.with_name(f"{out.stem}.scores.csv"), lambda fh: frame.to_csv(fh, index=False))
 
 
 def draw_contingency(contingency: pd.DataFrame, stem: Path, title: str) -> list[Path]:
@@ -478,9 +482,11 @@ def draw_contingency(contingency: pd.DataFrame, stem: Path, title: str) -> list[
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label="share of the row's cells")
     paths = [with_extension(stem, ".png"), with_extension(stem, ".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        for path in paths:
+            files.save_figure(fig, path, dpi=150, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -489,13 +495,18 @@ def draw_contingency(contingency: pd.DataFrame, stem: Path, title: str) -> list[
 
 def run_embed(args):
     out = output_path(args, "embedded")
-    device = common.resolve_device(args)
-    encoder, universe, ckpt = common.load_pretrained_or_explain(args.pretrained_model)
+    files.refuse_clashes({"--out": out, "--out (its CSV)": with_extension(out.with_suffix(""), ".csv")},
+                         {"--pretrained_model": args.pretrained_model, "--query": args.query})
+    device = runtime.resolve_device(cli.device_wanted(args))
+    loaded = checkpoints.load_encoder(args.pretrained_model, cli.PRETRAIN_HINT)
     query = read_dataset(args.query, args, None)
-    lookup = query_lookup(query, universe, args.query)
-    representation, _ = run_chunks(query, lookup, encoder.to(device), device, args.chunk_cells, model_normalize(ckpt))
+    checkpoints.check_feeding(loaded.fed, Feeding(query.values, loaded.fed.normalize), args.pretrained_model,
+                              args.allow_feature_mismatch)
+    lookup = query_lookup(query, loaded.gene_universe, args.query)
+    representation, _ = run_chunks(query, lookup, loaded.encoder.to(device), device, args.chunk_cells,
+                                   loaded.fed.normalize)
     table = pd.DataFrame({"cell": query.cells})
-    uns = {"model": str(args.pretrained_model), "model_digest": results.model_digest(ckpt),
+    uns = {"model": str(args.pretrained_model), "model_digest": loaded.digest,
            "n_model_genes": lookup.n_universe, "n_model_genes_found": lookup.n_found,
            "gene_coverage": lookup.n_found / lookup.n_universe}
     write_outputs(args, out, query, table, representation, uns)
@@ -507,7 +518,11 @@ def run(args):
 
 
 def main(args):
-    return common.run_script(run, args)
+    runtime.setup_logging(args.log_level)
+    runtime.seed_everything(args.seed)
+    runtime.flush_denormals()
+    runtime.return_freed_memory()
+    return cli.exit_on_error(run, args)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-import common
-import data
-from model import (LINEAR_BASE_MODES, Classifier, GeneLinear, HostCSR, SparseBatch, apply_in_batches, dense_batch,
-                   init_encoder_from_pretrained, make_adam, torch_csr)
+from model import Classifier, GeneLinear, apply_in_batches, init_encoder_from_pretrained, make_adam
+from settings import EARLY_STOP, LINEAR_BASES, ClassifierSettings
+from sparse import HostCSR, SparseBatch, dense_batch, sparse_products, training_rows
+from splits import iter_batches
 
 DENSE_TRAIN_BYTES = 1 << 30  # training cells up to this size are densified once, larger sets per batch
 LINEAR_C_GRID = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strengths tried for --ft_linear_base
@@ -27,38 +27,6 @@ LINEAR_MAX_ITER = 3000
 log = logging.getLogger("scpretrain.classifier")
 
 
-def add_classifier_args(parser) -> None:
-    g = parser.add_argument_group("classifier training")
-    g.add_argument("--ft_lr", type=common.positive_float, default=0.002, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--ft_batch_size", type=common.positive_int, default=None,
-                   help="mini-batch size (default: the recipe's; paper 5000, i.e. one batch of its <= 1000 cells)")
-    g.add_argument("--ft_epoch", type=common.positive_int, default=500, help="at most this many epochs (default: %(default)s)")
-    g.add_argument("--patience", type=common.positive_int, default=30, help="stop after this many epochs without a better "
-                                                                            "validation score (default: %(default)s)")
-    g.add_argument("--ft_dropout", type=common.non_negative_fraction, default=None,
-                   help="dropout on the classifier's input, representation and hidden layer while training "
-                        "(default: the recipe's; paper 0)")
-    g.add_argument("--ft_weight_decay", type=common.non_negative_float, default=None,
-                   help="decoupled weight decay (AdamW) when > 0 (default: the recipe's; paper 0, plain Adam)")
-    g.add_argument("--ft_batch_format", choices=["auto", "sparse", "dense"], default="auto",
-                   help="how cells reach the classifier: CSR products (only the non-zeros are multiplied) or "
-                        "dense batches; auto = sparse on CPU, dense on GPU; changes only float rounding and "
-                        "dropout's draws (default: %(default)s)")
-    g.add_argument("--ft_early_stop", choices=EARLY_STOP, default=None,
-                   help="validation score kept for early stopping: 'accuracy' (scPretrain), 'loss', or "
-                        "'accuracy_then_loss' (accuracy, ties broken by a lower loss) (default: the recipe's)")
-    g.add_argument("--ft_linear_base", choices=LINEAR_BASES, default=None,
-                   help="a logistic regression beside the network (L2, C chosen from "
-                        f"{', '.join(map(str, LINEAR_C_GRID))} on the validation cells, fitted on the training cells "
-                        "and kept fixed): 'blend' = the network trains alone, then its log-probabilities are mixed "
-                        f"with the regression's, the regression's share chosen from {', '.join(map(str, BLEND_SHARES))} "
-                        "on the validation cells; 'residual' = the network trains as a correction added to the "
-                        "regression's logits, from a zeroed output layer; 'none' (scPretrain): the network alone "
-                        "(default: the recipe's)")
-
-
-EARLY_STOP = ("accuracy", "loss", "accuracy_then_loss")
-LINEAR_BASES = ("none", *LINEAR_BASE_MODES)
 BLEND_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)  # the regression's share in --ft_linear_base blend
 
 
@@ -156,18 +124,26 @@ def choose_blend_share(clf: Classifier, val_rows: "TrainingRows", y_val: np.ndar
     return best_share, best[0]
 
 
-def build_classifier(n_classes: int, seed: int, args, pretrained: dict | None, n_genes: int,
-                     pca=None) -> Classifier:
+class PretrainedStart(NamedTuple):
+    """Where a classifier's encoder starts: a pretrained encoder's weights, and where each of the
+    dataset's genes sits in its gene universe (``genes.gene_lookup``)."""
+
+    state: dict
+    lookup: object
+
+
+def build_classifier(n_classes: int, n_genes: int, settings: ClassifierSettings, seed: int,
+                     pretrained: PretrainedStart | None = None, pca=None) -> Classifier:
     """Same random init for both methods; scPretrain then copies pretrained columns by gene name."""
     torch.manual_seed(seed)
-    clf = Classifier(n_genes, n_classes, args.hid, dropout=args.ft_dropout or 0.0)
+    clf = Classifier(n_genes, n_classes, settings.hid, dropout=settings.ft_dropout or 0.0)
     if pretrained is not None:
-        init_encoder_from_pretrained(clf.encoder, pretrained["state"], pretrained["lookup"])
+        init_encoder_from_pretrained(clf.encoder, pretrained.state, pretrained.lookup)
     if pca is not None:  # the gene-space encoder on PCA inputs: W x + b = (W C^T) x_pca + (W mean + b)
         components, mean = (torch.from_numpy(a) for a in pca)
         with torch.no_grad():
             weight, bias = clf.encoder.linear.weight.clone(), clf.encoder.linear.bias.clone()
-            clf.encoder.linear = torch.nn.Linear(components.shape[0], args.hid)
+            clf.encoder.linear = torch.nn.Linear(components.shape[0], settings.hid)
             clf.encoder.linear.weight.copy_(weight @ components.T)
             clf.encoder.linear.bias.copy_(bias + weight @ mean)
     return clf
@@ -178,18 +154,18 @@ def predict_proba(clf: Classifier, features, rows: np.ndarray, device, batch_siz
     return apply_in_batches(lambda x: torch.softmax(clf(x), 1), features, rows, device, batch_size)
 
 
-def make_optimizer(params, args):
+def make_optimizer(params, settings: ClassifierSettings):
     """Adam (scPretrain), or AdamW when --ft_weight_decay > 0."""
-    if not args.ft_weight_decay:
-        return make_adam(params, args.ft_lr)
+    if not settings.ft_weight_decay:
+        return make_adam(params, settings.ft_lr)
     params = list(params)
     try:
-        return torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=args.ft_weight_decay, fused=True)
+        return torch.optim.AdamW(params, lr=settings.ft_lr, weight_decay=settings.ft_weight_decay, fused=True)
     except (RuntimeError, ValueError):
-        return torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=args.ft_weight_decay)
+        return torch.optim.AdamW(params, lr=settings.ft_lr, weight_decay=settings.ft_weight_decay)
 
 
-def train_classifier(clf: Classifier, features, codes, split, args, seed: int, device,
+def train_classifier(clf: Classifier, features, codes, split, settings: ClassifierSettings, seed: int, device,
                      linear_base: LinearBase | None = None) -> tuple[Classifier, int, float]:
     """Adam with early stopping on a validation score (--ft_early_stop; the paper's: accuracy);
     returns the best model, the epochs run and its validation accuracy. Training cells are
@@ -199,14 +175,14 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     alone being the first early-stopping candidate; ``blend`` after, with its share chosen."""
     train_idx, val_idx, _ = split
     device = torch.device(device)
-    mode = getattr(args, "ft_linear_base", None) or "none"
+    mode = settings.ft_linear_base or "none"
     if mode != "none":
         linear_base = linear_base or fit_linear_base(features, codes, split, clf.out.out_features)
     if mode == "residual" and linear_base is not None:
         attach_linear_base(clf, linear_base, mode)
     clf = clf.to(device)
-    optimizer = make_optimizer([p for p in clf.parameters() if p.requires_grad], args)
-    sparse = sparse_batches(features, getattr(args, "ft_batch_format", "auto"), device)
+    optimizer = make_optimizer([p for p in clf.parameters() if p.requires_grad], settings)
+    sparse = sp.issparse(features) and sparse_products(settings.ft_batch_format, device)
     train_rows = TrainingRows(features, train_idx, device, sparse)
     y_train = torch.as_tensor(codes[train_idx]).to(device)
     val_rows = TrainingRows(features, val_idx, device, sparse)
@@ -214,14 +190,14 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
     # the base's logits of the training cells, once and without dropout (it sees the cells as they are)
     base_train = train_rows.logits(clf.base_logits) if clf.base is not None else None
     rng = np.random.default_rng(seed)
-    criterion = args.ft_early_stop or "accuracy"
+    criterion = settings.ft_early_stop or "accuracy"
     best, best_state, wait, epoch = None, None, 0, 0
     if clf.base is not None:
         clf.eval()
         best, best_state = val_rows.score(clf, y_val, with_loss=criterion != "accuracy"), copy.deepcopy(clf.state_dict())
-    for epoch in range(1, args.ft_epoch + 1):
+    for epoch in range(1, settings.ft_epoch + 1):
         clf.train()
-        for batch in data.iter_batches(len(train_idx), args.ft_batch_size, rng):
+        for batch in iter_batches(len(train_idx), settings.ft_batch_size, rng):
             if sparse and len(batch) == len(train_idx):
                 # one batch of every training cell: their stored order (prepared once); the loss is
                 # a mean, so the order changes only rounding
@@ -240,7 +216,7 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
             best, best_state, wait = score, copy.deepcopy(clf.state_dict()), 0
         else:
             wait += 1
-            if wait >= args.patience:
+            if wait >= settings.patience:
                 break
     clf.load_state_dict(best_state)
     accuracy = best[0]
@@ -248,13 +224,6 @@ def train_classifier(clf: Classifier, features, codes, split, args, seed: int, d
         attach_linear_base(clf, linear_base, mode)
         _, accuracy = choose_blend_share(clf, val_rows, y_val, criterion)
     return clf, epoch, accuracy
-
-
-def sparse_batches(features, batch_format: str, device: torch.device) -> bool:
-    """Whether CSR features go to the classifier as CSR batches (``--ft_batch_format``)."""
-    if not sp.issparse(features):
-        return False
-    return batch_format == "sparse" or (batch_format == "auto" and torch.device(device).type != "cuda")
 
 
 class TrainingRows:
@@ -268,7 +237,7 @@ class TrainingRows:
         self.dense, self.sparse = None, sparse
         if sparse:
             self.csr = sp.csr_matrix(features[self.rows], dtype=np.float32)
-            self.whole = _sparse_rows(self.csr, self.device)
+            self.whole = training_rows(self.csr, self.device)
         elif len(self.rows) * features.shape[1] * 4 <= DENSE_TRAIN_BYTES:
             self.dense = dense_batch(features, self.rows).to(device)
 
@@ -277,7 +246,7 @@ class TrainingRows:
         for a training step; a sparse batch gets the classifier's input dropout here, on its
         stored values (dense ones get it in the model)."""
         if self.sparse:
-            part = self.whole if positions is None else _sparse_rows(self.csr[positions], self.device)
+            part = self.whole if positions is None else training_rows(self.csr[positions], self.device)
             return part.batch(dropout)
         if self.dense is not None:
             return self.dense[torch.as_tensor(positions, device=self.device)]
@@ -303,55 +272,3 @@ def logit_scores(logits: torch.Tensor, targets: torch.Tensor, with_loss: bool = 
     accuracy = float((logits.argmax(1) == targets).float().mean())
     loss = float(torch.nn.functional.cross_entropy(logits, targets)) if with_loss else float("nan")
     return accuracy, loss
-
-
-def _sparse_rows(X: sp.csr_matrix, device: torch.device):
-    """A CSR batch as training input: a ``HostCSR`` on the CPU, its CSR and transpose on a GPU."""
-    return _HostRows(X) if device.type == "cpu" else _TransposableCSR(X, device)
-
-
-class _HostRows:
-    """A CSR batch on the CPU (``HostCSR``: the sparse products need no transpose); dropout acts
-    on its stored values."""
-
-    def __init__(self, X: sp.csr_matrix):
-        self.x = HostCSR(X)
-        self.values = torch.from_numpy(self.x.data)
-
-    def inference(self) -> HostCSR:
-        return self.x
-
-    def batch(self, dropout: float = 0.0) -> HostCSR:
-        if not dropout:
-            return self.x
-        return self.x.with_values(torch.nn.functional.dropout(self.values, dropout, training=True).numpy())
-
-
-class _TransposableCSR:
-    """A CSR batch and the CSR of its transpose on the device, with where each of the transpose's
-    values sits in the batch's (so that dropout on the values reaches both alike)."""
-
-    def __init__(self, X: sp.csr_matrix, device: torch.device):
-        order = sp.csr_matrix((np.arange(X.nnz, dtype=np.int64), X.indices, X.indptr), shape=X.shape)
-        order_t = order.T.tocsr()
-        self.x = torch_csr(X, device)
-        self.values = self.x.values()
-        self.to_t = torch.from_numpy(order_t.data).to(device)
-        self.x_t = torch_csr(sp.csr_matrix((X.data[order_t.data], order_t.indices, order_t.indptr),
-                                           shape=order_t.shape), device)
-
-    def inference(self) -> SparseBatch:
-        return SparseBatch(self.x, None)
-
-    def batch(self, dropout: float = 0.0) -> SparseBatch:
-        if not dropout:
-            return SparseBatch(self.x, self.x_t)
-        values = torch.nn.functional.dropout(self.values, dropout, training=True)
-        return SparseBatch(_with_values(self.x, values), _with_values(self.x_t, values[self.to_t]))
-
-
-def _with_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A CSR tensor with ``x``'s structure and these values."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(x.crow_indices(), x.col_indices(), values, size=x.shape)

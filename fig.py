@@ -20,8 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-import common
+import cli
+import files
 import results
+import runtime
+from errors import DataError
 from metrics import METRIC_NAMES
 
 log = logging.getLogger("scpretrain.fig")
@@ -58,7 +61,7 @@ CLASSIFIER_NAMES = {"rf": "random forest", "svm": "linear SVM", "lr": "logistic 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--results_dir", default=str(common.RESULTS_DIR),
+    parser.add_argument("--results_dir", default=str(cli.RESULTS_DIR),
                         help="where the CSVs are read from and the figures written to (default: %(default)s)")
     for s in SOURCES:
         parser.add_argument(f"--{s.name}_csv", default=None,
@@ -66,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--run_id", default=None,
                         help="plot the rows of this run identity (default: each file's newest; rows of "
                              "different identities are never averaged together)")
-    common.add_log_level_arg(parser)
+    cli.add_log_level_arg(parser)
     return parser.parse_args(argv)
 
 
@@ -103,10 +106,12 @@ def count_wins(paired: pd.DataFrame) -> tuple[int, int]:
 def save(fig, stem: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
+    paths = [stem.with_name(stem.name + ".png"), stem.with_name(stem.name + ".pdf")]
+    try:
+        for path in paths:
+            files.save_figure(fig, path, dpi=150, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return paths
 
 
@@ -237,18 +242,22 @@ def run(args) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
+    if not Path(args.results_dir).is_dir():
+        raise DataError(f"--results_dir {args.results_dir}: no such folder; run the scripts that write results "
+                        "first (python main.py --kmeans, rf_svm_lr.py, clus.py), or pass the folder they wrote to")
     frames = load_sources(args)
     if not frames:
         log.info("note: no result CSV found in %s; nothing to plot", args.results_dir)
         return []
-    out_dir = common.check_output_dir(args.results_dir, "--results_dir")
+    out_dir = files.check_output_dir(args.results_dir, "--results_dir")
     written = make_figures(frames, out_dir)
     log.info("%d figure files written to %s", len(written), out_dir)
     return written
 
 
 def main(args) -> list[Path]:
-    return common.run_script(run, args)
+    runtime.setup_logging(args.log_level)
+    return cli.exit_on_error(run, args)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@ Initialisation is k-means++ on a seeded sample of the cells. Importing does noth
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from model import DeviceCSR
+from sparse import RowChunks
 
 log = logging.getLogger("scpretrain.kmeans")
 
@@ -42,156 +41,6 @@ def granularities(n_cells: int, avg_cluster_num: int = 100) -> list[int]:
     a = avg_cluster_num
     ks = [n_cells // a, n_cells // max(a // 2, 1), n_cells // (2 * a) + 1]
     return [int(min(max(k, 2), n_cells)) for k in ks]
-
-
-GENE_BLOCK = 2048  # genes per column block of a CSR chunk: a block of the centroids then fits in L2
-CENTROID_BLOCK = 128  # centroids per block of the product's output
-
-
-class GeneBlockedCSR:
-    """A CSR chunk cut into column blocks of ``GENE_BLOCK`` genes (each a CSR over all its rows),
-    multiplied block by block with blocks of ``CENTROID_BLOCK`` columns of a dense right-hand
-    side: each small product reads a block of the right-hand side that stays in cache, where one
-    CSR x (genes x k) product streams all of it from memory for every stored value (measured 5.8x
-    faster on 8,192 cells x 17,000 genes at 5 % and k = 3,215 on a 2-core Xeon)."""
-
-    def __init__(self, row: np.ndarray, col: np.ndarray, val: np.ndarray, n_rows: int, n_cols: int):
-        """``row``, ``col``, ``val``: each stored value's row, column and value, rows in order and
-        columns in order within a row (a CSR chunk's values)."""
-        self.shape = (n_rows, n_cols)
-        self.edges = list(range(0, n_cols, GENE_BLOCK)) + [n_cols]
-        n_blocks = len(self.edges) - 1
-        block_of = (col // GENE_BLOCK).astype(np.uint8 if n_blocks < 256 else np.int64)
-        counts = np.bincount(row * n_blocks + block_of, minlength=n_rows * n_blocks).reshape(n_rows, n_blocks)
-        order = np.argsort(block_of, kind="stable")  # block after block, rows and genes in order within
-        col, val = col[order], val[order]
-        del order, block_of
-        self.parts, at = [], 0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            for b in range(n_blocks):
-                # int32 indices (a chunk holds < 2**31 values): 8 bytes a value kept, and MKL takes them as they are
-                block_crow = np.zeros(n_rows + 1, dtype=np.int32)
-                np.cumsum(counts[:, b], out=block_crow[1:])
-                size = int(block_crow[-1])
-                block_col = (col[at:at + size] - self.edges[b]).astype(np.int32)
-                self.parts.append(torch.sparse_csr_tensor(torch.from_numpy(block_crow), torch.from_numpy(block_col),
-                                                          torch.from_numpy(val[at:at + size]),
-                                                          size=(n_rows, self.edges[b + 1] - self.edges[b])))
-                at += size
-
-    @staticmethod
-    def prepare(right: torch.Tensor) -> list[list[torch.Tensor]]:
-        """A dense (genes x m) right-hand side as contiguous blocks [column block][gene block]."""
-        edges = list(range(0, right.shape[0], GENE_BLOCK)) + [right.shape[0]]
-        return [[right[a:b, c:c + CENTROID_BLOCK].contiguous() for a, b in zip(edges[:-1], edges[1:])]
-                for c in range(0, right.shape[1], CENTROID_BLOCK)]
-
-    def times(self, prepared: list[list[torch.Tensor]]) -> torch.Tensor:
-        """This chunk times the right-hand side ``prepare`` made: (rows x m)."""
-        outs = []
-        for column_block in prepared:
-            acc = torch.sparse.mm(self.parts[0], column_block[0])
-            for part, right in zip(self.parts[1:], column_block[1:]):
-                acc.addmm_(part, right)  # in place: no (rows x CENTROID_BLOCK) product allocated per block
-            outs.append(acc)
-        return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
-
-    def to_dense(self) -> torch.Tensor:
-        return torch.cat([p.to_dense() for p in self.parts], 1)
-
-
-class _Rows:
-    """Uniform chunk access to a CSR (sparse path) or dense numpy matrix (dense path).
-
-    A CSR matrix is held on the GPU when it is the device and has room for it (so iterations copy
-    nothing), else on the host. On a GPU each chunk is densified there for the products (a dense
-    product beats the sparse one by far there); on a CPU they multiply only the non-zeros.
-    """
-
-    def __init__(self, X, device: torch.device, store: DeviceCSR | None = None, cache: bool = False):
-        self.sparse = store is not None or sp.issparse(X)
-        self.device = device
-        # CPU: each chunk's gene-blocked copy, kept for the next pass when ``cache`` (Lloyd's
-        # iterations reread every chunk; the copies together are one copy of the matrix)
-        self.cache = {} if cache else None
-        self._norms = None
-        if self.sparse:
-            if store is None:
-                X = sp.csr_matrix(X)
-                if X.nnz < 2**31 and X.shape[1] < 2**31:
-                    X.indices = np.asarray(X.indices, dtype=np.int32)
-                store = DeviceCSR(X, device if DeviceCSR.fits(X, device) else torch.device("cpu"))
-            self.store = store
-            self.dense_products = device.type == "cuda"
-            self.n_rows, self.n_cols = store.shape
-        else:
-            self.dense = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))
-            self.n_rows, self.n_cols = X.shape
-
-    def chunk(self, start: int, stop: int):
-        """Rows ``start:stop`` in the form ``times`` multiplies (kept when the rows cache chunks)."""
-        if not self.sparse:
-            return self.dense[start:stop].to(self.device, non_blocking=True)
-        if self.cache is not None and (start, stop) in self.cache:
-            return self.cache[(start, stop)]
-        row_of_value, col, val = self.values(start, stop)
-        if self.dense_products:
-            block = torch.zeros(stop - start, self.n_cols, device=self.device)
-            block[row_of_value, col.long()] = val
-            return block
-        block = GeneBlockedCSR(row_of_value.numpy(), col.numpy(), val.numpy(), stop - start, self.n_cols)
-        if self.cache is not None:
-            self.cache[(start, stop)] = block
-        return block
-
-    def values(self, start: int, stop: int):
-        """Sparse rows ``start:stop`` as (row within the chunk, column, value) of each stored value."""
-        store = self.store
-        lo, hi = int(store.host_indptr[start]), int(store.host_indptr[stop])
-        col = store.indices[lo:hi].to(self.device, non_blocking=True)
-        val = store.data[lo:hi].to(self.device, non_blocking=True)
-        lengths = torch.from_numpy(np.diff(store.host_indptr[start:stop + 1])).to(self.device, non_blocking=True)
-        row_of_value = torch.repeat_interleave(torch.arange(stop - start, device=self.device), lengths,
-                                               output_size=hi - lo)
-        return row_of_value, col, val
-
-    def norms(self, chunk_rows: int = 8192) -> torch.Tensor:
-        """Squared norm of every row (computed once, a chunk at a time)."""
-        if self._norms is None:
-            if not self.sparse:
-                self._norms = (self.dense * self.dense).sum(1).to(self.device)
-            else:
-                self._norms = torch.zeros(self.n_rows, device=self.device)
-                for start in range(0, self.n_rows, chunk_rows):
-                    stop = min(start + chunk_rows, self.n_rows)
-                    row_of_value, _, val = self.values(start, stop)
-                    self._norms[start:stop].index_add_(0, row_of_value, val * val)
-        return self._norms
-
-    def prepare_product(self, right: torch.Tensor):
-        """A dense (genes x m) right-hand side in the form ``times`` takes, once per pass."""
-        if self.sparse and not self.dense_products:
-            return GeneBlockedCSR.prepare(right)
-        return right
-
-    @staticmethod
-    def times(block, prepared) -> torch.Tensor:
-        """A chunk from ``chunk`` times a right-hand side from ``prepare_product``."""
-        return block.times(prepared) if isinstance(block, GeneBlockedCSR) else block @ prepared
-
-    def rows_dense(self, rows) -> torch.Tensor:
-        """The given rows, in the given order, as a dense tensor on the device."""
-        rows = np.asarray(rows, dtype=np.int64)
-        if not self.sparse:
-            return self.dense[torch.as_tensor(rows)].to(self.device)
-        return self.store.dense(rows).to(self.device)
-
-    def subset(self, rows: np.ndarray, cache: bool = False) -> "_Rows":
-        """A new _Rows over the given rows (sparse stays sparse)."""
-        if not self.sparse:
-            return _Rows(self.dense[torch.as_tensor(rows)].numpy(), self.device)
-        return _Rows(None, self.device, store=self.store.take(rows), cache=cache)
 
 
 # each cell remembers its NEAREST nearest centroids between Lloyd's iterations, so that the next
@@ -230,7 +79,7 @@ class Nearest:
 def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.device = "cpu",
            chunk_rows: int = 8192, init_sample: int | None = None, max_cells: int = 0,
            tol: float = DEFAULT_TOL, prune: bool = True) -> KMeansResult:
-    """Cluster the rows of ``X`` (CSR, dense, or the ``_Rows`` of an earlier run on the same
+    """Cluster the rows of ``X`` (CSR, dense, or the ``RowChunks`` of an earlier run on the same
     matrix, whose cached chunks are then reused) into ``k`` clusters; seeded and deterministic.
 
     Lloyd's loop runs at most ``n_iter`` iterations and stops after one in which at most a share
@@ -247,7 +96,7 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
     """
     device = torch.device(device)
     # the rows Lloyd's loop passes over keep their chunks
-    rows = X if isinstance(X, _Rows) else _Rows(X, device, cache=not 0 < max_cells < X.shape[0])
+    rows = X if isinstance(X, RowChunks) else RowChunks(X, device, cache=not 0 < max_cells < X.shape[0])
     n = rows.n_rows
     subsample = 0 < max_cells < n
     k = int(min(max(k, 1), n))
@@ -285,7 +134,7 @@ def kmeans(X, k: int, n_iter: int = 20, seed: int = 0, device: str | torch.devic
                         n_iter_run)
 
 
-def _kmeans_pp(rows: _Rows, k: int, gen: np.random.Generator, init_sample: int | None,
+def _kmeans_pp(rows: RowChunks, k: int, gen: np.random.Generator, init_sample: int | None,
                projection_dim: int = 256) -> torch.Tensor:
     """Greedy k-means++ (as scikit-learn: 2 + log k candidates a step) on a sample of >= 4k cells.
 
@@ -336,7 +185,7 @@ def _nearest_listed(dist: torch.Tensor, index: torch.Tensor | None, m: int):
     return vals[:, :m], idx[:, :m], vals[:, m]
 
 
-def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, known: Nearest | None = None,
+def _assign(rows: RowChunks, centroids: torch.Tensor, chunk_rows: int, known: Nearest | None = None,
             moved: torch.Tensor | None = None) -> Nearest:
     """Every row's nearest centroids (a ``Nearest``).
 
@@ -380,7 +229,7 @@ def _assign(rows: _Rows, centroids: torch.Tensor, chunk_rows: int, known: Neares
     return out
 
 
-def _full_pass(rows: _Rows, centroids, c_sq, chunk_rows: int, out: Nearest, m: int) -> None:
+def _full_pass(rows: RowChunks, centroids, c_sq, chunk_rows: int, out: Nearest, m: int) -> None:
     right = rows.prepare_product(centroids.T)
     for start in range(0, rows.n_rows, chunk_rows):
         stop = min(start + chunk_rows, rows.n_rows)
@@ -388,7 +237,7 @@ def _full_pass(rows: _Rows, centroids, c_sq, chunk_rows: int, out: Nearest, m: i
         out.dist[start:stop], out.index[start:stop], out.bound[start:stop] = _nearest_listed(dist, None, m)
 
 
-def _cluster_sums(rows: _Rows, labels: torch.Tensor, k: int, chunk_rows: int) -> torch.Tensor:
+def _cluster_sums(rows: RowChunks, labels: torch.Tensor, k: int, chunk_rows: int) -> torch.Tensor:
     """Per-cluster sums of the rows (k x genes)."""
     g = rows.n_cols
     sums = torch.zeros(k * g, device=labels.device)
@@ -398,7 +247,7 @@ def _cluster_sums(rows: _Rows, labels: torch.Tensor, k: int, chunk_rows: int) ->
     return sums.view(k, g)
 
 
-def _add_rows(rows: _Rows, start: int, stop: int, labels: torch.Tensor, sums: torch.Tensor, sign: float) -> None:
+def _add_rows(rows: RowChunks, start: int, stop: int, labels: torch.Tensor, sums: torch.Tensor, sign: float) -> None:
     """Add (``sign`` 1) or take away (-1) rows ``start:stop`` to the flat sums of their clusters."""
     g = rows.n_cols
     if not rows.sparse:
@@ -409,7 +258,7 @@ def _add_rows(rows: _Rows, start: int, stop: int, labels: torch.Tensor, sums: to
     sums.index_add_(0, labels[row_of_value] * g + col, val if sign > 0 else -val)
 
 
-def _move_cells(rows: _Rows, sums: torch.Tensor, changed: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
+def _move_cells(rows: RowChunks, sums: torch.Tensor, changed: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
                 chunk_rows: int) -> None:
     """Update the cluster sums (k x genes) for the ``changed`` rows moving from ``old`` to ``new``."""
     flat = sums.view(-1)
@@ -420,7 +269,7 @@ def _move_cells(rows: _Rows, sums: torch.Tensor, changed: torch.Tensor, old: tor
         _add_rows(sub, 0, sub.n_rows, new[start:stop], flat, 1.0)
 
 
-def _update(centroids, sums, counts, moved, rows: _Rows, gen: np.random.Generator) -> torch.Tensor:
+def _update(centroids, sums, counts, moved, rows: RowChunks, gen: np.random.Generator) -> torch.Tensor:
     """Each moved centroid = mean of its cells (in place); an empty cluster restarts at a random cell."""
     idx = torch.nonzero(moved).flatten()
     centroids[idx] = sums[idx] / counts[idx].clamp(min=1).unsqueeze(1).to(sums.dtype)
@@ -438,6 +287,6 @@ def pseudo_labels(X, avg_cluster_num: int = 100, n_iter: int = 20, seed: int = 0
     """K-means labels of the rows of ``X`` at scPretrain's three granularities."""
     ks = granularities(X.shape[0], avg_cluster_num)
     # one set of rows for the three runs: the chunks they cache are built once
-    rows = _Rows(X, torch.device(device), cache=not 0 < max_cells < X.shape[0])
+    rows = RowChunks(X, torch.device(device), cache=not 0 < max_cells < X.shape[0])
     return [kmeans(rows, k, n_iter=n_iter, seed=seed + i, device=device, max_cells=max_cells, tol=tol).labels
             for i, k in enumerate(ks)]

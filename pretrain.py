@@ -20,45 +20,20 @@ import scipy.sparse as sp
 import torch
 import torch.distributed as dist
 
-import common
+import checkpoints
 import data
+import genes
 import kmeans
 import results
-from model import (RESUME_KIND, CheckpointError, DeviceCSR, HostCSR, ModelConfig, PretrainModel, SparseBatch,
-                   atomic_torch_save, device_sparse_batch, encoder_checkpoint, encoder_from_checkpoint, load_checkpoint,
-                   make_adam, model_normalize, offset_targets, represent, to_device)
+import runtime
+from checkpoints import Feeding
+from errors import CheckpointError
+from features import features as feature_matrix
+from model import ModelConfig, PretrainModel, make_adam, offset_targets, represent
+from settings import PretrainSettings, ReadSettings, identity
+from sparse import CSRStack, DeviceCSR, HostCSR, SparseBatch, device_sparse_batch, row_block, sparse_products, to_device
 
 log = logging.getLogger("scpretrain.pretrain")
-
-
-def add_pretrain_args(parser) -> None:
-    g = parser.add_argument_group("pre-training")
-    g.add_argument("--pt_lr", type=common.positive_float, default=1e-4, help="Adam learning rate (default: %(default)s)")
-    g.add_argument("--pt_epoch", type=common.positive_int, default=50, help="at most this many epochs (default: %(default)s)")
-    g.add_argument("--pt_patience", type=common.positive_int, default=5, help="stop after this many epochs without a lower loss (default: %(default)s)")
-    g.add_argument("--batch_num", type=common.positive_int, default=30, help="steps per epoch; batch of a dataset = n/batch_num (default: %(default)s)")
-    g.add_argument("--avg_cluster_num", type=common.positive_int, default=100, help="a in k = n//a, n//(a//2), n//(2a)+1 (default: %(default)s)")
-    g.add_argument("--kmeans_iter", type=common.positive_int, default=20, help="K-means iterations (default: %(default)s)")
-    g.add_argument("--kmeans_tol", type=common.kmeans_tolerance, default=kmeans.DEFAULT_TOL,
-                   help="stop K-means once at most this share of cells changes cluster in an iteration; 0 = "
-                        "when none changes (the same clusters as all --kmeans_iter iterations, sooner); -1 = "
-                        "never stop early, exactly --kmeans_iter iterations as the original (default: %(default)s)")
-    g.add_argument("--kmeans_on", choices=["log1p", "raw"], default="log1p",
-                   help="phase-1 K-means input; 'raw' is the original's (default: %(default)s)")
-    g.add_argument("--kmeans_max_cells", type=common.non_negative_int, default=0,
-                   help="fit K-means centroids on at most this many sampled cells, then assign all "
-                        "(0 = all cells, as the original; default: %(default)s)")
-    g.add_argument("--no_sigmoid_logits", action="store_true",
-                   help="plain cross-entropy on the heads' logits (the original applies a sigmoid first)")
-    g.add_argument("--pretrain_output", action="store_true",
-                   help="phase 2: cluster the --pretrained_model encoder's output and continue training it")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run from its last epoch checkpoint")
-    g.add_argument("--pca_pt", action="store_true",
-                   help="the original's PCA inputs for pre-training: not available in this version (it stops "
-                        "with a message); --pca_ft is")
-    g.add_argument("--batch_format", choices=["auto", "sparse", "dense"], default="auto",
-                   help="how a step's cells reach the encoder: CSR products (only the non-zeros are multiplied) "
-                        "or a dense batch; auto = sparse on CPU, dense on GPU (default: %(default)s)")
 
 
 @dataclass
@@ -66,17 +41,22 @@ class Collection:
     """The pre-training inputs: names and log1p CSR matrices aligned to one gene universe."""
 
     names: list[str]
+    digests: list[str]  # data.dataset_digest of each dataset as read: what each one is
     features: list[sp.csr_matrix]  # the encoder's input (data.features), cells x universe genes: views of stacked
     raw: list[sp.csr_matrix | None]  # raw values, kept only when K-means wants them
     gene_universe: np.ndarray
     stacked: sp.csr_matrix  # every dataset's features (float32), one under the other: a step's one row gather
     offsets: np.ndarray  # the first row of each dataset in stacked, and the total
 
+    fed: Feeding = Feeding()  # what the encoder is fed
+
     @classmethod
-    def of_stacked(cls, names, stacked: sp.csr_matrix, offsets: np.ndarray, raw, gene_universe) -> "Collection":
+    def of_stacked(cls, names, digests, stacked: sp.csr_matrix, offsets: np.ndarray, raw, gene_universe,
+                   fed: Feeding = Feeding()) -> "Collection":
         """The collection whose datasets are the row ranges ``offsets`` of ``stacked``."""
-        views = [data.row_block(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
-        return cls(list(names), views, raw, np.asarray(gene_universe, dtype=object), stacked, offsets)
+        views = [row_block(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
+        return cls(list(names), list(digests), views, raw, np.asarray(gene_universe, dtype=object), stacked, offsets,
+                   fed)
 
     def rows_of(self, datasets: list[int], rows: list[np.ndarray]) -> np.ndarray:
         """Rows of ``stacked`` for the given rows of the given datasets, dataset after dataset."""
@@ -87,20 +67,32 @@ def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw
                      normalize: str = "none") -> Collection:
     """Align every dataset to the universe; ``datasets`` is emptied as it goes, so that each
     unaligned matrix is freed as soon as its aligned copy exists (memory stays flat)."""
-    universe = data.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
+    universe = genes.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
     log.info("gene universe: %d genes", len(universe))
-    names, raw = [], []
+    fed = collection_feeding(datasets, normalize)
+    names, digests, raw = [], [], []
     # aligning keeps or sums a dataset's values, never adds any: their total bounds the collection's
-    stack = data.CSRStack(len(universe), sum(d.X.nnz for d in datasets))
+    stack = CSRStack(len(universe), sum(d.X.nnz for d in datasets))
     while datasets:
         d = datasets.pop(0)
-        aligned = data.align_to_universe(d, universe)
+        digests.append(data.dataset_digest(d))
+        aligned = genes.align_to_universe(d, universe)
         names.append(d.name)
         del d
-        stack.append(data.features(aligned, normalize))
+        stack.append(feature_matrix(aligned, normalize))
         raw.append(aligned.X if keep_raw else None)
         del aligned
-    return Collection.of_stacked(names, *stack.finish(), raw, universe)
+    return Collection.of_stacked(names, digests, *stack.finish(), raw, universe, fed)
+
+
+def collection_feeding(datasets: list[data.CellData], normalize: str) -> Feeding:
+    """What the encoder is fed: one kind of values for every dataset (``--values`` applies to all)."""
+    kinds = sorted({d.values for d in datasets})
+    if len(kinds) > 1:
+        mixed = {k: [d.name for d in datasets if d.values == k][:3] for k in kinds}
+        raise data.DataError(f"the datasets hold different kinds of values ({mixed}); one encoder must be fed one "
+                             "kind: pass --values, or --layer, so that every dataset gives the same")
+    return Feeding(kinds[0] if kinds else "raw", normalize)
 
 
 # --------------------------------------------------------------------------- distributed helpers
@@ -159,29 +151,25 @@ def broadcast(obj):
 # --------------------------------------------------------------------------- pseudo-labels
 
 
-def compute_pseudo_labels(coll: Collection, args, device, encoder=None) -> list[list[np.ndarray]]:
+def compute_pseudo_labels(coll: Collection, settings: PretrainSettings, device, encoder=None) -> list[list[np.ndarray]]:
     """Labels at the three granularities for every dataset: on the input (phase 1) or on the
     encoder's output (phase 2). Computed on rank 0 and shared with every rank."""
     rank, _ = dist_info()
     labels = None
     if rank == 0:
         labels = []
-        for i, name in enumerate(common.progress(coll.names, desc="K-means", disable=rank != 0)):
+        for i, name in enumerate(runtime.progress(coll.names, desc="K-means", disable=rank != 0)):
             if encoder is not None:
                 X = represent(encoder, coll.features[i], device=device)
             else:
-                X = coll.raw[i] if args.kmeans_on == "raw" else coll.features[i]
+                X = coll.raw[i] if settings.kmeans_on == "raw" else coll.features[i]
             t0 = time.time()
-            per_k = kmeans.pseudo_labels(X, args.avg_cluster_num, args.kmeans_iter, seed=args.seed, device=device,
-                                         max_cells=args.kmeans_max_cells, tol=args.kmeans_tol)
+            per_k = kmeans.pseudo_labels(X, settings.avg_cluster_num, settings.kmeans_iter, seed=settings.seed,
+                                         device=device, max_cells=settings.kmeans_max_cells, tol=settings.kmeans_tol)
             log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
             labels.append(per_k)
-        log.debug("pseudo-labels ready; peak resident memory so far %s MiB", _mib(common.peak_memory_mib()))
+        log.debug("pseudo-labels ready; peak resident memory so far %s MiB", runtime.mib(runtime.peak_memory_mib()))
     return broadcast(labels)
-
-
-def _mib(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:,.0f}"
 
 
 # --------------------------------------------------------------------------- training
@@ -209,11 +197,6 @@ def epoch_batches(n_cells: list[int], batch_num: int, seed: int, phase: int, epo
     rng = np.random.default_rng([seed, phase, epoch])
     parts = [np.array_split(rng.permutation(n), batch_num) for n in n_cells]
     return [[parts[d][s] for d in range(len(n_cells))] for s in range(batch_num)]
-
-
-def sparse_input(args, device: torch.device) -> bool:
-    """Whether ``--batch_format`` sends CSR batches to the encoder on this device."""
-    return args.batch_format == "sparse" or (args.batch_format == "auto" and device.type != "cuda")
 
 
 @dataclass
@@ -277,19 +260,19 @@ def step_inputs(host: HostStep, device: torch.device):
     return x, ts, host.used, to_device(torch.tensor(host.denominators), device)
 
 
-def train_epoch(step_module, optimizer, coll: Collection, targets, args, device, phase: int, epoch: int,
-                source: DeviceCSR | None = None) -> float:
+def train_epoch(step_module, optimizer, coll: Collection, targets, settings: PretrainSettings, device, phase: int,
+                epoch: int, source: DeviceCSR | None = None) -> float:
     """One epoch; returns the mean step loss (the same number on every rank). ``source``: the
     collection on the device (``step_source``), where steps then gather their cells."""
     rank, world = dist_info()
     n_cells = [X.shape[0] for X in coll.features]
-    steps = epoch_batches(n_cells, args.batch_num, args.seed, phase, epoch)
-    sparse = sparse_input(args, device)
+    steps = epoch_batches(n_cells, settings.batch_num, settings.seed, phase, epoch)
+    sparse = sparse_products(settings.batch_format, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     # on a GPU the host prepares the next step while the device works on this one: nothing here
     # waits for the device but the logged loss. The bar is advanced by hand: iterating it over the
     # steps' batches would keep each batch referenced while the next one is gathered
-    bar = common.progress(total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
+    bar = runtime.progress(total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
     for step, rows in enumerate(steps):
         host = prepare_step(coll, targets, rows, rank, world, sparse, device, source)
         bar.update(1)
@@ -313,12 +296,6 @@ def train_epoch(step_module, optimizer, coll: Collection, targets, args, device,
     return float(loss_sum) / len(steps)
 
 
-# the arguments that change a pre-training run's numbers; --resume refuses when any differs
-# (extending --pt_epoch / --pt_patience is allowed; --batch_format changes only float rounding)
-RESULT_SETTINGS = (*common.INPUT_OPTIONS, "normalize", "pt_lr", "hid", "batch_num", "avg_cluster_num", "kmeans_iter",
-                   "kmeans_tol", "kmeans_on", "kmeans_max_cells", "no_sigmoid_logits", "seed", "pretrain_output")
-
-
 @dataclass
 class Start:
     """Where a phase starts: phase 2 continues the phase-1 encoder on its gene universe."""
@@ -328,43 +305,47 @@ class Start:
     cfg: ModelConfig | None = None
     gene_universe: list | None = None
     model_digest: str = results.NO_MODEL
+    fed: Feeding | None = None  # what the starting encoder was fed
 
 
-def phase_start(args) -> Start:
-    if not args.pretrain_output:
+def phase_start(settings: PretrainSettings, pretrained_model=None) -> Start:
+    """Phase 1 starts from nothing; phase 2 from the phase-1 encoder ``pretrained_model``, which
+    must have been fed the features this run feeds it."""
+    if settings.phase == 1:
         return Start(phase=1)
-    if not args.pretrained_model:
+    if not pretrained_model:
         raise CheckpointError("phase 2 (--pretrain_output) needs --pretrained_model FILE from phase 1")
-    ckpt = load_checkpoint(args.pretrained_model)
-    encoder, cfg = encoder_from_checkpoint(ckpt, args.pretrained_model)
-    if cfg.hid != args.hid:
-        log.info("phase 2 keeps the phase-1 encoder's %d hidden units (--hid %d not used)", cfg.hid, args.hid)
-    if model_normalize(ckpt) != args.normalize:
-        raise CheckpointError(f"{args.pretrained_model}: phase 1 was fed --normalize {model_normalize(ckpt)}, "
-                              f"this run --normalize {args.normalize}; phase 2 must see the same features")
-    return Start(2, encoder, cfg, ckpt["gene_universe"], results.model_digest(ckpt))
+    loaded = checkpoints.load_encoder(pretrained_model)
+    cfg = ModelConfig(**loaded.ckpt["model_args"])
+    if cfg.hid != settings.hid:
+        log.info("phase 2 keeps the phase-1 encoder's %d hidden units (--hid %d not used)", cfg.hid, settings.hid)
+    if loaded.fed.normalize != settings.normalize:
+        raise CheckpointError(f"{pretrained_model}: phase 1 was fed --normalize {loaded.fed.normalize}, "
+                              f"this run --normalize {settings.normalize}; phase 2 must see the same features")
+    return Start(2, loaded.encoder, cfg, list(loaded.gene_universe), loaded.digest, loaded.fed)
 
 
-def model_config(start: Start, coll: Collection, args) -> ModelConfig:
-    return ModelConfig(n_genes=len(coll.gene_universe), hid=start.cfg.hid if start.cfg else args.hid,
-                       sigmoid_logits=not args.no_sigmoid_logits)
+def model_config(start: Start, coll: Collection, settings: PretrainSettings) -> ModelConfig:
+    return ModelConfig(n_genes=len(coll.gene_universe), hid=start.cfg.hid if start.cfg else settings.hid,
+                       sigmoid_logits=settings.sigmoid_logits)
 
 
-def run_settings(args, start: Start, coll: Collection) -> dict:
-    """Everything that changes this run's numbers: --resume must find the same."""
-    settings = results.settings_of(args, RESULT_SETTINGS)
-    settings.update(datasets=list(coll.names), gene_universe=results.short_digest(
+def run_settings(settings: PretrainSettings, read: ReadSettings, start: Start, coll: Collection) -> dict:
+    """Everything that changes this run's numbers (the settings' identity fields, what each dataset
+    is, the gene universe, the starting model): --resume must find the same."""
+    found = identity(settings, read, drop=("label_key",))
+    found.update(datasets=list(coll.names), dataset_digests=list(coll.digests), gene_universe=results.short_digest(
         "\n".join(map(str, coll.gene_universe)).encode()), start_model=start.model_digest)
-    return settings
+    return found
 
 
-def build_model(cfg: ModelConfig, labels, start: Start, args, device):
+def build_model(cfg: ModelConfig, labels, start: Start, settings: PretrainSettings, device):
     """The model (shared encoder, side-by-side heads), its optimiser, and the step module that
     DistributedDataParallel wraps when there are several processes."""
     counts = [[int(np.max(lab)) + 1 for lab in per_d] for per_d in labels]
-    torch.manual_seed(args.seed + start.phase)
+    torch.manual_seed(settings.seed + start.phase)
     model = PretrainModel(cfg, counts, start.encoder).to(device)
-    optimizer = make_adam(model.parameters(), args.pt_lr)
+    optimizer = make_adam(model.parameters(), settings.pt_lr)
     step_module = MultiTaskStep(model)
     if dist_info()[1] > 1:
         # the only buffers are the constant head-segment matrices: nothing to broadcast each step
@@ -378,17 +359,17 @@ def new_progress() -> dict:
     return {"epoch": 0, "best_loss": float("inf"), "wait": 0, "losses": []}
 
 
-def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, settings, args, device, phase,
-               resume_path: Path) -> dict:
+def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, run_ids: dict,
+               settings: PretrainSettings, device, phase, resume_path: Path) -> dict:
     """Epochs until --pt_epoch or --pt_patience epochs without a lower loss; an epoch checkpoint
-    after each, so that --resume can continue."""
+    after each, so that --resume can continue (``run_ids``: what it must find the same)."""
     rank, _ = dist_info()
     n_cells = sum(X.shape[0] for X in coll.features)
-    source = step_source(coll, device) if progress["epoch"] < args.pt_epoch else None
-    while progress["epoch"] < args.pt_epoch and progress["wait"] < args.pt_patience:
+    source = step_source(coll, device) if progress["epoch"] < settings.pt_epoch else None
+    while progress["epoch"] < settings.pt_epoch and progress["wait"] < settings.pt_patience:
         epoch = progress["epoch"] + 1
         t0 = time.time()
-        loss = train_epoch(step_module, optimizer, coll, targets, args, device, phase, epoch, source=source)
+        loss = train_epoch(step_module, optimizer, coll, targets, settings, device, phase, epoch, source=source)
         improved = loss < progress["best_loss"]
         progress.update(epoch=epoch, best_loss=min(loss, progress["best_loss"]),
                         wait=0 if improved else progress["wait"] + 1, losses=progress["losses"] + [loss])
@@ -396,45 +377,50 @@ def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, s
             seconds = max(time.time() - t0, 1e-9)
             log.info("phase %d epoch %d: loss %.4f%s (%.1fs, %.0f cells/s)", phase, epoch, loss,
                      "" if improved else f" (no improvement for {progress['wait']})", seconds, n_cells / seconds)
-            log.debug("peak resident memory so far %s MiB", _mib(common.peak_memory_mib()))
-            save_resume(resume_path, model, optimizer, progress, labels, coll, settings, phase)
-    if progress["wait"] >= args.pt_patience:
-        log.info("early stop: no lower loss for %d epochs", args.pt_patience)
+            log.debug("peak resident memory so far %s MiB", runtime.mib(runtime.peak_memory_mib()))
+            checkpoints.save(checkpoints.resume_checkpoint(model, optimizer, progress, labels, coll.names,
+                                                           coll.gene_universe, run_ids, phase), resume_path)
+    if progress["wait"] >= settings.pt_patience:
+        log.info("early stop: no lower loss for %d epochs", settings.pt_patience)
     return progress
 
 
-def save_final(model, cfg, coll, progress, args, phase: int, save_path: Path) -> dict:
+def save_final(model, cfg, coll: Collection, progress, phase: int, save_path: Path, config: dict) -> dict:
     """The self-describing encoder checkpoint, written by rank 0; the epoch checkpoint goes."""
-    final = encoder_checkpoint(model.encoder, cfg, coll.gene_universe, results.args_to_dict(args), phase,
-                               progress["epoch"], progress["losses"][-1] if progress["losses"] else float("nan"))
-    final["losses"] = list(map(float, progress["losses"]))
-    final["normalize"] = args.normalize
-    final["datasets"] = list(coll.names)
+    final = checkpoints.encoder_checkpoint(model.encoder, cfg, coll.gene_universe, fed=coll.fed, phase=phase,
+                                           epoch=progress["epoch"], losses=progress["losses"], datasets=coll.names,
+                                           config=config)
     if dist_info()[0] == 0:
-        atomic_torch_save(final, save_path)
+        checkpoints.save(final, save_path)
         resume_path_for(save_path).unlink(missing_ok=True)
         log.info("saved phase-%d encoder to %s", phase, save_path)
     return final
 
 
-def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -> dict:
+def run_pretraining(datasets: list[data.CellData], settings: PretrainSettings, save_path, device: torch.device,
+                    read: ReadSettings = ReadSettings(), pretrained_model=None, resume: bool = False,
+                    config: dict | None = None) -> dict:
     """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0).
 
-    ``datasets`` is consumed (emptied) to keep one copy of each matrix in memory.
+    ``datasets`` is consumed (emptied) to keep one copy of each matrix in memory; ``read`` says how
+    they were read (part of what --resume checks); ``pretrained_model`` is phase 2's start;
+    ``config`` (the run's arguments) is recorded in the checkpoint.
     """
-    start = phase_start(args)
-    coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and args.kmeans_on == "raw"),
-                            normalize=args.normalize)
-    settings = run_settings(args, start, coll)
-    save_path = Path(args.save_model)
+    start = phase_start(settings, pretrained_model)
+    coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and settings.kmeans_on == "raw"),
+                            normalize=settings.normalize)
+    if start.fed is not None and start.fed != coll.fed:
+        checkpoints.check_feeding(start.fed, coll.fed, pretrained_model)
+    run_ids = run_settings(settings, read, start, coll)
+    save_path = Path(save_path)
     resume_path = resume_path_for(save_path)
-    state = load_resume(resume_path, settings, start.phase) if args.resume else None
-    labels = state["pseudo_labels"] if state else compute_pseudo_labels(coll, args, device, start.encoder)
+    state = load_resume(resume_path, run_ids, start.phase) if resume else None
+    labels = state["pseudo_labels"] if state else compute_pseudo_labels(coll, settings, device, start.encoder)
     # from here on the steps' buffers are reused (K-means stays under the reading threshold: kept
     # buffers of its many sizes raised the peak by up to 0.8 GB, bench/README.md)
-    common.reuse_freed_memory()
-    cfg = model_config(start, coll, args)
-    model, optimizer, step_module, targets = build_model(cfg, labels, start, args, device)
+    runtime.reuse_freed_memory()
+    cfg = model_config(start, coll, settings)
+    model, optimizer, step_module, targets = build_model(cfg, labels, start, settings, device)
     progress = new_progress()
     if state:
         model.load_state_dict(state["model"])
@@ -442,9 +428,9 @@ def run_pretraining(args, datasets: list[data.CellData], device: torch.device) -
         progress = {k: state[k] for k in progress}
         log.info("resuming phase %d after epoch %d (loss %.4f)", start.phase, progress["epoch"],
                  progress["losses"][-1])
-    progress = run_epochs(model, optimizer, step_module, coll, targets, labels, progress, settings, args, device,
+    progress = run_epochs(model, optimizer, step_module, coll, targets, labels, progress, run_ids, settings, device,
                           start.phase, resume_path)
-    return save_final(model, cfg, coll, progress, args, start.phase, save_path)
+    return save_final(model, cfg, coll, progress, start.phase, save_path, config or {})
 
 
 # --------------------------------------------------------------------------- resume
@@ -454,31 +440,13 @@ def resume_path_for(save_path: Path) -> Path:
     return save_path.with_name(save_path.name + ".resume")
 
 
-def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection, settings: dict,
-                phase: int) -> None:
-    atomic_torch_save({
-        "kind": RESUME_KIND,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},  # saved at once: no copy needed
-        "optimizer": optimizer.state_dict(),
-        **progress,
-        "pseudo_labels": [[torch.as_tensor(lab) for lab in per_d] for per_d in labels],
-        "datasets": list(coll.names),
-        "gene_universe": [str(g) for g in coll.gene_universe],
-        "phase": phase,
-        "settings": settings,
-    }, path)
-
-
 def load_resume(path: Path, settings: dict, phase: int) -> dict | None:
     """The interrupted run's state, after checking that every result-changing setting matches."""
     if not path.exists():
         log.warning("--resume: no epoch checkpoint at %s; starting from the beginning", path)
         return None
-    state = load_checkpoint(path, kind=RESUME_KIND)
-    saved = state.get("settings")
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: written by an older version without its settings; delete it or run "
-                              "without --resume")
+    state = checkpoints.load(path, checkpoints.RESUME_KIND)
+    saved = state["settings"]
     differs = [f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
                for key, value in settings.items() if saved.get(key) != value]
     if state.get("phase") != phase:

@@ -1,8 +1,10 @@
-"""Result files: CSV rows keyed by dataset, seed, method and run identity, and their args sidecar.
+"""Result files: CSV rows keyed by dataset (and its content), seed, method and run identity, and
+their args sidecar.
 
 Every row carries a ``run_id``: a short digest of the pretrained model's contents ("none"
 without one) and of every setting that changes the numbers. A file may hold rows of several
-identities; re-running skips a row only when dataset, seed, method and identity all match,
+identities; re-running skips a row only when dataset, its ``data_id``, seed, method and identity
+all match,
 and summaries and figures use one identity at a time (the newest unless one is chosen). The
 sidecar ``FILE.args.json`` keeps each identity's settings and arguments. Importing does nothing.
 """
@@ -12,55 +14,29 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
+import numpy as np
 import pandas as pd
-import torch
 
-import data
+from errors import DataError
+from files import atomic_write, locked
 
 log = logging.getLogger("scpretrain.results")
 
 RUN_ID = "run_id"
+DATA_ID = "data_id"  # what the row's dataset was (data.dataset_digest): a changed file is done again
 NO_MODEL = "none"
-
-
-def args_to_dict(args) -> dict:
-    """The run's arguments as JSON-able values (for checkpoints and result sidecars)."""
-    out = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    return json.loads(json.dumps(out, default=str))
 
 
 def short_digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()[:12]
 
 
-def model_digest(ckpt: dict | None) -> str:
-    """Digest of what a checkpoint computes: its weights, gene universe and model arguments
-    (not where it was saved or how long it took), or "none" without a checkpoint."""
-    if ckpt is None:
-        return NO_MODEL
-    h = hashlib.sha256()
-    for key in sorted(ckpt["model"]):
-        tensor = ckpt["model"][key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.to(torch.float32).numpy().tobytes())
-    h.update(json.dumps([list(ckpt.get("gene_universe", [])), ckpt.get("model_args", {}),
-                         ckpt.get("classes", []), ckpt.get("normalize", "none")], sort_keys=True, default=str).encode())
-    return h.hexdigest()[:12]
-
-
 def run_identity(model: str, settings: dict) -> str:
     """The identity of a run: the model digest and the result-changing settings, digested."""
     text = json.dumps({"model": model, "settings": settings}, sort_keys=True, default=str)
     return short_digest(text.encode())
-
-
-def settings_of(args, names: Iterable[str]) -> dict:
-    """The values of the named arguments (those that change a script's numbers)."""
-    values = args_to_dict(args)
-    return {name: values.get(name) for name in names}
 
 
 # --------------------------------------------------------------------------- reading and writing
@@ -73,67 +49,70 @@ def read_results(path, required: Sequence[str] = ()) -> pd.DataFrame:
     if not path.exists():
         return pd.DataFrame()
     if path.is_dir():
-        raise data.DataError(f"{path}: is a folder; pass a CSV file path")
+        raise DataError(f"{path}: is a folder; pass a CSV file path")
     try:
         frame = pd.read_csv(path, dtype={RUN_ID: str})
     except pd.errors.EmptyDataError:
-        raise data.DataError(f"{path}: is empty, not a result file of this tool; move it away or pass "
+        raise DataError(f"{path}: is empty, not a result file of this tool; move it away or pass "
                              "another path") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise data.DataError(f"{path}: cannot be read as CSV ({exc}); move it away or pass another path") from None
+        raise DataError(f"{path}: cannot be read as CSV ({exc}); move it away or pass another path") from None
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise data.DataError(f"{path}: lacks the columns {missing} of this tool's results (found "
+        raise DataError(f"{path}: lacks the columns {missing} of this tool's results (found "
                              f"{list(frame.columns)[:8]}); it was not written by this version, so it is left "
                              "untouched: move it away or pass another path")
     return frame
 
 
 def append_results(path, rows: list[dict], required: Sequence[str] = ()) -> pd.DataFrame:
-    """Existing rows plus ``rows``, rewritten atomically."""
-    frame = pd.concat([read_results(path, required), pd.DataFrame(rows)], ignore_index=True)
-    data.atomic_write(path, lambda fh: frame.to_csv(fh, index=False))
+    """Existing rows plus ``rows``, rewritten atomically, under the file's lock: two runs appending
+    to one file take turns and lose none of each other's rows."""
+    with locked(path):
+        frame = pd.concat([read_results(path, required), pd.DataFrame(rows)], ignore_index=True)
+        atomic_write(path, lambda fh: frame.to_csv(fh, index=False))
     return frame
 
 
 def done_keys(frame: pd.DataFrame, key: Sequence[str]) -> set:
-    """The keys (values of the ``key`` columns, as str) of the rows already written."""
-    if frame.empty or not set(key) <= set(frame.columns):
+    """The keys (values of the ``key`` columns, as str) of the rows already written; rows that lack
+    a key column (written before it existed) match no key, so they are done again."""
+    if frame.empty:
         return set()
-    return set(map(tuple, frame[list(key)].astype(str).values))
+    found = frame.reindex(columns=list(key))
+    return set(map(tuple, found.astype(str).values))
 
 
-def start_run(out, args, setting_names: Sequence[str], ckpt: dict | None, columns: Sequence[str],
+def start_run(out, settings: dict, digest: str, config: dict, columns: Sequence[str],
               key: Sequence[str]) -> tuple[str, set]:
-    """A script's run identity and the keys of the rows it has already written to ``out`` (which
-    must be one of our result files); the identity's settings go to the sidecar."""
-    settings = settings_of(args, setting_names)
-    return start_run_with(out, args, settings, model_digest(ckpt), columns, key)
-
-
-def start_run_with(out, args, settings: dict, digest: str, columns: Sequence[str],
-                   key: Sequence[str]) -> tuple[str, set]:
+    """A script's run identity (``digest`` of its model and its result-changing ``settings``) and
+    the keys of the rows it has already written to ``out`` (which must be one of our result files);
+    the identity's settings and the run's ``config`` go to the sidecar."""
     run_id = run_identity(digest, settings)
     finished = done_keys(read_results(out, columns), key)
-    record_identity(out, run_id, digest, settings, args)
+    record_identity(out, run_id, digest, settings, config)
     return run_id, finished
 
 
-def record_identity(csv_path, run_id: str, model: str, settings: dict, args) -> Path:
+def sidecar_path(csv_path) -> Path:
+    return Path(str(csv_path) + ".args.json")
+
+
+def record_identity(csv_path, run_id: str, model: str, settings: dict, config: dict) -> Path:
     """Add (or refresh) this identity's settings in the sidecar ``CSV.args.json``; other
     identities' entries are kept."""
-    path = Path(str(csv_path) + ".args.json")
-    known = {}
-    if path.exists():
-        try:
-            known = json.loads(path.read_text())
-        except (OSError, ValueError):
-            log.warning("%s: unreadable; starting it anew", path)
-        if not isinstance(known, dict) or "identities" not in known:
-            known = {"identities": {}}
-    known.setdefault("identities", {})[run_id] = {"model_digest": model, "settings": settings,
-                                                  "args": args_to_dict(args)}
-    data.atomic_write(path, lambda fh: json.dump(known, fh, indent=2, sort_keys=True))
+    path = sidecar_path(csv_path)
+    with locked(path):
+        known = {}
+        if path.exists():
+            try:
+                known = json.loads(path.read_text())
+            except (OSError, ValueError):
+                log.warning("%s: unreadable; starting it anew", path)
+            if not isinstance(known, dict) or "identities" not in known:
+                known = {"identities": {}}
+        known.setdefault("identities", {})[run_id] = {"model_digest": model, "settings": settings, "args": config}
+        atomic_write(path, lambda fh: json.dump(known, fh, indent=2, sort_keys=True, default=str))
     return path
 
 
@@ -145,7 +124,7 @@ def choose_identity(frame: pd.DataFrame, wanted: str | None, path) -> tuple[pd.D
     ids = list(dict.fromkeys(frame[RUN_ID].astype(str)))
     chosen = wanted if wanted is not None else str(frame[RUN_ID].astype(str).iloc[-1])
     if chosen not in ids:
-        raise data.DataError(f"{path}: holds no rows of run identity '{chosen}'; it holds {ids}")
+        raise DataError(f"{path}: holds no rows of run identity '{chosen}'; it holds {ids}")
     others = len(ids) - 1
     if others:
         log.info("%s: using run identity %s (%s); the file holds %d other identit%s (%s); pick one with --run_id",
@@ -161,18 +140,22 @@ def read_checked(path, required: Sequence[str], numeric: Sequence[str], what: st
     path = Path(path)
     frame = read_results(path)
     if frame.empty and not path.exists():
-        raise data.DataError(f"{path}: not found; expected {what}")
+        raise DataError(f"{path}: not found; expected {what}")
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise data.DataError(f"{path}: missing required columns {missing} (found: {list(frame.columns)}); "
+        raise DataError(f"{path}: missing required columns {missing} (found: {list(frame.columns)}); "
                              f"is it {what}?")
     for column in numeric:
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = values.isna() & frame[column].notna()
         if bad.any():
             examples = list(pd.unique(frame.loc[bad, column].astype(str)))[:3]
-            raise data.DataError(f"{path}: column '{column}' must hold numbers, found {examples} "
+            raise DataError(f"{path}: column '{column}' must hold numbers, found {examples} "
                                  f"in {int(bad.sum())} rows")
+        infinite = np.isinf(values)
+        if infinite.any():
+            raise DataError(f"{path}: column '{column}' holds infinite values in {int(infinite.sum())} rows; "
+                            "a metric is never infinite: the file is damaged")
         frame[column] = values.astype(float)
     for column in text_columns:
         frame[column] = frame[column].astype(str)

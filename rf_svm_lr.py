@@ -18,19 +18,23 @@ import time
 
 import numpy as np
 
-import common
+import cli
 import data
 import metrics
 import results
+import runtime
+from checkpoints import Feeding, check_feeding
+from features import features as feature_matrix, pca_features, pretrained_representation
+from settings import OffshelfSettings, identity
+from splits import encode_labels, repeat_seeds, split_of
 
 log = logging.getLogger("scpretrain.offshelf")
 
 CLASSIFIERS = ("rf", "svm", "lr")
 FEATURE_SETS = ("PCA", "scPretrain")
 PCA_FIT_CELLS = 500  # scPretrain: the PCA is fitted on the first 500 (training) cells
-RESULT_KEY = ["dataset", "seed", "classifier", "features", results.RUN_ID]
-RESULT_COLUMNS = [*RESULT_KEY, *metrics.METRIC_NAMES]
-RESULT_SETTINGS = ("label_key", *common.INPUT_OPTIONS, "normalize", "per_train", "per_val", "max_tr_num", "pca_dim")  # change the numbers
+RESULT_COLUMNS = ["dataset", "seed", "classifier", "features", results.RUN_ID, *metrics.METRIC_NAMES]
+DONE_KEY = ["dataset", results.DATA_ID, "seed", "classifier", "features", results.RUN_ID]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,18 +42,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clf", choices=CLASSIFIERS, default="svm",
                         help="rf = random forest (10 trees, depth 5), svm = linear SVM, "
                              "lr = logistic regression (default: %(default)s)")
-    parser.add_argument("--pretrained_model", default=str(common.DEFAULT_MODEL),
+    parser.add_argument("--pretrained_model", default=str(cli.DEFAULT_MODEL),
                         help="encoder checkpoint giving the scPretrain features (default: %(default)s)")
-    parser.add_argument("--save_result", default=str(common.RESULTS_DIR / "offshelf.csv"),
+    parser.add_argument("--save_result", default=str(cli.RESULTS_DIR / "offshelf.csv"),
                         help="CSV the rows are appended to (default: %(default)s)")
-    parser.add_argument("--pca_dim", type=common.positive_int, default=200,
+    parser.add_argument("--pca_dim", type=cli.positive_int, default=200,
                         help="PCA components, fewer when the cells or genes allow fewer (default: %(default)s)")
     parser.add_argument("--run_id", default=None,
                         help="summarise the rows of this run identity (default: the newest in --save_result)")
-    common.add_common_args(parser)
-    common.add_recipe_args(parser)
-    args = common.resolve_recipe(parser.parse_args(argv))
-    common.check_split_fractions(parser, args)
+    cli.add_common_args(parser)
+    cli.add_recipe_args(parser)
+    cli.add_feeding_arg(parser)
+    args = cli.resolve_recipe(parser.parse_args(argv))
+    cli.check_split_fractions(parser, args)
+    cli.check_derived_seeds(parser, args.seed * 1000 + args.fold1 * args.fold2)
     return args
 
 
@@ -95,57 +101,68 @@ def evaluate(clf_name: str, features: np.ndarray, codes: np.ndarray, split, n_cl
 
 def pca_on_training_cells(features, train_idx: np.ndarray, n_components: int, seed: int) -> np.ndarray:
     fit_rows = train_idx[:PCA_FIT_CELLS]  # train_idx is already shuffled by the seeded split
-    pca, components, _ = data.pca_features(features, fit_rows, n_components, seed)
+    pca, components, _ = pca_features(features, fit_rows, n_components, seed)
     if components.shape[0] < n_components:
         log.info("PCA: %d components (fitted on %d cells x %d genes allow no more than that)",
                  components.shape[0], len(fit_rows), features.shape[1])
     return pca
 
 
-def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], args, run_id: str,
-                finished: set = frozenset()) -> list[dict]:
+def run_dataset(d: data.CellData, representation: np.ndarray, seeds: list[int], settings: OffshelfSettings, split,
+                run_id: str, finished: set = frozenset()) -> list[dict]:
     """All repeats of one dataset not yet in the results: both feature sets on each repeat's split."""
-    codes, classes = data.encode_labels(d.labels)
-    features = data.features(d, args.normalize)
+    codes, classes = encode_labels(d.labels)
+    features = feature_matrix(d, settings.normalize)
+    data_id = data.dataset_digest(d)
     rows = []
     for repeat, seed in enumerate(seeds):
-        if all((d.name, str(seed), args.clf, name, run_id) in finished for name in FEATURE_SETS):
+        if all((d.name, data_id, str(seed), settings.clf, name, run_id) in finished for name in FEATURE_SETS):
             continue
-        split = common.split_for(d, seed, args)
-        if len(np.unique(codes[split[0]])) < 2:
+        try:
+            cells = split_of(d.n_cells, seed, split, what=d.name)
+        except data.DataError as exc:
+            log.warning("%s; skipped", exc)
+            continue
+        if len(np.unique(codes[cells[0]])) < 2:
             log.warning("%s seed %d: the training cells hold one cell type only; skipped", d.name, seed)
             continue
-        base = {"dataset": d.name, "species": d.species, "n_cells": d.n_cells, "n_genes": d.n_genes,
-                "n_classes": len(classes), "n_train": len(split[0]), "n_val": len(split[1]),
-                "n_test": len(split[2]), "seed": seed, "repeat": repeat, "classifier": args.clf,
+        base = {"dataset": d.name, results.DATA_ID: data_id, "species": d.species, "n_cells": d.n_cells,
+                "n_genes": d.n_genes, "n_classes": len(classes), "n_train": len(cells[0]), "n_val": len(cells[1]),
+                "n_test": len(cells[2]), "seed": seed, "repeat": repeat, "classifier": settings.clf,
                 results.RUN_ID: run_id}
         t0 = time.time()
-        feature_sets = {"PCA": pca_on_training_cells(features, split[0], args.pca_dim, seed),
+        feature_sets = {"PCA": pca_on_training_cells(features, cells[0], settings.pca_dim, seed),
                         "scPretrain": representation}
         pca_seconds = time.time() - t0
         for name in FEATURE_SETS:
             t0 = time.time()
-            result = evaluate(args.clf, feature_sets[name], codes, split, len(classes), seed)
+            result = evaluate(settings.clf, feature_sets[name], codes, cells, len(classes), seed)
             seconds = time.time() - t0 + (pca_seconds if name == "PCA" else 0.0)
             rows.append({**base, "features": name, **{m: result[m] for m in metrics.METRIC_NAMES},
                          "n_scored_classes": result["n_scored_classes"], "seconds": round(seconds, 3)})
             log.info("%s seed %d %s on %s: accuracy %.4f kappa %.4f auprc %.4f auroc %.4f", d.name, seed,
-                     args.clf, name, result["accuracy"], result["kappa"], result["auprc"], result["auroc"])
+                     settings.clf, name, result["accuracy"], result["kappa"], result["auprc"], result["auroc"])
     return rows
 
 
 def run(args):
-    out, device, encoder, ckpt, datasets = common.analysis_inputs(args, RESULT_COLUMNS)
-    seeds = common.repeat_seeds(args.seed, args.fold1, args.fold2)
-    run_id, finished = results.start_run(out, args, RESULT_SETTINGS, ckpt, RESULT_COLUMNS, RESULT_KEY)
-    for d in common.progress(datasets, desc=f"{args.clf} datasets"):
-        representation = common.dataset_representation(encoder, ckpt, d, device=device)
-        rows = run_dataset(d, representation, seeds, args, run_id, finished)
+    out, device, pretrained, datasets = cli.analysis_inputs(args, RESULT_COLUMNS)
+    settings, read, split = OffshelfSettings.from_args(args), cli.read_settings(args), cli.split_settings(args)
+    seeds = repeat_seeds(args.seed, args.fold1, args.fold2)
+    run_id, finished = results.start_run(out, identity(read, split, settings), pretrained.digest, cli.args_dict(args),
+                                         RESULT_COLUMNS, DONE_KEY)
+    for d in runtime.progress(datasets, desc=f"{args.clf} datasets"):
+        check_feeding(pretrained.fed, Feeding(d.values, pretrained.fed.normalize), pretrained.path,
+                      args.allow_feature_mismatch)
+        representation = pretrained_representation(pretrained.encoder, pretrained.gene_universe,
+                                                   pretrained.fed.normalize, d, device=device)
+        rows = run_dataset(d, representation, seeds, settings, split, run_id, finished)
         if rows:
             results.append_results(out, rows, RESULT_COLUMNS)
     frame = results.read_results(out, RESULT_COLUMNS)
-    if not frame.empty:
-        mine, chosen = results.choose_identity(frame[frame["classifier"] == args.clf], args.run_id or run_id, out)
+    mine = frame[frame["classifier"] == args.clf] if not frame.empty else frame
+    if not mine.empty:
+        mine, chosen = results.choose_identity(mine, args.run_id or run_id, out)
         summary = mine.groupby("features")[list(metrics.METRIC_NAMES)].mean()
         log.info("results in %s; mean over datasets and repeats (%s, run identity %s):\n%s", out, args.clf, chosen,
                  summary.to_string(float_format=lambda v: f"{v:.4f}"))
@@ -153,7 +170,11 @@ def run(args):
 
 
 def main(args):
-    return common.run_script(run, args)
+    runtime.setup_logging(args.log_level)
+    runtime.seed_everything(args.seed)
+    runtime.flush_denormals()
+    runtime.return_freed_memory()
+    return cli.exit_on_error(run, args)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Benchmark of gene alignment (data.align_to_universe): time and extra peak memory.
+"""Benchmark of gene alignment (gn.align_to_universe): time and extra peak memory.
 
 Builds a seeded random cell x gene CSR the size of a large Cell BLAST dataset (default 20,000
 cells x 33,000 genes, 3 % non-zero, float32) and a gene universe that shares most of its genes,
@@ -23,6 +23,7 @@ import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import data  # noqa: E402
+import genes as gn
 
 MIB = 1 << 20
 
@@ -91,7 +92,7 @@ def measure_memory(dataset: data.CellData, universe) -> tuple[int, int]:
     that the process's RSS peak so far is the input itself."""
     rss_before = maxrss_bytes()
     tracemalloc.start()
-    aligned = data.align_to_universe(dataset, universe)
+    aligned = gn.align_to_universe(dataset, universe)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     rss_growth = maxrss_bytes() - rss_before
@@ -125,8 +126,8 @@ def bench_synthetic(args) -> dict:
     data.log.setLevel(logging.ERROR)
     peak, rss_growth = measure_memory(dataset, universe)
     data.log.setLevel(logging.NOTSET)
-    seconds = best_time(lambda: data.align_to_universe(dataset, universe), args.repeats)
-    aligned = data.align_to_universe(dataset, universe)  # logs the coverage once
+    seconds = best_time(lambda: gn.align_to_universe(dataset, universe), args.repeats)
+    aligned = gn.align_to_universe(dataset, universe)  # logs the coverage once
     print(f"  align_to_universe: {seconds:.3f} s (best of {args.repeats})")
     print(f"  extra peak memory: tracemalloc {peak / MIB:.1f} MiB = {peak / size:.2f}x the CSR; "
           f"ru_maxrss +{rss_growth / MIB:.1f} MiB = {rss_growth / size:.2f}x")
@@ -137,8 +138,8 @@ def bench_synthetic(args) -> dict:
 
 def bench_real(path: Path, repeats: int) -> None:
     def read_map_align():
-        d = data.map_dataset_genes(data.read_cellblast_h5(path))
-        return data.align_to_universe(d, data.build_gene_universe([d]))
+        d = gn.map_dataset_genes(data.read_cellblast_h5(path))
+        return gn.align_to_universe(d, gn.build_gene_universe([d]))
 
     seconds = best_time(read_map_align, repeats)
     aligned = read_map_align()  # logs its gene mapping and coverage once

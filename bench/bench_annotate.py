@@ -23,6 +23,8 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import synth  # noqa: E402
+import values
+import runtime
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -62,7 +64,7 @@ def make_inputs(args) -> tuple[Path, Path]:
         torch.manual_seed(0)
         genes = [str(g) for g in synth.gene_pool(args.genes)]
         clf = Classifier(len(genes), args.classes)
-        info = {"label_key": "cell_type", "values": data.RAW_VALUES, "reference": {"name": "random", "n_cells": 0}}
+        info = {"label_key": "cell_type", "values": values.RAW_VALUES, "reference": {"name": "random", "n_cells": 0}}
         atomic_torch_save(classifier_checkpoint(clf, genes, [f"type_{i:02d}" for i in range(args.classes)], info),
                           model)
     return query, model
@@ -75,10 +77,10 @@ def worker(args, query: Path, model: Path) -> dict:
     import annotate
     import common
 
-    common.flush_denormals()
+    runtime.flush_denormals()
     run_args = annotate.parse_args(["predict", "--model", str(model), "--query", str(query),
                                     "--chunk_cells", str(args.chunk_cells), "--log_level", "WARNING"])
-    common.setup_logging("WARNING")
+    runtime.setup_logging("WARNING")
     device = torch.device(args.device)
     torch.zeros(1, device=device)  # CUDA starts before the clock does
     times = {}

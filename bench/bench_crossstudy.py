@@ -32,6 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import features as features_mod
+import genes as gn
+import splits
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -154,14 +157,14 @@ def logistic_rows(args, seed: int, obs, label_map) -> list[dict]:
 
     real = Path(args.real_dir)
     opts = default_input_options()
-    ref = data.labelled_cells(data.map_dataset_genes(data.read_any(real / "baron_human_pancreas.h5ad", "cell_type1",
+    ref = data.labelled_cells(gn.map_dataset_genes(data.read_any(real / "baron_human_pancreas.h5ad", "cell_type1",
                                                                    **common.input_options(opts))))
-    query = data.map_dataset_genes(data.read_any(real / "pancreas_4studies_cellxgene.h5ad", None,
+    query = gn.map_dataset_genes(data.read_any(real / "pancreas_4studies_cellxgene.h5ad", None,
                                                  **common.input_options(opts)))
-    X_ref = data.features(ref, "cp10k")
-    X_query = data.features(data.align_to_universe(query, ref.genes), "cp10k")
-    codes, classes = data.encode_labels(ref.labels)
-    train_idx, val_idx = data.validation_split(ref.n_cells, seed, 0.1)
+    X_ref = features_mod.features(ref, "cp10k")
+    X_query = features_mod.features(gn.align_to_universe(query, ref.genes), "cp10k")
+    codes, classes = splits.encode_labels(ref.labels)
+    train_idx, val_idx = splits.validation_split(ref.n_cells, seed, 0.1)
     rows = []
     for label, grid in (("C=0.1", [0.1]), ("C tuned on validation", [0.01, 0.1, 1.0, 10.0])):
         t0 = time.time()
@@ -203,7 +206,7 @@ def celltypist_rows(args, out: Path, obs, label_map) -> list[dict]:
     for name, path, key in (("ref", real / "baron_human_pancreas.h5ad", "cell_type1"),
                             ("query", real / "pancreas_4studies_cellxgene.h5ad", None)):
         d = data.read_any(path, key, **common.input_options(opts))
-        ad = anndata.AnnData(X=data.features(d, "cp10k"), var=pd.DataFrame(index=d.genes.astype(str)),
+        ad = anndata.AnnData(X=features_mod.features(d, "cp10k"), var=pd.DataFrame(index=d.genes.astype(str)),
                              obs=pd.DataFrame({"cell_type1": d.labels} if key else {}, index=d.cells.astype(str)))
         paths[name] = out / f"celltypist_{name}.h5ad"
         ad.write_h5ad(paths[name])

@@ -5,7 +5,7 @@
 2. Run the sweep (``main.py --kmeans``) on each labelled demo dataset with ``--fold2`` repeats,
    timing each dataset's sweep; scPretrain and "Without pretraining" rows come from its CSV.
 3. A plain scikit-learn ``LogisticRegression(max_iter=1000)`` on log1p(counts per 10k) of the
-   same cells with the same seeded splits (``common.split_for`` with ``common.repeat_seeds``),
+   same cells with the same seeded splits (``common.split_for`` with ``splits.repeat_seeds``),
    fitted on the training cells only, scored on the test cells with ``metrics``.
 
 Prints mean +- sd over the repeats of accuracy, Cohen's kappa, macro AUPRC and macro AUROC.
@@ -26,6 +26,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402  (measuring helpers only; imports no torch)
+import splits
+import sparse
 
 LABELLED_DEMO = ("pbmc68k_reduced", "oligodendroglioma")
 METRICS = ("accuracy", "kappa", "auprc", "auroc")
@@ -102,10 +104,10 @@ def logistic_regression_rows(dataset: str, args) -> list[dict]:
     run_args = main.parse_args(["--datasets", dataset, "--fold2", str(args.fold2), "--seed", str(args.seed),
                                 *args.extra])
     d = data.labelled_cells(common.load_datasets(run_args)[0])
-    codes, classes = data.encode_labels(d.labels)
+    codes, classes = splits.encode_labels(d.labels)
     features = cp10k_log1p(d.X)
     rows = []
-    for seed in common.repeat_seeds(run_args.seed, run_args.fold1, run_args.fold2):
+    for seed in splits.repeat_seeds(run_args.seed, run_args.fold1, run_args.fold2):
         train_idx, _, test_idx = common.split_for(d, seed, run_args)
         t0 = time.perf_counter()
         clf = LogisticRegression(max_iter=1000).fit(features[train_idx], codes[train_idx])

@@ -27,6 +27,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
+import features as features_mod
+import splits
+import runtime
+import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,11 +105,11 @@ def epoch_seconds(path: Path, batch_format: str, args, warm_up: bool = False) ->
     run_args = main.parse_args(["--kmeans", "--datasets", str(path), "--recipe", args.recipe, "--ft_epoch",
                                 str(epochs), "--patience", str(epochs + 1), "--ft_batch_format",
                                 batch_format, "--log_level", "WARNING"])
-    common.resolve_recipe(run_args)
+    cli.resolve_recipe(run_args)
     d = data.labelled_cells(common.load_datasets(run_args)[0])
-    codes, classes = data.encode_labels(d.labels)
-    features = data.features(d, run_args.normalize)
-    seed = common.repeat_seeds(run_args.seed, run_args.fold1, run_args.fold2)[0]
+    codes, classes = splits.encode_labels(d.labels)
+    features = features_mod.features(d, run_args.normalize)
+    seed = splits.repeat_seeds(run_args.seed, run_args.fold1, run_args.fold2)[0]
     split = common.split_for(d, seed, run_args)
     clf = classifier.build_classifier(len(classes), seed, run_args, None, features.shape[1])
     device = torch.device(args.device)
@@ -148,7 +152,7 @@ def main(args) -> dict:
 
     import common
 
-    common.flush_denormals()
+    runtime.flush_denormals()
     print(f"code: {synth.code_version(('classifier.py', 'model.py', 'finetune.py'))}; torch threads "
           f"{torch.get_num_threads()}; device {args.device}; recipe {args.recipe}", flush=True)
     path = make_dataset(args)

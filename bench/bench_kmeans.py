@@ -41,6 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
+import sparse
 
 METHODS = ("ours", "ours_every", "faiss", "sklearn")
 
@@ -163,7 +164,7 @@ def iteration_cost(npz: str, ks: list[int], seed: int, device: str, repeats: int
     X = sp.load_npz(npz).tocsr()
     X.data = X.data.astype(np.float32, copy=False)
     dev = torch.device(device)
-    rows = kmeans._Rows(X, dev, cache=True)  # as kmeans.kmeans holds the rows it iterates over
+    rows = sparse.RowChunks(X, dev, cache=True)  # as kmeans.kmeans holds the rows it iterates over
     whole = torch_csr(X, dev)
 
     def best(fn):

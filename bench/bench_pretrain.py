@@ -40,6 +40,8 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
+import genes as gn
+import runtime
 
 TARGETS = {"b_over_a": 1.5, "c_over_b": 5.0, "peak_c_over_b": 5.0}
 
@@ -126,7 +128,7 @@ def worker_ours(paths, args) -> dict:
     t_kmeans = time.perf_counter()
     targets, counts = pseudo_targets(n_cells, args.seed, coll, args.kmeans)
     t_kmeans = time.perf_counter() - t_kmeans
-    common.reuse_freed_memory()  # as pretrain.run_pretraining once the pseudo-labels are there
+    runtime.reuse_freed_memory()  # as pretrain.run_pretraining once the pseudo-labels are there
     load_seconds = time.perf_counter() - t0 - t_kmeans
     device = torch.device(args.device)
     model, step_module, optimizer = build_model(len(coll.gene_universe), counts, args.hid, args.seed, device)
@@ -248,10 +250,10 @@ def worker_original(paths, args) -> dict:
 
     t0 = time.perf_counter()
     datasets = load(paths)
-    universe = data.build_gene_universe(datasets)
+    universe = gn.build_gene_universe(datasets)
     features = []
     for i, d in enumerate(datasets):
-        aligned = data.align_to_universe(d, universe).X
+        aligned = gn.align_to_universe(d, universe).X
         dense64 = aligned.astype(np.float64).toarray()  # the original's np.zeros((cells, genes)) float64
         features.append(torch.from_numpy(dense64).float())
         del dense64, aligned
@@ -364,8 +366,8 @@ def main(args) -> dict:
         if args.worker == "ours":  # as main.py runs (common.run_script)
             import common
 
-            common.flush_denormals()
-            common.return_freed_memory()
+            runtime.flush_denormals()
+            runtime.return_freed_memory()
         out = {"ours": worker_ours, "original": worker_original}[args.worker](paths, args)
         out["baseline_mib"] = baseline
         print(json.dumps(out))

@@ -3,7 +3,7 @@
     python bench/bench_recipe.py                       # real sets of ../shared/data/real + the demo's labelled ones
     python bench/bench_recipe.py --seeds 0 1 2 --pt_epoch 50
 
-For every labelled dataset and seed, one seeded split (``data.split_cells``: the sweep's sizes)
+For every labelled dataset and seed, one seeded split (``splits.split_cells``: the sweep's sizes)
 serves every method, each trained by the shipped code (``classifier.build_classifier`` /
 ``train_classifier`` with the arguments ``main.py --recipe R`` resolves to):
 
@@ -26,6 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import features as features_mod
+import genes as gn
+import splits
+import runtime
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -73,7 +77,7 @@ def load(name: str):
 
     path, key = DATASETS[name]
     d = data.read_any(path, key, strict_label_key=True)
-    return data.labelled_cells(data.map_dataset_genes(d))
+    return data.labelled_cells(gn.map_dataset_genes(d))
 
 
 def network_row(d, codes, n_classes, split, recipe: str, ckpt, seed: int) -> dict:
@@ -87,8 +91,8 @@ def network_row(d, codes, n_classes, split, recipe: str, ckpt, seed: int) -> dic
     args = main.parse_args(["--kmeans", "--recipe", recipe])
     pretrained = None
     if ckpt is not None:
-        pretrained = {"state": ckpt["model"], "lookup": data.gene_lookup(d, ckpt["gene_universe"])}
-    features = data.features(d, args.normalize)
+        pretrained = {"state": ckpt["model"], "lookup": gn.gene_lookup(d, ckpt["gene_universe"])}
+    features = features_mod.features(d, args.normalize)
     t0 = time.time()
     clf = classifier.build_classifier(n_classes, seed, args, pretrained, d.n_genes)
     clf, epochs, val_acc = classifier.train_classifier(clf, features, codes, split, args, seed, torch.device("cpu"))
@@ -104,7 +108,7 @@ def logistic_row(d, codes, split, seed: int) -> dict:
     import classifier
     import data
 
-    X = data.features(d, "cp10k")
+    X = features_mod.features(d, "cp10k")
     t0 = time.time()
     base = classifier.fit_linear_base(X, codes, split, int(codes.max()) + 1)
     logits = X[split[2]] @ base.weight.T + base.bias
@@ -135,17 +139,17 @@ def main(args) -> pd.DataFrame:
     import data
     from model import load_checkpoint
 
-    common.setup_logging("WARNING")
-    common.flush_denormals()
+    runtime.setup_logging("WARNING")
+    runtime.flush_denormals()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     encoders = {r: load_checkpoint(pretrain(r, out, args.pt_epoch)) for r in args.recipes}
     rows = []
     for name in args.datasets:
         d = load(name)
-        codes, classes = data.encode_labels(d.labels)
+        codes, classes = splits.encode_labels(d.labels)
         for seed in args.seeds:
-            split = data.split_cells(d.n_cells, seed, 0.6, 0.1, 1000, 1000)
+            split = splits.split_cells(d.n_cells, seed, 0.6, 0.1, 1000, 1000)
             for recipe in args.recipes:
                 for start, ckpt in (("random init", None), ("pretrained", encoders[recipe])):
                     row = network_row(d, codes, len(classes), split, recipe, ckpt, seed)

@@ -7,8 +7,9 @@
 Runs phase 1, phase 2, the fine-tuning sweep (``--fold2 5``), ``rf_svm_lr.py`` for rf, svm and lr,
 and ``clus.py`` (with its UMAP coordinates), each writing into ``--out``. Then writes
 ``manifest.json``: per checkpoint, the SHA-256 of every tensor; per CSV, the SHA-256 of its rows
-with the columns that are not results left out (``seconds``, timings, and ``run_id``, whose digest
-includes settings and data identities that a refactor may spell differently). ``--compare``
+with the columns that are not results left out (``seconds``; ``run_id``, whose digest includes
+settings a refactor may spell differently; ``data_id``, the datasets' digests, a column newer than
+some outputs compared). ``--digest DIR`` writes the manifest of an existing folder. ``--compare``
 prints what differs between two manifests and exits 1 if anything does. A bench, not a test:
 it takes a few minutes on 2 cores.
 """
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NOT_RESULTS = ("seconds", "run_id")
+NOT_RESULTS = ("seconds", "run_id", "data_id")
 
 
 def recipe(out: Path) -> list[list[str]]:
@@ -98,7 +99,11 @@ def main(argv=None) -> int:
     p.add_argument("--repo", default=str(ROOT), help="checkout whose scripts are run (default: this one)")
     p.add_argument("--out", help="folder for the outputs and manifest.json")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="compare two output folders' manifests")
+    p.add_argument("--digest", metavar="DIR", help="(re)write the manifest of an existing output folder")
     args = p.parse_args(argv)
+    if args.digest:
+        (Path(args.digest) / "manifest.json").write_text(json.dumps(manifest(Path(args.digest)), indent=1, sort_keys=True))
+        return 0
     if args.compare:
         return compare(*map(Path, args.compare))
     if not args.out:

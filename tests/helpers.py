@@ -15,6 +15,9 @@ def toy_counts(n_cells: int = 120, n_genes: int = 60, n_types: int = 3, seed: in
     profile = rng.gamma(0.6, 2.0, size=(n_types, n_genes))
     mean = profile[types] * rng.uniform(0.5, 1.5, size=(n_cells, 1))
     counts = rng.poisson(rng.gamma(2.0, mean / 2.0)).astype(np.float32)
+    # real counts always reach past the largest log-normalised value somewhere (a highly expressed
+    # gene); whole numbers that never do are ambiguous to the readers (values.value_kind)
+    counts[0, 0] = max(counts[0, 0], 25.0)
     return counts, types
 
 
@@ -67,7 +70,7 @@ def launched_vs_single(base: list, launcher: list, tmp_path, cwd, timeout: int =
     import subprocess
     import sys
 
-    from model import load_checkpoint
+    from checkpoints import load as load_checkpoint
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, *base, "--save_model", str(Path(tmp_path) / "one.pt")], cwd=cwd,
@@ -77,3 +80,15 @@ def launched_vs_single(base: list, launcher: list, tmp_path, cwd, timeout: int =
                               env=env, capture_output=True, text=True, timeout=timeout)
     assert launched.returncode == 0, launched.stderr[-2000:]
     return load_checkpoint(Path(tmp_path) / "one.pt"), load_checkpoint(Path(tmp_path) / "launched.pt")
+
+
+def save_encoder(path, encoder, universe, hid=None, fed=None, datasets=("toy",)):
+    """An encoder checkpoint as pre-training writes it, for fixtures; returns the path."""
+    import checkpoints
+    from model import ModelConfig
+
+    cfg = ModelConfig(n_genes=len(universe), hid=hid or encoder.linear.out_features)
+    ckpt = checkpoints.encoder_checkpoint(encoder, cfg, list(universe), fed=fed or checkpoints.Feeding(), phase=1,
+                                          epoch=1, losses=[1.0], datasets=list(datasets), config={})
+    checkpoints.save(ckpt, path)
+    return path

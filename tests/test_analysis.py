@@ -8,15 +8,19 @@ from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, adjusted_rand_score
 
+import checkpoints
 import clus
-import common
+import cli
 import data
 import fig
+import genes as gn
 import rf_svm_lr
-from helpers import toy_counts, toy_dataset_file
-from model import CheckpointError, Encoder, ModelConfig, atomic_torch_save, encoder_checkpoint
+import splits
+from errors import CheckpointError
+from helpers import save_encoder, toy_counts, toy_dataset_file
+from model import Encoder
 
-OFFSHELF_COLUMNS = ["dataset", "species", "n_cells", "n_genes", "n_classes", "n_train", "n_val", "n_test", "seed",
+OFFSHELF_COLUMNS = ["dataset", "data_id", "species", "n_cells", "n_genes", "n_classes", "n_train", "n_val", "n_test", "seed",
                     "repeat", "classifier", "run_id", "features", "accuracy", "kappa", "auprc", "auroc", "n_scored_classes",
                     "seconds"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -29,12 +33,9 @@ def fixtures(tmp_path_factory):
     paths = [toy_dataset_file(root / "alpha.h5", n_cells=120, n_genes=50, n_types=3, seed=1),
              toy_dataset_file(root / "beta.h5", n_cells=100, n_genes=40, n_types=4, seed=2),
              toy_dataset_file(root / "gamma.h5", n_cells=80, n_genes=45, seed=3, labelled=False)]
-    universe = sorted(set().union(*(data.map_genes(data.read_any(p).genes, "human") for p in paths)))
+    universe = sorted(set().union(*(gn.map_genes(data.read_any(p).genes, "human") for p in paths)))
     torch.manual_seed(0)
-    cfg = ModelConfig(n_genes=len(universe), hid=8)
-    model = root / "pretrained.pt"
-    atomic_torch_save(encoder_checkpoint(Encoder(cfg.n_genes, cfg.hid), cfg, universe, config={}, phase=1,
-                                         epoch=1, loss=1.0), model)
+    model = save_encoder(root / "pretrained.pt", Encoder(len(universe), 8), universe)
     return {"datasets": [str(p) for p in paths], "model": str(model), "root": root}
 
 
@@ -56,7 +57,7 @@ def test_offshelf_writes_one_row_per_dataset_repeat_and_feature_set(fixtures, tm
     assert len(rows) == 2 * 2 * 2  # labelled datasets x repeats x feature sets; gamma is unlabelled
     assert set(rows["dataset"]) == {"alpha", "beta"} and set(rows["classifier"]) == {clf}
     assert set(rows["features"]) == {"PCA", "scPretrain"}
-    assert set(rows["seed"]) == set(common.repeat_seeds(0, 2, 1))
+    assert set(rows["seed"]) == set(splits.repeat_seeds(0, 2, 1))
     assert rows["accuracy"].between(0, 1).all() and rows["kappa"].between(-1, 1).all()
     assert rows["auprc"].between(0, 1).all() and rows["auroc"].between(0, 1).all()
     assert (rows["n_scored_classes"] <= rows["n_classes"]).all()
@@ -81,7 +82,7 @@ def test_offshelf_pca_row_matches_sklearn_and_skips_finished_rows(fixtures, tmp_
     assert len(grown) == 4 and grown["run_id"].nunique() == 2
     # independent: split, log1p, PCA on the first 500 training cells, logistic regression
     X, types = toy_counts(120, 50, 3, 1)
-    train, _, test = data.split_cells(120, 0, 0.6, 0.1, 1000, 1000)
+    train, _, test = splits.split_cells(120, 0, 0.6, 0.1, 1000, 1000)
     X = np.log1p(X)
     pca = PCA(n_components=min(200, len(train[:500]) - 1, 50), random_state=0).fit(X[train[:500]])
     Z = pca.transform(X)
@@ -102,7 +103,7 @@ def test_class_missing_from_training_gets_the_lowest_score():
 
 def test_missing_pretrained_model_says_how_to_make_one(fixtures, tmp_path):
     with pytest.raises(CheckpointError, match="python main.py --is_pretrain --kmeans"):
-        common.load_pretrained_or_explain(tmp_path / "none.pt")
+        checkpoints.load_encoder(tmp_path / "none.pt", cli.PRETRAIN_HINT)
     argv = ["--save_result", str(tmp_path / "o.csv"), "--datasets", *fixtures["datasets"],
             "--pretrained_model", str(tmp_path / "none.pt"), "--log_level", "WARNING"]
     for script in (rf_svm_lr, clus):

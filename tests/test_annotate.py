@@ -8,10 +8,12 @@ import scipy.sparse as sp
 import torch
 
 import annotate
+import checkpoints
 import data
 import main
 from helpers import gene_names, toy_counts, toy_dataset_file, write_cellblast_h5
-from model import load_checkpoint
+from checkpoints import load as load_checkpoint
+import genes as gn
 
 N_GENES = 40
 
@@ -49,7 +51,7 @@ def predict(trained, query, out, *extra):
 
 def reference_probabilities(trained, X_aligned):
     """Independent: the classifier's dense forward pass on log1p of a matrix in the model's gene order."""
-    clf, ckpt = annotate.load_classifier(trained["clf"])
+    clf, ckpt = checkpoints.load_classifier(trained["clf"])
     with torch.no_grad():
         x = torch.from_numpy(np.log1p(np.asarray(X_aligned, dtype=np.float32)))
         return torch.softmax(clf(x), 1).numpy(), ckpt
@@ -131,7 +133,7 @@ def test_written_h5ad_keeps_the_query_and_adds_the_annotation(trained, tmp_path)
 
 
 def test_mouse_query_on_a_human_model_maps_orthologs(tmp_path):
-    table = pd.read_csv(data.ORTHOLOG_TABLE).dropna(subset=["human__gene_name", "mouse__gene_name"])
+    table = pd.read_csv(gn.ORTHOLOG_TABLE).dropna(subset=["human__gene_name", "mouse__gene_name"])
     pairs = table[table["human__gene_name"].str.upper() != table["mouse__gene_name"].str.upper()].head(N_GENES)
     human, mouse = list(pairs["human__gene_name"]), list(pairs["mouse__gene_name"])
     ref = reference_adata(genes=human)
@@ -233,15 +235,16 @@ def test_cellblast_query_is_written_as_h5ad(trained, tmp_path):
 
 
 def test_a_classifier_whose_weights_disagree_with_its_model_args_is_one_clear_error(trained, tmp_path):
-    from model import CheckpointError, classifier_from_checkpoint
+    from checkpoints import classifier_from
+    from errors import CheckpointError
 
     ckpt = load_checkpoint(trained["clf"], kind="scpretrain-classifier")
     ckpt["model"]["out.weight"] = ckpt["model"]["out.weight"][:-1]
     with pytest.raises(CheckpointError, match="'out.weight' has shape .* need"):
-        classifier_from_checkpoint(ckpt, "clf.pt")
+        classifier_from(ckpt, "clf.pt")
     del ckpt["model"]["hidden.bias"]
     with pytest.raises(CheckpointError, match=r"missing \['hidden.bias'\]"):
-        classifier_from_checkpoint(ckpt, "clf.pt")
+        classifier_from(ckpt, "clf.pt")
 
 
 def test_output_holds_text_as_plain_strings_when_the_query_holds_pandas_string_dtype(trained, tmp_path):

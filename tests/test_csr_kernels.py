@@ -6,7 +6,9 @@ import scipy.sparse as sp
 import torch
 
 import csr_kernels
-from model import Classifier, Encoder, HostCSR
+import sparse
+from model import Classifier, Encoder
+from sparse import HostCSR
 
 
 def random_csr(n, genes, density, seed, index_dtype=np.int32):
@@ -121,8 +123,8 @@ def test_encoder_on_host_csr_gives_the_dense_output_and_gradients():
         out = encoder(x)
         (out * weights).sum().backward()
         results.append((out.detach(), encoder.linear.weight_t.grad.clone(), encoder.linear.bias.grad.clone()))
-    for sparse, dense in zip(*results):
-        torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    for on_csr, dense in zip(*results):
+        torch.testing.assert_close(on_csr, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_dropout_on_host_csr_values_is_dense_dropout_on_the_stored_values():
@@ -148,7 +150,7 @@ def test_inference_on_csr_features_reads_host_csr_batches_and_gives_the_dense_re
     X = sp.random(90, 300, density=0.1, format="csr", dtype=np.float32, random_state=6)
     encoder = Encoder(300, 4)
     seen = []
-    real = model.inference_batch
+    real = sparse.inference_batch
 
     def spy(*a, **k):
         batch = real(*a, **k)
@@ -157,11 +159,11 @@ def test_inference_on_csr_features_reads_host_csr_batches_and_gives_the_dense_re
 
     monkeypatch.setattr(model, "inference_batch", spy)
     rows = np.array([5, 80, 3, 3, 41])
-    sparse = model.represent(encoder, X, rows, batch_size=2)
+    on_csr = model.represent(encoder, X, rows, batch_size=2)
     assert seen == [("HostCSR", (2, 300)), ("HostCSR", (2, 300)), ("HostCSR", (1, 300))]  # never densified
     dense = model.represent(encoder, X.toarray(), rows)  # a dense matrix is batched dense
     assert seen[3:] == [("Tensor", (5, 300))]
-    np.testing.assert_allclose(sparse, dense, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(on_csr, dense, rtol=1e-5, atol=1e-6)
 
 
 def test_a_host_built_step_sent_as_torch_csr_gives_the_dense_output_and_gradients():
@@ -172,10 +174,10 @@ def test_a_host_built_step_sent_as_torch_csr_gives_the_dense_output_and_gradient
     import pretrain
 
     X = sp.random(20, 700, density=0.1, format="csr", dtype=np.float32, random_state=7)
-    coll = pretrain.Collection.of_stacked(["toy"], *data.stack_csr([X]), [None], [f"G{i}" for i in range(700)])
+    coll = pretrain.Collection.of_stacked(["toy"], ["d"], *sparse.stack_csr([X]), [None], [f"G{i}" for i in range(700)])
     targets = [np.zeros((20, 3), np.int64)]
     host = pretrain.prepare_step(coll, targets, [np.arange(20)], 0, 1, True, torch.device("cpu"))
-    x = model.device_sparse_batch(host.X.csr(), torch.device("cpu"))  # what prepare_step makes on such a GPU
+    x = sparse.device_sparse_batch(host.X.csr(), torch.device("cpu"))  # what prepare_step makes on such a GPU
     assert type(x).__name__ == "SparseBatch"
     np.testing.assert_array_equal(x.x_t.to_dense().numpy(), X.toarray().T)
     encoder = Encoder(700, 5)

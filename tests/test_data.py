@@ -10,7 +10,14 @@ import scipy.sparse as sp
 
 import data
 from data import DataError
+from settings import ReadSettings
 from helpers import gene_names, toy_counts, write_cellblast_h5
+import features as features_mod
+import genes as gn
+import splits
+import sparse
+import values
+import files
 
 
 def make_cell_data(X, genes, species="human", labels=None, name="toy"):
@@ -140,7 +147,7 @@ def test_species_guessed_from_symbols(tmp_path, toy):
 @pytest.fixture(scope="module")
 def ortholog_rows():
     """Rows of the shipped table where mouse and human symbols differ by more than case."""
-    table = pd.read_csv(data.ORTHOLOG_TABLE, usecols=["human__gene_name", "mouse__gene_name"]).dropna()
+    table = pd.read_csv(gn.ORTHOLOG_TABLE, usecols=["human__gene_name", "mouse__gene_name"]).dropna()
     differ = table[table["mouse__gene_name"].str.upper() != table["human__gene_name"].str.upper()]
     assert len(differ) > 100
     return differ.iloc[:: max(1, len(differ) // 8)].head(8)
@@ -149,17 +156,17 @@ def ortholog_rows():
 def test_mouse_symbols_map_to_human_orthologs(ortholog_rows):
     mouse = list(ortholog_rows["mouse__gene_name"])  # e.g. Qars -> QARS1, Car8 -> CA8
     expected = [h.upper() for h in ortholog_rows["human__gene_name"]]
-    assert list(data.map_genes(mouse, "mouse")) == expected
+    assert list(gn.map_genes(mouse, "mouse")) == expected
 
 
 def test_unmapped_symbols_are_only_upper_cased():
     genes = ["Notagene1", "fooBar", "Xyz-2"]
-    assert list(data.map_genes(genes, "mouse")) == ["NOTAGENE1", "FOOBAR", "XYZ-2"]
+    assert list(gn.map_genes(genes, "mouse")) == ["NOTAGENE1", "FOOBAR", "XYZ-2"]
 
 
 def test_human_symbols_are_not_mapped(ortholog_rows):
     mouse = list(ortholog_rows["mouse__gene_name"])  # as human symbols, these only get upper-cased
-    assert list(data.map_genes(mouse, "human")) == [g.upper() for g in mouse]
+    assert list(gn.map_genes(mouse, "human")) == [g.upper() for g in mouse]
 
 
 def test_mapping_collisions_are_summed(ortholog_rows):
@@ -168,7 +175,7 @@ def test_mapping_collisions_are_summed(ortholog_rows):
     # the mouse symbol maps onto the human one, which the dataset also carries (upper-cased): collision
     genes = [mouse_symbol, "Other1", human_symbol.capitalize()]
     X = np.array([[1, 2, 3], [4, 0, 5], [0, 7, 0]], dtype=np.float32)
-    d = data.map_dataset_genes(make_cell_data(X, genes, species="mouse"))
+    d = gn.map_dataset_genes(make_cell_data(X, genes, species="mouse"))
     assert sorted(d.genes) == sorted([human_symbol, "OTHER1"])
     col = {g: i for i, g in enumerate(d.genes)}
     np.testing.assert_array_equal(d.X.toarray()[:, col[human_symbol]], X[:, 0] + X[:, 2])
@@ -179,7 +186,7 @@ def test_mapping_collisions_are_summed(ortholog_rows):
 def test_map_dataset_genes_without_collision_keeps_matrix(ortholog_rows):
     genes = list(ortholog_rows["mouse__gene_name"])
     X = np.arange(2 * len(genes), dtype=np.float32).reshape(2, -1)
-    d = data.map_dataset_genes(make_cell_data(X, genes, species="mouse"))
+    d = gn.map_dataset_genes(make_cell_data(X, genes, species="mouse"))
     assert list(d.genes) == [h.upper() for h in ortholog_rows["human__gene_name"]]
     np.testing.assert_array_equal(d.X.toarray(), X)
 
@@ -188,18 +195,18 @@ def test_gene_universe_intersects_species():
     human = make_cell_data(np.ones((2, 3)), ["B", "A", "C"], "human")
     human2 = make_cell_data(np.ones((2, 2)), ["D", "E"], "human")
     mouse = make_cell_data(np.ones((2, 3)), ["C", "D", "A"], "mouse")
-    assert list(data.build_gene_universe([human, human2, mouse])) == ["A", "C", "D"]
+    assert list(gn.build_gene_universe([human, human2, mouse])) == ["A", "C", "D"]
 
 
 def test_gene_universe_one_species_is_union_sorted():
     a = make_cell_data(np.ones((2, 3)), ["Z", "B", "M"])
     b = make_cell_data(np.ones((2, 2)), ["A", "M"])
-    assert list(data.build_gene_universe([a, b])) == ["A", "B", "M", "Z"]
+    assert list(gn.build_gene_universe([a, b])) == ["A", "B", "M", "Z"]
 
 
 def test_gene_universe_disjoint_species_raises():
     with pytest.raises(DataError):
-        data.build_gene_universe([make_cell_data(np.ones((1, 1)), ["A"], "human"),
+        gn.build_gene_universe([make_cell_data(np.ones((1, 1)), ["A"], "human"),
                                   make_cell_data(np.ones((1, 1)), ["B"], "mouse")])
 
 
@@ -220,7 +227,7 @@ def test_align_matches_naive_reference():
     X = sp.random(50, 40, density=0.2, format="csr", dtype=np.float32, random_state=rng) * 10
     genes = [f"G{i}" for i in rng.permutation(40)]  # dataset order differs from the universe's
     universe = sorted(set(genes[:30]) | {f"NEW{i}" for i in range(8)})  # 10 genes dropped, 8 missing
-    aligned = data.align_to_universe(make_cell_data(X, genes), universe)
+    aligned = gn.align_to_universe(make_cell_data(X, genes), universe)
     assert sp.isspmatrix_csr(aligned.X) and aligned.X.dtype == np.float32
     assert aligned.X.shape == (50, len(universe)) and list(aligned.genes) == universe
     np.testing.assert_array_equal(aligned.X.toarray(), naive_align(X.toarray(), genes, universe))
@@ -232,7 +239,7 @@ def test_align_when_universe_holds_all_genes():
     X = sp.random(20, 10, density=0.3, format="csr", dtype=np.float32, random_state=rng)
     genes = [f"G{i}" for i in range(10)]
     universe = sorted(genes + ["EXTRA"])
-    aligned = data.align_to_universe(make_cell_data(X, genes), universe)
+    aligned = gn.align_to_universe(make_cell_data(X, genes), universe)
     np.testing.assert_array_equal(aligned.X.toarray(), naive_align(X.toarray(), genes, universe))
 
 
@@ -256,7 +263,7 @@ def test_align_output_is_canonical_copy(case):
         X.has_sorted_indices = False
     expected = naive_align(X.toarray(), genes, universe)
     before = X.copy()
-    aligned = data.align_to_universe(make_cell_data(X, genes), universe).X
+    aligned = gn.align_to_universe(make_cell_data(X, genes), universe).X
     np.testing.assert_array_equal(aligned.toarray(), expected)
     assert rows_strictly_sorted(aligned) and aligned.has_sorted_indices
     aligned.data[:] = -1  # the output owns its values: the input is untouched
@@ -265,14 +272,14 @@ def test_align_output_is_canonical_copy(case):
 
 def test_align_row_losing_all_its_genes():
     X = np.array([[0, 5, 0], [1, 0, 2], [0, 3, 0]], dtype=np.float32)
-    aligned = data.align_to_universe(make_cell_data(X, ["A", "B", "C"]), ["A", "C"]).X
+    aligned = gn.align_to_universe(make_cell_data(X, ["A", "B", "C"]), ["A", "C"]).X
     np.testing.assert_array_equal(aligned.toarray(), X[:, [0, 2]])
     assert list(aligned.indptr) == [0, 0, 2, 2]
 
 
 def test_align_without_shared_gene_raises():
     with pytest.raises(DataError, match="no gene"):
-        data.align_to_universe(make_cell_data(np.ones((2, 2)), ["A", "B"]), ["C", "D"])
+        gn.align_to_universe(make_cell_data(np.ones((2, 2)), ["A", "B"]), ["C", "D"])
 
 
 # --------------------------------------------------------------------------- labels, splits, batches
@@ -280,35 +287,35 @@ def test_align_without_shared_gene_raises():
 
 @pytest.mark.parametrize("n", [30, 500, 5000])
 def test_split_sizes_disjoint_and_covering(n):
-    train, val, test = data.split_cells(n, seed=0)
+    train, val, test = splits.split_cells(n, seed=0)
     assert len(train) == min(int(0.6 * n), 1000) and len(val) == min(int(0.1 * n), 1000)
     assert len(train) + len(val) + len(test) == n
     assert np.array_equal(np.sort(np.concatenate([train, val, test])), np.arange(n))
 
 
 def test_split_max_train():
-    train, _, _ = data.split_cells(400, seed=0, max_train=100)
+    train, _, _ = splits.split_cells(400, seed=0, max_train=100)
     assert len(train) == min(int(0.6 * 400), 100)
 
 
 def test_split_same_seed_same_split_other_seed_other_split():
-    a, b = data.split_cells(200, seed=7), data.split_cells(200, seed=7)
-    c = data.split_cells(200, seed=8)
+    a, b = splits.split_cells(200, seed=7), splits.split_cells(200, seed=7)
+    c = splits.split_cells(200, seed=8)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[0], c[0])
 
 
 def test_split_too_few_cells_raises():
     with pytest.raises(DataError):
-        data.split_cells(3, seed=0)
+        splits.split_cells(3, seed=0)
 
 
 def test_encode_labels_sorted_and_order_independent():
     labels = ["T cell", "B cell", "NK", "B cell"]
-    codes, classes = data.encode_labels(labels)
+    codes, classes = splits.encode_labels(labels)
     assert list(classes) == ["B cell", "NK", "T cell"]
     assert list(codes) == [2, 0, 1, 0]
-    codes_rev, classes_rev = data.encode_labels(labels[::-1])
+    codes_rev, classes_rev = splits.encode_labels(labels[::-1])
     assert list(classes_rev) == list(classes)
     assert list(classes[codes_rev]) == labels[::-1]
 
@@ -320,19 +327,19 @@ def test_features_and_dense_rows_equal_numpy():
     rows = np.array([4, 0, 17, 4])
     d = data.CellData("toy", X, np.array([f"G{i}" for i in range(8)], dtype=object),
                       np.array([f"c{i}" for i in range(30)], dtype=object), None, "human")
-    out = data.dense_rows(data.features(d), rows)
+    out = sparse.dense_rows(features_mod.features(d), rows)
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, np.log1p(X.toarray()[rows]), rtol=1e-6)
-    np.testing.assert_array_equal(data.dense_rows(X, rows), X.toarray()[rows])
-    already = replace(d, values=data.LOG1P_VALUES)  # transformed by the user: fed as it is
-    np.testing.assert_array_equal(data.features(already).toarray(), X.toarray())
+    np.testing.assert_array_equal(sparse.dense_rows(X, rows), X.toarray()[rows])
+    already = replace(d, values=values.LOG1P_VALUES)  # transformed by the user: fed as it is
+    np.testing.assert_array_equal(features_mod.features(already).toarray(), X.toarray())
     assert (X != before).nnz == 0  # the source matrix is left untouched
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_iter_batches_covers_every_row_once(shuffle):
     rng = np.random.default_rng(0) if shuffle else None
-    batches = list(data.iter_batches(23, 5, rng))
+    batches = list(splits.iter_batches(23, 5, rng))
     assert [len(b) for b in batches] == [5, 5, 5, 5, 3]
     assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(23))
 
@@ -340,13 +347,13 @@ def test_iter_batches_covers_every_row_once(shuffle):
 def test_missing_labels_become_empty(tmp_path):
     X = np.ones((4, 2), dtype=np.float32)
     path = write_cellblast_h5(tmp_path / "t.h5", X, ["A", "B"], ["T", "na", "", "NA"])
-    assert list(data.read_cellblast_h5(path).labels) == ["T", "", "", ""]
+    assert list(data.read_cellblast_h5(path, values="raw").labels) == ["T", "", "", ""]
 
 
 def test_all_missing_labels_means_unlabelled(tmp_path):
     X = np.ones((3, 2), dtype=np.float32)
     path = write_cellblast_h5(tmp_path / "t.h5", X, ["A", "B"], ["na", "", "nan"])
-    d = data.read_cellblast_h5(path)
+    d = data.read_cellblast_h5(path, values="raw")
     assert d.labels is None and not d.is_labelled
 
 
@@ -440,9 +447,9 @@ def bad_h5_files():
         "shape float": (lambda p: write_raw_h5(p, exprs={**csr_group(GOOD_X), "shape": np.array([2.0, 3.0])},
                                                var_names=GOOD_GENES), "'exprs/shape' must be 2 integers"),
         "float indices": (with_csr(indices=lambda g: g["indices"].astype(np.float64)),
-                          "CSR 'indices' holds float64 values; index arrays must be integers"),
+                          "CSR 'exprs/indices' holds float64 values; index arrays must be integers"),
         "float indptr": (with_csr(indptr=lambda g: g["indptr"].astype(np.float32)),
-                         "CSR 'indptr' holds float32 values"),
+                         "CSR 'exprs/indptr' holds float32 values"),
         "data longer than indices": (with_csr(data=lambda g: np.append(g["data"], 1.0)),
                                      "data (4,) and indices (3) differ in length"),
         "dense exprs larger than stored": (lambda p: _with_h5(write_raw_h5(p, var_names=GOOD_GENES), lambda h5: (
@@ -456,8 +463,9 @@ def bad_h5_files():
         "dangling soft link": (lambda p: _with_h5(write_raw_h5(p, var_names=GOOD_GENES), lambda h5: h5.__setitem__(
             "exprs", h5py.SoftLink("/nowhere"))), "cannot read 'exprs' (KeyError"),
         "external link to a missing file": (lambda p: _with_h5(write_raw_h5(p, exprs=csr_group(GOOD_X)), lambda h5: (
-            h5.__setitem__("var_names", h5py.ExternalLink("missing.h5", "/var_names")))), "cannot read 'var_names'"),
-        "corrupt object header": (_corrupt_header("exprs/indices"), "cannot read 'exprs/indices' (KeyError"),
+            h5.__setitem__("var_names", h5py.ExternalLink("missing.h5", "/var_names")))),
+            "'var_names' is an external link to"),
+        "corrupt object header": (_corrupt_header("exprs/indices"), "the file is damaged or not in the expected layout"),
         "CSR member a group": (with_csr(data=lambda g: None, post=lambda h5: h5["exprs"].create_group("data")),
                                "'exprs/data' is a group, expected an array"),
         "var_names a group": (lambda p: _with_h5(write_raw_h5(p, exprs=csr_group(GOOD_X)), lambda h5: (
@@ -619,16 +627,28 @@ def tpm_like(counts):
     return (rate / rate.sum(1, keepdims=True) * 1e6).astype(np.float32)
 
 
+def with_entry(X, value):
+    """``X`` with one stored entry set to ``value`` (an outlier)."""
+    X = np.array(X, dtype=np.float32)
+    X[3, 2] = value
+    return X
+
+
 VALUE_FIXTURES = {  # name: (build from counts, what value_kind must say)
-    "integer counts": (lambda c: c, data.RAW_VALUES),
-    "small integer counts (max 1)": (lambda c: (c > 2).astype(np.float32), data.RAW_VALUES),
-    "TPM-like, non-integer and large": (tpm_like, data.RAW_VALUES),
+    "integer counts": (lambda c: c, values.RAW_VALUES),
+    "small integer counts (max 1): could be rounded logs": (lambda c: (c > 2).astype(np.float32),
+                                                            values.AMBIGUOUS_VALUES),
+    "log1p CP10k rounded to integers": (lambda c: np.round(log1p_cp10k(c)), values.AMBIGUOUS_VALUES),
+    "log1p CP10k with one entry above 20": (lambda c: with_entry(log1p_cp10k(c), 25.0), values.LOG1P_VALUES),
+    "log1p of counts with one entry above 20": (lambda c: with_entry(np.log1p(c + 0.5).astype(np.float32), 23.0),
+                                                values.AMBIGUOUS_VALUES),
+    "TPM-like, non-integer and large": (tpm_like, values.RAW_VALUES),
     "normalised to 10 per cell, not logged": (lambda c: (c / c.sum(1, keepdims=True) * 10).astype(np.float32),
-                                             data.RAW_VALUES),
-    "log1p CP10k": (log1p_cp10k, data.LOG1P_VALUES),
-    "log1p of counts, no normalisation": (lambda c: np.log1p(c + 0.5).astype(np.float32), data.LOG1P_VALUES),
-    "scaled": (lambda c: ((c - c.mean(0)) / (c.std(0) + 1)).astype(np.float32), data.SCALED_VALUES),
-    "NaN": (lambda c: np.where(c > 5, np.nan, c).astype(np.float32), data.BAD_VALUES),
+                                             values.RAW_VALUES),
+    "log1p CP10k": (log1p_cp10k, values.LOG1P_VALUES),
+    "log1p of counts, no normalisation": (lambda c: np.log1p(c + 0.5).astype(np.float32), values.LOG1P_VALUES),
+    "scaled": (lambda c: ((c - c.mean(0)) / (c.std(0) + 1)).astype(np.float32), values.SCALED_VALUES),
+    "NaN": (lambda c: np.where(c > 5, np.nan, c).astype(np.float32), values.BAD_VALUES),
 }
 
 
@@ -637,12 +657,12 @@ VALUE_FIXTURES = {  # name: (build from counts, what value_kind must say)
 def test_value_kind_of_each_layout(fixture, layout):
     build, expected = VALUE_FIXTURES[fixture]
     X = build(counts_matrix())
-    kind, why = data.value_kind(sp.csr_matrix(X) if layout == "sparse" else X)
+    kind, why = values.value_kind(sp.csr_matrix(X) if layout == "sparse" else X)
     assert kind == expected, why
 
 
 def test_value_kind_names_the_log1p_signature():
-    _, why = data.value_kind(sp.csr_matrix(log1p_cp10k(counts_matrix())))
+    _, why = values.value_kind(sp.csr_matrix(log1p_cp10k(counts_matrix())))
     assert "expm1" in why and "1e+04" in why
 
 
@@ -699,7 +719,7 @@ def test_read_h5ad_finds_the_counts_and_says_where(tmp_path, caplog, layout):
     with caplog.at_level("INFO", logger="scpretrain.data"):
         d = data.read_h5ad(path)
     np.testing.assert_array_equal(d.X.toarray(), counts)
-    assert list(d.genes) == genes and d.values == data.RAW_VALUES
+    assert list(d.genes) == genes and d.values == values.RAW_VALUES
     assert f"cells.h5ad: values from {where} (raw counts)" in caplog.text
 
 
@@ -746,19 +766,19 @@ def test_only_log_normalised_values_refused_naming_the_flag(tmp_path, layout):
 def test_log_transformed_values_are_fed_as_they_are(tmp_path):
     counts = counts_matrix()
     path = pbmc68k_like(tmp_path / "pbmc.h5ad", counts)
-    d = data.read_h5ad(path, layer="raw", log_transformed=True)
-    assert d.values == data.LOG1P_VALUES
+    d = data.read_h5ad(path, layer="raw", values="log1p")
+    assert d.values == values.LOG1P_VALUES
     np.testing.assert_allclose(d.X.toarray(), log1p_cp10k(counts), rtol=1e-6)
-    np.testing.assert_allclose(data.features(d).toarray(), log1p_cp10k(counts), rtol=1e-6)  # no second log1p
+    np.testing.assert_allclose(features_mod.features(d).toarray(), log1p_cp10k(counts), rtol=1e-6)  # no second log1p
     x_only = LOG_ONLY_FILES["log1p X only"](tmp_path / "x.h5ad", counts)
-    d = data.read_h5ad(x_only, log_transformed=True)  # no --layer: X
-    np.testing.assert_allclose(data.features(d).toarray(), log1p_cp10k(counts), rtol=1e-6)
+    d = data.read_h5ad(x_only, values="log1p")  # no --layer: X
+    np.testing.assert_allclose(features_mod.features(d).toarray(), log1p_cp10k(counts), rtol=1e-6)
 
 
 def test_log_transformed_on_raw_counts_warns(tmp_path, caplog):
     path = write_adata(tmp_path / "c.h5ad", counts_matrix(), SYMBOLS)
     with caplog.at_level("WARNING", logger="scpretrain.data"):
-        assert data.read_h5ad(path, log_transformed=True).values == data.LOG1P_VALUES
+        assert data.read_h5ad(path, values="log1p").values == values.LOG1P_VALUES
     assert "looks like raw values" in caplog.text
 
 
@@ -777,8 +797,8 @@ def bad_layer_choices():
                           "no layer 'counts'; available: ['X', 'logn'] (pass one of them to --layer)"),
         "log layer without the flag": (counts_with_log_layer, {"layer": "logn"},
                                        "layers['logn'] holds log-normalised values"),
-        "scaled layer": (pbmc68k_like, {"layer": "X", "log_transformed": True}, "X holds scaled or centred values"),
-        "scaled X with the flag": (pbmc68k_like, {"log_transformed": True}, "choose another with --layer"),
+        "scaled layer": (pbmc68k_like, {"layer": "X", "values": "log1p"}, "X holds scaled or centred values"),
+        "scaled X with the flag": (pbmc68k_like, {"values": "log1p"}, "choose another matrix with --layer"),
         "NaN in the chosen layer": (lambda p, c: write_adata(p, c, SYMBOLS, layers={"n": np.full_like(c, np.nan)}),
                                     {"layer": "n"}, "layers['n'] holds NaN or infinite values"),
         "missing symbol column": (lambda p, c: write_adata(p, c, ENSEMBL, var={"gene_ids": ENSEMBL}),
@@ -842,7 +862,7 @@ def test_options_reach_every_reader(tmp_path):
     h5ad = write_adata(tmp_path / "a.h5ad", log1p_cp10k(counts), ENSEMBL, layers={"counts": counts},
                        var={"symbol": SYMBOLS})
     d = data.read_any(h5ad, layer="counts", gene_symbols="symbol")
-    assert list(d.genes) == SYMBOLS and d.values == data.RAW_VALUES
+    assert list(d.genes) == SYMBOLS and d.values == values.RAW_VALUES
     np.testing.assert_array_equal(d.X.toarray(), counts)
     h5 = write_cellblast_h5(tmp_path / "b.h5", counts, SYMBOLS, ["T"] * len(counts))
     folder = tmp_path / "np"
@@ -850,14 +870,14 @@ def test_options_reach_every_reader(tmp_path):
     np.save(folder / "feature.npy", counts)
     np.save(folder / "gene_list.npy", np.array(SYMBOLS))
     for path in (h5, folder):  # layer and gene_symbols do not apply; log_transformed does
-        assert data.read_any(path, layer="nope", gene_symbols="nope").values == data.RAW_VALUES
-        assert data.read_any(path, log_transformed=True).values == data.LOG1P_VALUES
-    loaded = data.load_collection([str(h5ad)], layer="X", log_transformed=True)
-    assert loaded[0].values == data.LOG1P_VALUES and loaded[0].n_genes == 8
+        assert data.read_any(path, layer="nope", gene_symbols="nope").values == values.RAW_VALUES
+        assert data.read_any(path, log_transformed=True).values == values.LOG1P_VALUES
+    loaded = data.load_collection([str(h5ad)], ReadSettings(layer="X", values="log1p"))
+    assert loaded[0].values == values.LOG1P_VALUES and loaded[0].n_genes == 8
 
 
 def test_flags_reach_load_datasets_and_ann_input(tmp_path):
-    import common
+    import cli
     import finetune
     import main
 
@@ -865,15 +885,15 @@ def test_flags_reach_load_datasets_and_ann_input(tmp_path):
     path = write_adata(tmp_path / "a.h5ad", log1p_cp10k(counts), ENSEMBL, layers={"umis": counts},
                        var={"symbol": SYMBOLS})
     args = main.parse_args(["--datasets", str(path), "--layer", "X", "--gene_symbols", "symbol", "--log_transformed"])
-    (d,) = common.load_datasets(args)
-    assert d.values == data.LOG1P_VALUES and list(d.genes) == SYMBOLS
+    (d,) = data.load_collection(args.datasets, cli.read_settings(args))
+    assert d.values == values.LOG1P_VALUES and list(d.genes) == SYMBOLS
     np.testing.assert_allclose(d.X.toarray(), log1p_cp10k(counts), rtol=1e-6)
     args = main.parse_args(["--ann_input", str(path), "--gene_symbols", "symbol"])
-    (d,) = finetune.finetune_datasets(args)
-    assert d.values == data.RAW_VALUES and list(d.genes) == SYMBOLS
+    (d,) = finetune.finetune_datasets(args.datasets, cli.read_settings(args), args.ann_input)
+    assert d.values == values.RAW_VALUES and list(d.genes) == SYMBOLS
     np.testing.assert_array_equal(d.X.toarray(), counts)
     defaults = main.parse_args([])
-    assert (defaults.layer, defaults.gene_symbols, defaults.log_transformed) == (None, None, False)
+    assert (defaults.layer, defaults.gene_symbols, defaults.values) == (None, None, "auto")
 
 
 # --------------------------------------------------------------------------- more bad files: h5ad, .npy
@@ -905,7 +925,7 @@ def bad_h5ad_files():
 
     return {
         "declared size beyond storage": (huge_member, "'uns/big' declares shape (1000000, 1000000)"),
-        "X a dangling link": (dangling_X, "cannot be read as h5ad"),
+        "X a dangling link": (dangling_X, "cannot read 'X'"),
         "corrupt object header": (corrupt_header, "cannot read"),
         "folder": (lambda p: p.mkdir() or p, "is a folder, not an h5ad file"),
         "text": (lambda p: written(p, b"plain text"), "not an HDF5 file (expected an h5ad)"),

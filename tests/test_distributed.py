@@ -14,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from model import load_checkpoint
+from checkpoints import load as load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240

@@ -22,7 +22,10 @@ import kmeans
 import main
 import pretrain
 from helpers import gene_names, launched_vs_single, toy_counts
-from model import DeviceCSR, ModelConfig, PretrainModel, load_checkpoint, offset_targets
+from checkpoints import load as load_checkpoint
+from model import ModelConfig, PretrainModel, offset_targets
+from sparse import DeviceCSR
+import features as features_mod
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
@@ -31,7 +34,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def sparse_log_counts():
     counts, _ = toy_counts(n_cells=500, n_genes=200, n_types=5, seed=4)
     keep = np.random.default_rng(4).random(counts.shape) < 0.35
-    return data.log1p_features(sp.csr_matrix(counts * keep))
+    return features_mod.log1p_features(sp.csr_matrix(counts * keep))
 
 
 # --------------------------------------------------------------------------- K-means
@@ -108,16 +111,17 @@ def test_device_csr_on_cuda_gathers_what_scipy_does():
 @pytest.mark.parametrize("linear_base", ["residual", "blend"])
 def test_fine_tuning_with_a_linear_base_on_cuda_matches_cpu(linear_base):
     counts, types = toy_counts(n_cells=150, n_genes=40, n_types=3, seed=5)
-    X = data.log1p_features(sp.csr_matrix(counts))
+    X = features_mod.log1p_features(sp.csr_matrix(counts))
     args = main.parse_args(["--kmeans", "--ft_epoch", "12", "--patience", "100", "--hid", "8",
                             "--ft_linear_base", linear_base, "--recipe", "plus"])
-    main.common.resolve_recipe(args)
+    main.cli.resolve_recipe(args)
     args.ft_dropout = 0.0  # dropout masks are drawn by different generators on the two devices
     split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
     trained = []
     for device in ("cpu", "cuda"):
-        clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
-        clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device(device))
+        settings = main.cli.classifier_settings(args)
+        clf = classifier.build_classifier(3, X.shape[1], settings, 0)
+        clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, settings, 0, torch.device(device))
         assert clf.base is not None
         trained.append((clf, epochs, {k: v.detach().cpu() for k, v in clf.state_dict().items()}))
     (cpu_clf, cpu_epochs, cpu_state), (gpu_clf, gpu_epochs, gpu_state) = trained

@@ -10,6 +10,8 @@ import torch
 import data
 import kmeans
 from helpers import toy_counts
+import features as features_mod
+import sparse
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -44,7 +46,7 @@ def sparse_counts():
     """A small log1p count matrix, about 15 % non-zero, with cell-type structure."""
     counts, _ = toy_counts(n_cells=500, n_genes=200, n_types=5, seed=4)
     keep = np.random.default_rng(4).random(counts.shape) < 0.35
-    X = data.log1p_features(sp.csr_matrix(counts * keep))
+    X = features_mod.log1p_features(sp.csr_matrix(counts * keep))
     assert 0.05 < X.nnz / np.prod(X.shape) < 0.3
     return X
 
@@ -203,22 +205,22 @@ def test_pseudo_labels_gives_three_label_arrays(sparse_counts):
 
 def test_log1p_features_share_structure():
     X = sp.csr_matrix(np.array([[0, 3, 0], [1, 0, 7]], dtype=np.float32))
-    L = data.log1p_features(X)
+    L = features_mod.log1p_features(X)
     np.testing.assert_allclose(L.toarray(), np.log1p(X.toarray()))
     np.testing.assert_array_equal(X.data, [3, 1, 7])  # input untouched
 
 
 def test_gene_blocked_product_equals_the_plain_one():
     """More genes than one GENE_BLOCK and more columns than one CENTROID_BLOCK; empty rows too."""
-    X = sp.random(70, 2 * kmeans.GENE_BLOCK + 37, density=0.02, format="csr", dtype=np.float32, random_state=2)
+    X = sp.random(70, 2 * sparse.GENE_BLOCK + 37, density=0.02, format="csr", dtype=np.float32, random_state=2)
     X = sp.csr_matrix(sp.diags((np.arange(70) != 5).astype(np.float32)) @ X)  # row 5 empty
     X.eliminate_zeros()
     assert X[5].nnz == 0
-    right = torch.randn(X.shape[1], kmeans.CENTROID_BLOCK + 9, dtype=torch.float32)
+    right = torch.randn(X.shape[1], sparse.CENTROID_BLOCK + 9, dtype=torch.float32)
     row = np.repeat(np.arange(X.shape[0]), np.diff(X.indptr))
-    block = kmeans.GeneBlockedCSR(row, X.indices, X.data, *X.shape)
+    block = sparse.GeneBlockedCSR(row, X.indices, X.data, *X.shape)
     assert len(block.parts) == 3
-    got = block.times(kmeans.GeneBlockedCSR.prepare(right))
+    got = block.times(sparse.GeneBlockedCSR.prepare(right))
     np.testing.assert_allclose(got.numpy(), X.toarray() @ right.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(block.to_dense().numpy(), X.toarray())
 
@@ -226,7 +228,7 @@ def test_gene_blocked_product_equals_the_plain_one():
 def test_kmeans_on_many_genes_matches_dense_input():
     """The gene-blocked sparse path clusters as the dense path does (same seed, same data)."""
     rng = np.random.default_rng(3)
-    centers = rng.random((4, kmeans.GENE_BLOCK + 500)) * (rng.random((4, kmeans.GENE_BLOCK + 500)) < 0.05) * 20
+    centers = rng.random((4, sparse.GENE_BLOCK + 500)) * (rng.random((4, sparse.GENE_BLOCK + 500)) < 0.05) * 20
     dense = (centers[rng.integers(4, size=200)] * (rng.random((200, centers.shape[1])) < 0.8)).astype(np.float32)
     a = kmeans.kmeans(sp.csr_matrix(dense), 4, seed=0)
     b = kmeans.kmeans(dense, 4, seed=0)
@@ -263,7 +265,7 @@ def test_pruned_pass_finds_what_all_distances_find(sparse_counts, caplog):
     """Passes that compute only the moved centroids' distances, over rounds of small and far moves
     (a far move of every listed centroid forces cells to be recomputed in full)."""
     X, k = sparse_counts, 12
-    rows = kmeans._Rows(X, torch.device("cpu"), cache=True)
+    rows = sparse.RowChunks(X, torch.device("cpu"), cache=True)
     rng = np.random.default_rng(0)
     centroids = rows.rows_dense(rng.choice(X.shape[0], size=k, replace=False))
     known = kmeans._assign(rows, centroids, 64)
@@ -285,7 +287,7 @@ def test_pruned_pass_finds_what_all_distances_find(sparse_counts, caplog):
 
 
 def test_cluster_sums_followed_through_moves_equal_fresh_sums(sparse_counts):
-    rows = kmeans._Rows(sparse_counts, torch.device("cpu"))
+    rows = sparse.RowChunks(sparse_counts, torch.device("cpu"))
     rng = np.random.default_rng(1)
     labels = torch.as_tensor(rng.integers(7, size=rows.n_rows))
     sums = kmeans._cluster_sums(rows, labels, 7, 50)

@@ -14,7 +14,9 @@ import finetune
 import main
 import pretrain
 from helpers import launched_vs_single, toy_dataset_file
-from model import CheckpointError, load_checkpoint
+import cli
+from checkpoints import load as load_checkpoint
+from errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,8 +185,9 @@ def test_pca_projection_of_the_encoder_is_exact_in_the_pca_subspace():
     genes = np.array([f"G{i}" for i in range(12)], dtype=object)
     components = np.linalg.qr(rng.normal(size=(12, 5)))[0].T.astype(np.float32)
     mean = rng.random(12).astype(np.float32)
-    gene_clf = classifier.build_classifier(3, 0, args, None, len(genes))
-    pca_clf = classifier.build_classifier(3, 0, args, None, len(genes), pca=(components, mean))
+    settings = cli.classifier_settings(args)
+    gene_clf = classifier.build_classifier(3, len(genes), settings, 0)
+    pca_clf = classifier.build_classifier(3, len(genes), settings, 0, pca=(components, mean))
     x_pca = rng.normal(size=(4, 5)).astype(np.float32)
     x = x_pca @ components + mean
     with torch.no_grad():
@@ -218,7 +221,7 @@ class h5_rename_genes:
 
 def test_np_input_and_ann_input_on_the_demo(tmp_path):
     h5ad = os.path.join(ROOT, "dataset", "pbmc68k_reduced.h5ad")
-    demo = data.read_h5ad(h5ad, label_key="bulk_labels", layer="raw", log_transformed=True)  # X is scaled
+    demo = data.read_h5ad(h5ad, label_key="bulk_labels", layer="raw", values="log1p")  # X is scaled
     pre = tmp_path / "pre.pt"
     main.main(main.parse_args(["--is_pretrain", "--datasets", h5ad, "--label_key", "bulk_labels", "--save_model",
                                str(pre), "--pt_epoch", "1", "--hid", "16", "--log_level", "WARNING",

@@ -5,11 +5,13 @@ import scipy.sparse as sp
 import torch
 from torch.nn import functional as F
 
-import common
-import data
+import checkpoints
 import pretrain
-from model import (CheckpointError, DeviceCSR, Encoder, HostCSR, ModelConfig, PretrainModel, atomic_torch_save,
-                   encoder_checkpoint, encoder_from_checkpoint, offset_targets)
+import sparse
+from checkpoints import Feeding, encoder_checkpoint
+from errors import CheckpointError
+from model import Encoder, ModelConfig, PretrainModel, offset_targets
+from sparse import DeviceCSR, HostCSR
 
 COUNTS = [[5, 9, 2], [3, 4, 1]]
 
@@ -53,16 +55,16 @@ def test_stack_csr_stacks_frees_and_row_block_shares():
     mats = [sp.random(n, 7, density=0.4, format="csr", dtype=np.float64, random_state=i) for i, n in enumerate([5, 0, 9, 3])]
     want = sp.vstack(mats).toarray().astype(np.float32)
     parts = list(mats)
-    X, offsets = data.stack_csr(parts)
+    X, offsets = sparse.stack_csr(parts)
     assert parts == [] and offsets.tolist() == [0, 5, 5, 14, 17]
     assert X.dtype == np.float32 and X.shape == (17, 7)
     np.testing.assert_array_equal(X.toarray(), want)
-    view = data.row_block(X, 5, 14)
+    view = sparse.row_block(X, 5, 14)
     np.testing.assert_array_equal(view.toarray(), want[5:14])
     assert np.shares_memory(view.data, X.data) and np.shares_memory(view.indices, X.indices)
     with pytest.raises(ValueError, match="columns"):
-        data.stack_csr([sp.csr_matrix((2, 3)), sp.csr_matrix((2, 4))])
-    small = data.CSRStack(7, capacity=3)  # too small a capacity: grown by copying, the same result
+        sparse.stack_csr([sp.csr_matrix((2, 3)), sp.csr_matrix((2, 4))])
+    small = sparse.CSRStack(7, capacity=3)  # too small a capacity: grown by copying, the same result
     for m in mats:
         small.append(m)
     grown, grown_offsets = small.finish()
@@ -91,7 +93,7 @@ def test_a_step_gathers_each_datasets_rows_in_order():
     rng = np.random.default_rng(0)
     mats = [sp.random(n, 7, density=0.4, format="csr", dtype=np.float32, random_state=i) for i, n in enumerate([5, 9, 3])]
     want_all = [m.toarray() for m in mats]
-    coll = pretrain.Collection.of_stacked(["a", "b", "c"], *data.stack_csr(list(mats)), [None] * 3,
+    coll = pretrain.Collection.of_stacked(["a", "b", "c"], ["d1", "d2", "d3"], *sparse.stack_csr(list(mats)), [None] * 3,
                                           [f"G{i}" for i in range(7)])
     for d, m in enumerate(want_all):
         np.testing.assert_array_equal(coll.features[d].toarray(), m)
@@ -110,13 +112,13 @@ def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
     X = sp.random(6, 40, density=0.2, format="csr", dtype=np.float32, random_state=1)
     encoder = PretrainModel(ModelConfig(n_genes=40, hid=5), COUNTS).encoder
     outs, grads = [], []
-    for sparse in (False, True):
+    for as_csr in (False, True):
         encoder.zero_grad()
-        coll = pretrain.Collection.of_stacked(["toy"], *data.stack_csr([X]), [None], [f"G{i}" for i in range(40)])
-        host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], 0, 1, sparse,
+        coll = pretrain.Collection.of_stacked(["toy"], ["d"], *sparse.stack_csr([X]), [None], [f"G{i}" for i in range(40)])
+        host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], 0, 1, as_csr,
                                      torch.device("cpu"))
         x = pretrain.step_inputs(host, torch.device("cpu"))[0]
-        assert isinstance(x, HostCSR) == sparse
+        assert isinstance(x, HostCSR) == as_csr
         out = encoder(x)
         (out * torch.arange(5.0)).sum().backward()
         outs.append(out.detach())
@@ -156,12 +158,22 @@ def damaged_checkpoints():
         "weight missing": (drop("linear.weight"), "missing ['linear.weight']"),
         "bias missing": (drop("linear.bias"), "missing ['linear.bias']"),
         "unexpected key": (lambda c: c["model"].__setitem__("extra", torch.zeros(1)), "unexpected ['extra']"),
-        "n_genes disagrees": (set_args(n_genes=31), "'linear.weight' has shape (8, 30), model_args "
-                                                    "{'n_genes': 31, 'hid': 8, 'sigmoid_logits': True} need (8, 31)"),
+        "n_genes disagrees": (set_args(n_genes=31), "its gene list has 30 genes but its weights 31"),
+        "weights wider than their model_args": (lambda c: c["model"].__setitem__("linear.weight", torch.zeros(8, 31)),
+                                                "'linear.weight' has shape (8, 31), its model_args need (8, 30)"),
+        "ten genes too few": (lambda c: c.__setitem__("gene_universe", c["gene_universe"][:20]),
+                              "its gene list has 20 genes but its weights 30"),
+        "repeated gene": (lambda c: c["gene_universe"].__setitem__(5, "G4"), "its gene list repeats genes"),
+        "NaN weights": (lambda c: c["model"]["linear.weight"].__setitem__((0, 0), float("nan")),
+                        "hold NaN or infinite values"),
+        "unknown normalize": (lambda c: c.__setitem__("normalize", "tpm"), "'normalize' is 'tpm'"),
+        "unknown values": (lambda c: c.__setitem__("values", "scaled"), "'values' is 'scaled'"),
+        "hid not a number": (set_args(hid="8"), "model_args['hid'] must be a whole number"),
         "hid disagrees": (set_args(hid=9), "'linear.bias' has shape (8,)"),
         "unknown model_args": (set_args(width=3), "'model_args' missing or not valid (TypeError"),
-        "model_args missing": (lambda c: c.pop("model_args"), "'model_args' missing or not valid (KeyError"),
-        "model missing": (lambda c: c.pop("model"), "no 'model' weights"),
+        "model_args missing": (lambda c: c.pop("model_args"), "lacks ['model_args']"),
+        "model missing": (lambda c: c.pop("model"), "lacks ['model']"),
+        "gene list missing": (lambda c: c.pop("gene_universe"), "lacks ['gene_universe']"),
     }
 
 
@@ -169,12 +181,13 @@ def damaged_checkpoints():
 def test_damaged_checkpoint_is_one_checkpoint_error(tmp_path, defect):
     edit, expected = damaged_checkpoints()[defect]
     cfg = ModelConfig(n_genes=30, hid=8)
-    ckpt = encoder_checkpoint(Encoder(30, 8), cfg, [f"G{i}" for i in range(30)], config={}, phase=1, epoch=1, loss=0.0)
+    ckpt = encoder_checkpoint(Encoder(30, 8), cfg, [f"G{i}" for i in range(30)], fed=Feeding(), phase=1, epoch=1,
+                              losses=[0.0], datasets=["toy"], config={})
     edit(ckpt)
     path = tmp_path / "damaged.pt"
-    atomic_torch_save(ckpt, path)
+    checkpoints.save(ckpt, path)
     with pytest.raises(CheckpointError) as err:
-        common.load_pretrained(path)
+        checkpoints.load_encoder(path)
     msg = str(err.value)
     assert msg.startswith(f"{path}: ") and expected in msg and "\n" not in msg
 
@@ -182,7 +195,8 @@ def test_damaged_checkpoint_is_one_checkpoint_error(tmp_path, defect):
 def test_good_checkpoint_round_trip():
     torch.manual_seed(1)
     encoder, cfg = Encoder(30, 8), ModelConfig(n_genes=30, hid=8)
-    ckpt = encoder_checkpoint(encoder, cfg, [f"G{i}" for i in range(30)], config={}, phase=1, epoch=1, loss=0.0)
-    loaded, loaded_cfg = encoder_from_checkpoint(ckpt)
+    ckpt = encoder_checkpoint(encoder, cfg, [f"G{i}" for i in range(30)], fed=Feeding(), phase=1, epoch=1,
+                              losses=[0.0], datasets=["toy"], config={})
+    loaded, loaded_cfg = checkpoints.encoder_from(ckpt)
     assert loaded_cfg == cfg
     torch.testing.assert_close(loaded.linear.weight, encoder.linear.weight)

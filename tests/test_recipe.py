@@ -11,7 +11,12 @@ import classifier
 import data
 import main
 from helpers import gene_names, toy_counts, toy_dataset_file
-from model import Classifier, load_checkpoint
+import checkpoints
+import cli
+from checkpoints import load as load_checkpoint
+from model import Classifier
+import features as features_mod
+import sparse
 
 
 def test_cp10k_features_equal_an_independent_computation():
@@ -22,10 +27,10 @@ def test_cp10k_features_equal_an_independent_computation():
                       np.array([f"c{i}" for i in range(12)], dtype=object), None, "human")
     totals = counts.sum(1, keepdims=True)
     expected = np.log1p(np.divide(counts * 1e4, totals, out=np.zeros_like(counts), where=totals > 0))
-    np.testing.assert_allclose(data.features(d, "cp10k").toarray(), expected, rtol=1e-5)
-    np.testing.assert_allclose(data.features(d).toarray(), np.log1p(counts), rtol=1e-6)
+    np.testing.assert_allclose(features_mod.features(d, "cp10k").toarray(), expected, rtol=1e-5)
+    np.testing.assert_allclose(features_mod.features(d).toarray(), np.log1p(counts), rtol=1e-6)
     with pytest.raises(ValueError):
-        data.features(d, "tpm")
+        features_mod.features(d, "tpm")
 
 
 def test_recipes_fill_unset_flags_and_flags_override_them():
@@ -65,7 +70,7 @@ def test_dropout_acts_only_while_training():
 
 
 def test_plus_recipe_sweep_runs_and_records_its_settings(tmp_path, monkeypatch):
-    monkeypatch.setattr(main.common, "DEFAULT_MODEL", tmp_path / "none.pt")  # baseline only, whatever models/ holds
+    monkeypatch.setattr(main.cli, "DEFAULT_MODEL", tmp_path / "none.pt")  # baseline only, whatever models/ holds
     paths = [str(toy_dataset_file(tmp_path / "a.h5", n_cells=150, n_genes=30, n_types=3, seed=1))]
     frame = main.main(main.parse_args(["--kmeans", "--datasets", *paths, "--save_result", str(tmp_path / "r.csv"),
                                        "--recipe", "plus", "--ft_epoch", "20", "--hid", "8", "--log_level", "WARNING"]))
@@ -101,7 +106,7 @@ def test_classifier_feeds_the_query_what_it_was_trained_on(tmp_path):
     annotate.main(annotate.parse_args(["predict", "--model", str(tmp_path / "clf.pt"), "--query",
                                        str(tmp_path / "ref.h5ad"), "--out", str(tmp_path / "o.h5ad"),
                                        "--probabilities", "--log_level", "WARNING"]))
-    clf, _ = annotate.load_classifier(tmp_path / "clf.pt")
+    clf, _ = checkpoints.load_classifier(tmp_path / "clf.pt")
     cp10k = np.log1p(counts * 1e4 / counts.sum(1, keepdims=True)).astype(np.float32)
     with torch.no_grad():
         expected = torch.softmax(clf(torch.from_numpy(cp10k)), 1).numpy()
@@ -114,7 +119,7 @@ def test_classifier_feeds_the_query_what_it_was_trained_on(tmp_path):
 
 def toy_features(n_cells=120, n_genes=40, seed=5):
     counts, types = toy_counts(n_cells=n_cells, n_genes=n_genes, n_types=3, seed=seed)
-    return data.log1p_features(sp.csr_matrix(counts)), types
+    return features_mod.log1p_features(sp.csr_matrix(counts)), types
 
 
 def test_sparse_training_rows_give_the_dense_rows_and_drop_stored_values():
@@ -136,7 +141,7 @@ def test_gpu_style_sparse_rows_drop_the_same_values_in_the_batch_and_its_transpo
     """What a GPU trains on (a torch CSR batch and its transpose), built here on the CPU."""
     X, _ = toy_features()
     rows = np.random.default_rng(0).permutation(X.shape[0])[:50]
-    part = classifier._TransposableCSR(sp.csr_matrix(X[rows], dtype=np.float32), torch.device("cpu"))
+    part = sparse.DeviceTrainingCSR(sp.csr_matrix(X[rows], dtype=np.float32), torch.device("cpu"))
     whole = part.batch()
     np.testing.assert_array_equal(whole.x.to_dense().numpy(), X[rows].toarray())
     np.testing.assert_array_equal(whole.x_t.to_dense().numpy(), X[rows].toarray().T)
@@ -154,27 +159,35 @@ def test_sparse_and_dense_fine_tuning_agree(batch_size, linear_base):
     X, types = toy_features()
     args = main.parse_args(["--kmeans", "--ft_epoch", "15", "--patience", "100", "--hid", "8",
                             "--ft_batch_size", str(batch_size), "--ft_linear_base", linear_base])
-    main.common.resolve_recipe(args)
+    cli.resolve_recipe(args)
     split = (np.arange(0, 80), np.arange(80, 100), np.arange(100, 120))
     results = {}
     for batch_format in ("dense", "sparse"):
         args.ft_batch_format = batch_format
-        clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
-        clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+        clf = classifier.build_classifier(3, X.shape[1], cli.classifier_settings(args), 0)
+        clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, cli.classifier_settings(args), 0, torch.device("cpu"))
         results[batch_format] = (clf.state_dict(), epochs, accuracy)
     (dense_state, dense_epochs, dense_acc), (sparse_state, sparse_epochs, sparse_acc) = results.values()
     assert dense_epochs == sparse_epochs == 15 and sparse_acc == dense_acc
     for key in dense_state:
         torch.testing.assert_close(sparse_state[key], dense_state[key], rtol=1e-4, atol=1e-5)
-    assert not torch.equal(dense_state["out.weight"], classifier.build_classifier(3, 0, args, None, 40).state_dict()["out.weight"])
+    assert not torch.equal(dense_state["out.weight"], classifier.build_classifier(3, 40, cli.classifier_settings(args), 0).state_dict()["out.weight"])
 
 
 def test_auto_batch_format_is_sparse_on_cpu_for_csr_only():
-    X, _ = toy_features()
-    assert classifier.sparse_batches(X, "auto", torch.device("cpu"))
-    assert not classifier.sparse_batches(X.toarray(), "auto", torch.device("cpu"))  # PCA inputs are dense
-    assert not classifier.sparse_batches(X, "dense", torch.device("cpu"))
-    assert not classifier.sparse_batches(X, "auto", torch.device("cuda"))
+    assert sparse.sparse_products("auto", torch.device("cpu"))
+    assert not sparse.sparse_products("dense", torch.device("cpu"))
+    assert not sparse.sparse_products("auto", torch.device("cuda"))
+    assert sparse.sparse_products("sparse", torch.device("cuda"))
+    with pytest.raises(ValueError, match="batch format"):
+        sparse.sparse_products("csr", "cpu")
+    X, types = toy_features()  # PCA inputs are dense: batched dense whatever the format asks
+    settings = cli.classifier_settings(main.parse_args(["--kmeans", "--ft_epoch", "2", "--hid", "8",
+                                                        "--ft_batch_format", "sparse"]))
+    clf = classifier.build_classifier(3, X.shape[1], settings, 0)
+    split = (np.arange(0, 80), np.arange(80, 100), np.arange(100, 120))
+    _, epochs, _ = classifier.train_classifier(clf, X.toarray(), types, split, settings, 0, "cpu")
+    assert epochs == 2
 
 
 # --------------------------------------------------------------------------- the linear base
@@ -234,14 +247,14 @@ def test_residual_training_starts_from_the_regression_and_ends_no_lower_on_valid
     split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
     args = linear_base_args("residual")
     fit, lr_accuracy = logistic_grid_choice(X, types, split)
-    clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
-    clf, _, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+    clf = classifier.build_classifier(3, X.shape[1], cli.classifier_settings(args), 0)
+    clf, _, accuracy = classifier.train_classifier(clf, X, types, split, cli.classifier_settings(args), 0, torch.device("cpu"))
     assert clf.base_mode == "residual" and not any(p.requires_grad for p in clf.base.parameters())
     assert accuracy >= lr_accuracy
     # a network that cannot move stays the regression: the zeroed output layer adds nothing
     args.ft_lr = 1e-12
-    clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
-    clf, _, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+    clf = classifier.build_classifier(3, X.shape[1], cli.classifier_settings(args), 0)
+    clf, _, accuracy = classifier.train_classifier(clf, X, types, split, cli.classifier_settings(args), 0, torch.device("cpu"))
     assert accuracy == pytest.approx(lr_accuracy)
     assert not clf.out.weight.any() and not clf.out.bias.any()
     probs = classifier.predict_proba(clf, X, split[2], torch.device("cpu"))
@@ -251,12 +264,12 @@ def test_residual_training_starts_from_the_regression_and_ends_no_lower_on_valid
 def test_blend_trains_the_network_alone_then_mixes_in_the_regression_by_validation():
     X, types = toy_features(n_cells=150, n_genes=30, seed=3)
     split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
-    alone = classifier.build_classifier(3, 0, linear_base_args("none"), None, X.shape[1])
-    alone, alone_epochs, alone_accuracy = classifier.train_classifier(alone, X, types, split, linear_base_args("none"),
+    alone = classifier.build_classifier(3, X.shape[1], cli.classifier_settings(linear_base_args("none")), 0)
+    alone, alone_epochs, alone_accuracy = classifier.train_classifier(alone, X, types, split, cli.classifier_settings(linear_base_args("none")),
                                                                       0, torch.device("cpu"))
     args = linear_base_args("blend")
-    clf = classifier.build_classifier(3, 0, args, None, X.shape[1])
-    clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, args, 0, torch.device("cpu"))
+    clf = classifier.build_classifier(3, X.shape[1], cli.classifier_settings(args), 0)
+    clf, epochs, accuracy = classifier.train_classifier(clf, X, types, split, cli.classifier_settings(args), 0, torch.device("cpu"))
     assert clf.base_mode == "blend" and epochs == alone_epochs
     for key, value in alone.state_dict().items():  # the network is the one trained alone
         torch.testing.assert_close(clf.state_dict()[key], value)
@@ -301,7 +314,7 @@ def test_linear_base_travels_in_the_checkpoint_and_reads_a_query_in_its_own_gene
     aligned[:, keep] = counts[:, keep]
     totals = aligned.sum(1, keepdims=True)
     cp10k = np.log1p(np.divide(aligned * 1e4, totals, out=np.zeros_like(aligned), where=totals > 0)).astype(np.float32)
-    clf, _ = annotate.load_classifier(tmp_path / "clf.pt")
+    clf, _ = checkpoints.load_classifier(tmp_path / "clf.pt")
     with torch.no_grad():
         expected = torch.softmax(clf(torch.from_numpy(cp10k)), 1).numpy()
         without_base = torch.softmax(clf.network(torch.from_numpy(cp10k)), 1).numpy()
@@ -311,12 +324,12 @@ def test_linear_base_travels_in_the_checkpoint_and_reads_a_query_in_its_own_gene
 
 
 def test_a_checkpoint_without_linear_base_in_its_model_args_loads_as_the_network_alone():
-    from model import classifier_checkpoint, classifier_from_checkpoint
-
     torch.manual_seed(0)
     clf = Classifier(12, 3, 8).eval()
-    ckpt = classifier_checkpoint(clf, gene_names(12), ["a", "b", "c"], {})
+    ckpt = checkpoints.classifier_checkpoint(clf, gene_names(12), ["a", "b", "c"], fed=checkpoints.Feeding(),
+                                             label_key="t", info={"reference": {"name": "r"}})
     del ckpt["model_args"]["linear_base"]  # written before the option existed
-    loaded = classifier_from_checkpoint(ckpt)
+    checkpoints.validate_classifier(ckpt, "ckpt")
+    loaded = checkpoints.classifier_from(ckpt)
     x = torch.rand(5, 12)
     assert loaded.base is None and torch.equal(loaded(x), clf(x))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import clus
-import common
 import fig
 import main
 import pretrain
 import rf_svm_lr
+import runtime
 from helpers import toy_counts, toy_dataset_file, write_cellblast_h5
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,7 +66,7 @@ def test_figures_use_one_identity(setup, tmp_path, capsys):
     a = sweep(setup, setup["models"]["a"], out)
     b = sweep(setup, setup["models"]["b"], out)
     newest = b["run_id"].iloc[-1]
-    common.setup_logging("INFO")
+    runtime.setup_logging("INFO")
     frames = fig.load_sources(fig.parse_args(["--results_dir", str(tmp_path)]))
     assert set(frames["finetune"]["run_id"]) == {newest}
     assert "1 other identity" in capsys.readouterr().err
@@ -196,22 +196,23 @@ def test_bad_data_exits_1_and_bad_command_line_exits_2(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_scripts_have_freed_arrays_returned_to_the_system(monkeypatch):
-    assert common.return_freed_memory() is True  # mallopt accepted the threshold
+    assert runtime.return_freed_memory() is True  # mallopt accepted the threshold
     calls = []
-    monkeypatch.setattr(common, "return_freed_memory", lambda: calls.append(1) or True)
-    assert common.run_script(lambda args: "ran", argparse.Namespace(log_level="WARNING", seed=0)) == "ran"
+    monkeypatch.setattr(runtime, "return_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(main, "run", lambda args: "ran")
+    assert main.main(main.parse_args(["--log_level", "WARNING"])) == "ran"
     assert calls == [1]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
 def test_pretraining_reuses_freed_memory_once_k_means_is_done(collection, tmp_path, monkeypatch):
-    assert common.reuse_freed_memory() is True  # mallopt accepted both thresholds
-    common.return_freed_memory()  # back to the reading threshold for the rest of this process
+    assert runtime.reuse_freed_memory() is True  # mallopt accepted both thresholds
+    runtime.return_freed_memory()  # back to the reading threshold for the rest of this process
     done, seen = [], []
     real_labels = pretrain.compute_pseudo_labels
     monkeypatch.setattr(pretrain, "compute_pseudo_labels",
                         lambda *a, **k: (lambda out: done.append("k-means") or out)(real_labels(*a, **k)))
-    monkeypatch.setattr(common, "reuse_freed_memory", lambda: seen.append(list(done)) or True)
+    monkeypatch.setattr(runtime, "reuse_freed_memory", lambda: seen.append(list(done)) or True)
     main.main(main.parse_args(["--is_pretrain", "--kmeans", "--datasets", *collection, "--save_model",
                                str(tmp_path / "p1.pt"), "--pt_epoch", "1", "--batch_num", "2", "--avg_cluster_num",
                                "20", "--hid", "8", "--log_level", "WARNING"]))
