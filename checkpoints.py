@@ -321,6 +321,10 @@ def validate_classifier(ckpt: dict, path) -> None:
         else None
     if not isinstance(temperature, (int, float)) or not np.isfinite(temperature) or temperature <= 0:
         raise CheckpointError(f"{path}: its calibration temperature {temperature!r} is not a finite number > 0")
+    means = ckpt.get("gene_means")
+    if means is not None and (not isinstance(means, torch.Tensor) or means.shape != (n_genes,)
+                              or not bool(torch.isfinite(means).all())):
+        raise CheckpointError(f"{path}: 'gene_means' must be {n_genes} finite numbers, one per gene")
     _check_feeding_keys(ckpt, path)
     classifier_from(ckpt, path)
 

@@ -270,14 +270,17 @@ def finish_dataset(name, X, genes, cells, labels, species, path, values: str = v
     return CellData(str(name), X, genes, cells, labels, species, str(path), values)
 
 
-def validate_matrix(X: sp.csr_matrix, genes: np.ndarray, cells: np.ndarray, path) -> None:
+def validate_matrix(X: sp.csr_matrix, genes: np.ndarray, cells: np.ndarray, path, allow_empty: bool = False) -> None:
+    """Shape, names and values of a matrix read from ``path`` (``allow_empty``: the names only, for
+    a matrix still on disk)."""
     n_cells, n_genes = X.shape
-    if n_cells == 0 or n_genes == 0:
-        raise DataError(f"{path}: empty dataset ({n_cells} cells x {n_genes} genes)")
+    if not allow_empty:
+        if n_cells == 0 or n_genes == 0:
+            raise DataError(f"{path}: empty dataset ({n_cells} cells x {n_genes} genes)")
+        if len(cells) != n_cells:
+            raise DataError(f"{path}: {len(cells)} cell names for a matrix of {n_cells} cells")
     if len(genes) != n_genes:
         raise DataError(f"{path}: {len(genes)} gene names for a matrix of {n_genes} genes")
-    if len(cells) != n_cells:
-        raise DataError(f"{path}: {len(cells)} cell names for a matrix of {n_cells} cells")
     vals.check_finite_non_negative(X.data, path, "the expression")
     dup = pd.Index(genes).duplicated()
     if dup.any():
@@ -359,7 +362,7 @@ def expand_dataset_names(names: Sequence[str] | None) -> list[str]:
         names = ["demo"]
     out: list[str] = []
     for n in names:
-        if n == "demo":  # the embedded files by path (dataset/ also holds a log-normalised pbmc68k_reduced.h5ad)
+        if n == "demo":  # the embedded files, by path
             out.extend(str(DATASET_DIR / f"{name}.h5") for name in DEMO_DATASETS)
         elif n == "paper":
             out.extend(read_collection_table().index)
@@ -484,3 +487,127 @@ def dataset_files(names: Sequence[str] | None, settings: ReadSettings | None = N
         folder = Path(settings.dataset_dir or DATASET_DIR)
         out += [folder / f"{entry}{suffix}" for suffix in download.DATASET_SUFFIXES]
     return out
+
+
+# --------------------------------------------------------------------------- queries: in memory or a block at a time
+
+
+@dataclass
+class StreamedData:
+    """A dataset whose values stay on disk (an h5ad's ``X``, ``raw.X`` or a layer, CSR or dense),
+    read a block of cells at a time by :meth:`blocks`: each block checked as it is read, its
+    columns merged onto the mapped genes, never the whole matrix in memory. Its metadata are those
+    of a :class:`CellData`. ``close()`` (or ``with``) closes the file."""
+
+    name: str
+    file: h5ad.H5adFile
+    merge: gn.ColumnMerge  # from the file's columns to ``genes``
+    genes: np.ndarray  # mapped symbols
+    cells: np.ndarray
+    labels: np.ndarray | None
+    species: str
+    source: str
+    values: str
+
+    @property
+    def n_cells(self) -> int:
+        return self.file.matrix.n_rows
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    @property
+    def is_labelled(self) -> bool:
+        return self.labels is not None
+
+    def blocks(self, chunk_cells: int):
+        """(first row, CSR of the block's cells over ``genes``), a block at a time."""
+        for start in range(0, self.n_cells, chunk_cells):
+            yield start, self.merge.apply(self.file.matrix.rows(start, start + chunk_cells))
+
+    def obs(self) -> pd.DataFrame:
+        return self.file.obs()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def in_blocks(d: CellData, chunk_cells: int):
+    """(first row, CSR view of the block's cells) of a dataset in memory, as :meth:`StreamedData.blocks`."""
+    from sparse import row_block
+
+    for start in range(0, d.n_cells, chunk_cells):
+        yield start, row_block(d.X, start, min(start + chunk_cells, d.n_cells))
+
+
+def blocks_of(d, chunk_cells: int):
+    """The blocks of a dataset in memory or on disk."""
+    return d.blocks(chunk_cells) if isinstance(d, StreamedData) else in_blocks(d, chunk_cells)
+
+
+def open_streamed(path, label_key: str | None, settings: ReadSettings | None = None, strict_label_key: bool = True,
+                  orthologs: dict[str, str] | None = None) -> StreamedData:
+    """An h5ad opened for reading a block of cells at a time, its genes mapped (symbols from a
+    ``var`` column and mouse orthologs that repeat are summed, block by block)."""
+    settings = settings or ReadSettings()
+    path = Path(path)
+    f = h5ad.open_h5ad(path, label_key, settings.layer, settings.gene_symbols, settings.values, strict_label_key)
+    try:
+        if f.matrix.n_rows == 0 or f.matrix.n_cols == 0:
+            raise DataError(f"{path}: empty dataset ({f.matrix.n_rows} cells x {f.matrix.n_cols} genes)")
+        if not f.symbols_from_column:  # var_names must be unique; symbols from a column may repeat
+            validate_matrix(sp.csr_matrix((0, len(f.genes))), f.genes, np.zeros(0), path, allow_empty=True)
+        labels = _normalise_labels(f.labels, f.matrix.n_rows, path)
+        species = gn.guess_species(f.genes)
+        by_symbol = _symbol_merge(f)
+        mapped = gn.mapped_merge(by_symbol.genes, species, path.stem, orthologs)
+        merge = gn.ColumnMerge(mapped.genes, mapped.codes[by_symbol.codes])  # both merges in one
+        return StreamedData(path.stem, f, merge, merge.genes, f.cells, labels, species, str(path), f.values)
+    except BaseException:
+        f.close()
+        raise
+
+
+def _symbol_merge(f: h5ad.H5adFile) -> gn.ColumnMerge:
+    """A file's columns onto its distinct symbols (repeats come from a ``var`` symbol column)."""
+    merge = gn.column_merge(f.genes)
+    if merge.n_merged:
+        log.warning("%s: %d gene columns share a symbol with another; summing them", f.path.name, merge.n_merged)
+    return merge
+
+
+def open_query(path, label_key: str | None, settings: ReadSettings | None = None, stream: bool = True):
+    """A dataset to annotate or embed, genes mapped: an h5ad streamed from disk (``stream``), any
+    other format (or ``stream=False``) read whole into a :class:`CellData`."""
+    if stream and file_format(path) == "h5ad":
+        return open_streamed(path, label_key, settings, strict_label_key=label_key is not None)
+    settings = settings or ReadSettings()
+    d = read_any(path, label_key=label_key, strict_label_key=label_key is not None, **settings.reader_options())
+    return gn.map_dataset_genes(d)
+
+
+def from_anndata(adata, label_key: str | None = None, settings: ReadSettings | None = None,
+                 name: str = "adata") -> CellData:
+    """An AnnData in memory as a :class:`CellData`, its values and symbols chosen by the rules every
+    h5ad file is read with (``X``, ``raw.X`` or a counts layer; ``--values``; ``feature_name``),
+    genes mapped. The AnnData is not changed."""
+    settings = settings or ReadSettings()
+    where = f"AnnData '{name}'"
+    matrix, kind, _ = h5ad.choose_matrix(adata, where, settings.layer, settings.values)
+    from_raw = matrix.member.startswith("raw/")
+    genes, from_column = h5ad.symbols_for(adata.raw.var if from_raw else adata.var, adata.var, from_raw, where,
+                                          settings.gene_symbols)
+    X = matrix.read_all()
+    if from_column:
+        X, genes, _ = gn.sum_duplicate_columns(X, genes)
+    labels = h5ad._labels(adata.obs, label_key, True, where) if label_key is not None else None
+    d = finish_dataset(name, X, genes, np.asarray(adata.obs_names.astype(str), dtype=object), labels, None,
+                       where, kind)
+    return gn.map_dataset_genes(d)

@@ -32,15 +32,38 @@ def guess_species(genes: Sequence[str]) -> str:
     return "mouse" if has_lower > 0.5 else "human"
 
 
+@dataclass(frozen=True)
+class ColumnMerge:
+    """How a matrix's columns become the columns of its distinct gene symbols: column ``j`` is
+    added into column ``codes[j]`` (the first occurrence's place). A block of cells read from disk
+    is merged the same way as a whole matrix in memory."""
+
+    genes: np.ndarray  # the distinct symbols, in order of first occurrence
+    codes: np.ndarray  # int64, one per source column
+
+    @property
+    def n_merged(self) -> int:
+        return len(self.codes) - len(self.genes)
+
+    def apply(self, X: sp.csr_matrix) -> sp.csr_matrix:
+        """``X`` with its columns summed into the distinct symbols' (``X`` itself when none repeat)."""
+        if not self.n_merged:
+            return X
+        merge = sp.csr_matrix((np.ones(len(self.codes), np.float32), (np.arange(len(self.codes)), self.codes)),
+                              shape=(len(self.codes), len(self.genes)))
+        return sp.csr_matrix(X @ merge, dtype=np.float32)
+
+
+def column_merge(genes: Sequence[str]) -> ColumnMerge:
+    codes, uniques = pd.factorize(np.asarray(genes, dtype=object))
+    return ColumnMerge(np.asarray(uniques, dtype=object), codes.astype(np.int64))
+
+
 def sum_duplicate_columns(X: sp.csr_matrix, genes: np.ndarray) -> tuple[sp.csr_matrix, np.ndarray, int]:
     """Columns with the same gene symbol summed into one (first occurrence's place); returns the
     matrix, the unique symbols and how many columns were merged away."""
-    codes, uniques = pd.factorize(np.asarray(genes, dtype=object))
-    if len(uniques) == len(codes):
-        return X, np.asarray(genes, dtype=object), 0
-    merge = sp.csr_matrix((np.ones(len(codes), np.float32), (np.arange(len(codes)), codes)),
-                          shape=(len(codes), len(uniques)))
-    return sp.csr_matrix(X @ merge, dtype=np.float32), np.asarray(uniques, dtype=object), len(codes) - len(uniques)
+    merge = column_merge(genes)
+    return merge.apply(X), merge.genes, merge.n_merged
 
 
 def load_ortholog_table(path=ORTHOLOG_TABLE) -> dict[str, str]:
@@ -64,17 +87,25 @@ def map_genes(genes: Sequence[str], species: str, orthologs: dict[str, str] | No
     return upper.to_numpy(dtype=object)
 
 
+def mapped_merge(genes: Sequence[str], species: str, name: str,
+                 orthologs: dict[str, str] | None = None) -> ColumnMerge:
+    """How a dataset's columns become mapped symbols (upper-case, mouse to human), columns that map
+    to one symbol summed; logged as :func:`map_dataset_genes` says it."""
+    mapped = map_genes(genes, species, orthologs)
+    if species == "mouse":
+        n_mapped = int(np.sum(mapped != pd.Series(genes, dtype=str).str.upper().to_numpy()))
+        log.info("%s: %d of %d mouse genes mapped to human orthologs", name, n_mapped, len(mapped))
+    merge = column_merge(mapped)
+    if merge.n_merged:
+        log.warning("%s: %d gene columns collapse onto the same symbol after mapping; summing them", name,
+                    merge.n_merged)
+    return merge
+
+
 def map_dataset_genes(data: CellData, orthologs: dict[str, str] | None = None) -> CellData:
     """Return ``data`` with mapped gene symbols; columns that map to one symbol are summed."""
-    mapped = map_genes(data.genes, data.species, orthologs)
-    if data.species == "mouse":
-        n_mapped = int(np.sum(mapped != pd.Series(data.genes, dtype=str).str.upper().to_numpy()))
-        log.info("%s: %d of %d mouse genes mapped to human orthologs", data.name, n_mapped, len(mapped))
-    X, genes, n_merged = sum_duplicate_columns(data.X, mapped)
-    if n_merged:
-        log.warning("%s: %d gene columns collapse onto the same symbol after mapping; summing them",
-                    data.name, n_merged)
-    return replace(data, X=X, genes=genes)
+    merge = mapped_merge(data.genes, data.species, data.name, orthologs)
+    return replace(data, X=merge.apply(data.X), genes=merge.genes)
 
 
 def build_gene_universe(datasets: Sequence[CellData]) -> np.ndarray:

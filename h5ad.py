@@ -463,3 +463,84 @@ def plain_string_frame(frame: pd.DataFrame) -> pd.DataFrame:
 def is_typed_strings(dtype) -> bool:
     """pandas' string dtype (pandas 3's default for text), as opposed to strings held as objects."""
     return isinstance(dtype, pd.StringDtype)
+
+
+# --------------------------------------------------------------------------- writing an annotated copy
+
+
+def _obsm_bytes(obsm: dict) -> int:
+    return sum(int(np.asarray(v).nbytes) for v in obsm.values())
+
+
+def with_columns(obs: pd.DataFrame, columns: pd.DataFrame, what: str) -> pd.DataFrame:
+    """``obs`` with ``columns`` added (text as categories); a column of that name is replaced, and said."""
+    obs = obs.copy()
+    for column in columns.columns:
+        if column in obs.columns:
+            log.warning("%s: obs['%s'] is replaced by the prediction", what, column)
+        values = columns[column].to_numpy()
+        obs[column] = pd.Categorical(values) if values.dtype == object else values
+    return plain_string_frame(obs)
+
+
+def write_annotated_copy(source, out, columns: pd.DataFrame, obsm: dict, uns: dict) -> Path:
+    """``source`` (an h5ad) written to ``out`` as it is, plus ``columns`` in ``obs``, ``obsm`` entries
+    and ``uns`` entries, without reading its matrices: the file is copied and the new members are
+    written into the copy (a layout older than anndata 0.7 is read whole and written anew). The
+    disk must hold the copy; ``source`` is never opened for writing."""
+    import shutil
+
+    import h5py
+
+    from files import atomic_write_path
+
+    source, out = Path(source), Path(out)
+    with hdf5.open_h5(source, "an h5ad") as h5:
+        legacy = is_legacy(h5)
+    if legacy:
+        adata = _read_legacy(source)
+        return write_anndata(out, adata, columns, obsm, uns)
+
+    def write(tmp: str) -> None:
+        shutil.copyfile(source, tmp)
+        io = _anndata_io()
+        with h5py.File(tmp, "r+") as h5:
+            obs = with_columns(read_elem(h5["obs"], source, "obs"), columns, str(source))
+            del h5["obs"]
+            io.write_elem(h5, "obs", obs)
+            for group, entries in (("obsm", obsm), ("uns", uns)):
+                node = h5.require_group(group) if group in h5 else _new_mapping(h5, group)
+                for key, value in entries.items():
+                    if key in node:
+                        del node[key]
+                    io.write_elem(node, key, value)
+
+    return atomic_write_path(out, write, expected_bytes=source.stat().st_size + _obsm_bytes(obsm))
+
+
+def _new_mapping(h5, name: str):
+    group = h5.create_group(name)
+    group.attrs["encoding-type"], group.attrs["encoding-version"] = "dict", "0.1.0"
+    return group
+
+
+def write_anndata(out, adata, columns: pd.DataFrame, obsm: dict, uns: dict) -> Path:
+    """An AnnData in memory with the new ``obs`` columns, ``obsm`` and ``uns`` entries written to
+    ``out`` (its own data as they are; text as plain strings, which every anndata reads). The
+    AnnData given is not changed."""
+    import anndata
+
+    from files import atomic_write_path
+
+    adata = adata.copy()
+    adata.obs = with_columns(adata.obs, columns, "the query")
+    adata.var = plain_string_frame(adata.var)
+    for key, value in obsm.items():
+        adata.obsm[key] = value
+    for key, value in uns.items():
+        adata.uns[key] = value
+    if adata.raw is not None:
+        adata.raw = anndata.AnnData(X=adata.raw.X, var=plain_string_frame(adata.raw.var),
+                                    varm=dict(adata.raw.varm), obs=adata.obs[[]])
+    expected = int(getattr(adata.X, "data", adata.X).nbytes if adata.X is not None else 0) + _obsm_bytes(obsm)
+    return atomic_write_path(out, adata.write_h5ad, expected_bytes=expected)

@@ -166,3 +166,30 @@ class ClusterSettings(Settings):
     pca_dim: int = 50
     pca_fit_cells: int = 10000
     n_seeds: int = run_field(10)
+
+
+@dataclass(frozen=True)
+class AnnotateSettings(Settings):
+    """Training a classifier for annotation, beyond the classifier's own settings."""
+
+    per_val: float = 0.1  # validation share of the reference (at most 1000 cells)
+    max_cells_per_type: int = 0  # 0: every cell; else a seeded sample of at most this many per type
+    calibrate: bool = True  # temperature scaling of the probabilities on the validation cells
+    seed: int = 0
+
+
+MODES = ("best_match", "prob_match")
+
+
+@dataclass(frozen=True)
+class PredictSettings(Settings):
+    """Labelling a query: CellTypist's modes and majority voting."""
+
+    mode: str = "best_match"  # every cell its best label; prob_match: every label at or above p_thres
+    p_thres: float = 0.5
+    majority_voting: bool = False
+    over_clustering: str | None = None  # an obs column to vote in (default: K-means on the representation)
+    n_clusters: int | None = None
+    min_prop: float = 0.0
+    chunk_cells: int = 8192
+    seed: int = 0

@@ -87,9 +87,10 @@ def value_kind(X) -> tuple[str, str]:
         return RAW_VALUES, f"TPM-like values, non-integer, {100 * above:.1f}% above {LOG_MAX:g} (up to {high:.3g})"
     if _rows_sum_to_constant(sample):
         return RAW_VALUES, "normalised values whose rows sum to one constant, not logged"
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         expm1 = np.expm1(nonzero)
-    if bool(np.all(np.abs(expm1 - np.round(expm1)) < 1e-3 * np.maximum(1, expm1))):
+        counts_logged = bool(np.all(np.abs(expm1 - np.round(expm1)) < 1e-3 * np.maximum(1, expm1)))
+    if counts_logged:
         return LOG1P_VALUES, "log1p of whole numbers (counts)"
     if above == 0:
         return LOG1P_VALUES, f"log-normalised values, non-integer and at most {high:.3g}"

@@ -1,4 +1,4 @@
-"""Benchmark of gene alignment (gn.align_to_universe): time and extra peak memory.
+"""Benchmark of gene alignment (genes.align_to_universe): time and extra peak memory.
 
 Builds a seeded random cell x gene CSR the size of a large Cell BLAST dataset (default 20,000
 cells x 33,000 genes, 3 % non-zero, float32) and a gene universe that shares most of its genes,

@@ -5,7 +5,8 @@
 2. Run the sweep (``main.py --kmeans``) on each labelled demo dataset with ``--fold2`` repeats,
    timing each dataset's sweep; scPretrain and "Without pretraining" rows come from its CSV.
 3. A plain scikit-learn ``LogisticRegression(max_iter=1000)`` on log1p(counts per 10k) of the
-   same cells with the same seeded splits (``common.split_for`` with ``splits.repeat_seeds``),
+   same cells with the same seeded splits (``splits.split_of`` with ``splits.repeat_seeds``, the
+   sweep's command line resolved by ``main.parse_args``),
    fitted on the training cells only, scored on the test cells with ``metrics``.
 
 Prints mean +- sd over the repeats of accuracy, Cohen's kappa, macro AUPRC and macro AUROC.
@@ -26,16 +27,17 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402  (measuring helpers only; imports no torch)
-import splits
-import sparse
 
-LABELLED_DEMO = ("pbmc68k_reduced", "oligodendroglioma")
+# the labelled demo datasets by path, as main.py's ``demo`` names them
+LABELLED_DEMO = tuple(str(BENCH_DIR.parent / "dataset" / f"{name}.h5")
+                      for name in ("pbmc68k_reduced", "oligodendroglioma"))
 METRICS = ("accuracy", "kappa", "auprc", "auroc")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="+", default=list(LABELLED_DEMO), help="(default: %(default)s)")
+    p.add_argument("--datasets", nargs="+", default=list(LABELLED_DEMO),
+                   help="main.py --datasets of the sweeps, one at a time (default: the labelled demo .h5 files)")
     p.add_argument("--fold2", type=int, default=5, help="repeats (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument("--pt_epoch", type=int, default=1, help="pre-training epochs (default: %(default)s)")
@@ -67,17 +69,21 @@ def pretrain_model(out: Path, args) -> Path:
     return model
 
 
+def sweep_command(dataset: str, model: Path, csv: Path, args) -> list[str]:
+    """main.py's command line of one dataset's sweep."""
+    return ["--kmeans", "--datasets", dataset, "--pretrained_model", str(model), "--fold2", str(args.fold2),
+            "--seed", str(args.seed), "--save_result", str(csv), "--log_level", "WARNING", *args.extra]
+
+
 def sweep(dataset: str, model: Path, out: Path, args):
     """One dataset's sweep through main.main; returns (its rows, wall seconds)."""
     import main
     import pandas as pd
 
-    csv = out / f"sweep_{dataset}.csv"
+    csv = out / f"sweep_{Path(dataset).stem}.csv"
     csv.unlink(missing_ok=True)  # the sweep resumes from an existing CSV; start clean
     t0 = time.perf_counter()
-    main.main(main.parse_args(["--kmeans", "--datasets", dataset, "--pretrained_model", str(model),
-                               "--fold2", str(args.fold2), "--seed", str(args.seed), "--save_result", str(csv),
-                               "--log_level", "WARNING", *args.extra]))
+    main.main(main.parse_args(sweep_command(dataset, model, csv, args)))
     return pd.read_csv(csv), time.perf_counter() - t0
 
 
@@ -92,23 +98,30 @@ def cp10k_log1p(X):
     return out
 
 
-def logistic_regression_rows(dataset: str, args) -> list[dict]:
-    """The sklearn baseline on the sweep's splits; no tuning, test cells used only for scoring."""
+def logistic_regression_rows(dataset: str, model: Path, out: Path, args) -> list[dict]:
+    """The sklearn baseline on the sweep's splits; no tuning, test cells used only for scoring.
+
+    The sweep's own command line (``sweep_command``, ``--extra`` included) is resolved by
+    ``main.parse_args`` here on purpose: its reading, split sizes and repeat seeds are the
+    sweep's, so that the baseline sees the same cells and splits whatever ``--extra`` holds."""
     from sklearn.linear_model import LogisticRegression
 
-    import common
+    import cli
     import data
     import main
     import metrics
+    import splits
+    from settings import SweepSettings
 
-    run_args = main.parse_args(["--datasets", dataset, "--fold2", str(args.fold2), "--seed", str(args.seed),
-                                *args.extra])
-    d = data.labelled_cells(common.load_datasets(run_args)[0])
+    sweep_args = main.parse_args(sweep_command(dataset, model, out / f"sweep_{Path(dataset).stem}.csv", args))
+    read, split_sizes = cli.read_settings(sweep_args), cli.split_settings(sweep_args)
+    repeats = SweepSettings.from_args(sweep_args)
+    d = data.labelled_cells(data.load_collection(sweep_args.datasets, read)[0])
     codes, classes = splits.encode_labels(d.labels)
     features = cp10k_log1p(d.X)
     rows = []
-    for seed in splits.repeat_seeds(run_args.seed, run_args.fold1, run_args.fold2):
-        train_idx, _, test_idx = common.split_for(d, seed, run_args)
+    for seed in splits.repeat_seeds(repeats.seed, repeats.fold1, repeats.fold2):
+        train_idx, _, test_idx = splits.split_of(d.n_cells, seed, split_sizes, what=d.name)
         t0 = time.perf_counter()
         clf = LogisticRegression(max_iter=1000).fit(features[train_idx], codes[train_idx])
         scores = np.zeros((len(test_idx), len(classes)))
@@ -141,10 +154,10 @@ def main(args):
     frames, timing = [], []
     for dataset in args.datasets:
         rows, seconds = sweep(dataset, model, out, args)
-        lr = pd.DataFrame(logistic_regression_rows(dataset, args))
+        lr = pd.DataFrame(logistic_regression_rows(dataset, model, out, args))
         frames += [rows, lr]
         per_method = rows.groupby("method")["seconds"].sum()
-        timing.append(f"{dataset:<18} {int(rows['n_cells'].iloc[0]):>6} cells x {int(rows['n_genes'].iloc[0]):>6} genes, "
+        timing.append(f"{Path(dataset).stem:<18} {int(rows['n_cells'].iloc[0]):>6} cells x {int(rows['n_genes'].iloc[0]):>6} genes, "
                       f"{int(rows['n_classes'].iloc[0]):>2} types: sweep {seconds:6.1f} s for {args.fold2} repeats "
                       f"({seconds / args.fold2:.1f} s per repeat; training + scoring in all: "
                       + ", ".join(f"{m} {s:.1f} s" for m, s in per_method.items())

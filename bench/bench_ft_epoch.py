@@ -27,10 +27,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
-import features as features_mod
-import splits
-import runtime
-import cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,7 +68,7 @@ def product_limit(features, rows, hid: int, device) -> dict:
     import scipy.sparse as sp
     import torch
 
-    from model import HostCSR, torch_csr
+    from sparse import HostCSR, torch_csr
 
     X = sp.csr_matrix(features[rows], dtype=np.float32)
     weight_t = torch.randn(X.shape[1], hid, device=device)
@@ -94,33 +90,36 @@ def product_limit(features, rows, hid: int, device) -> dict:
 
 
 def epoch_seconds(path: Path, batch_format: str, args, warm_up: bool = False) -> tuple[float, dict]:
+    """``train_classifier`` as the sweep runs it with ``main.py --recipe R`` (main.py's other
+    defaults: its reading, split sizes and first repeat's seed), every epoch run."""
     import torch
 
     import classifier
-    import common
+    import cli
     import data
-    import main
+    import features as features_mod
+    import splits
+    from settings import ClassifierSettings, ReadSettings, SplitSettings, SweepSettings
 
     epochs = 2 if warm_up else args.epochs
-    run_args = main.parse_args(["--kmeans", "--datasets", str(path), "--recipe", args.recipe, "--ft_epoch",
-                                str(epochs), "--patience", str(epochs + 1), "--ft_batch_format",
-                                batch_format, "--log_level", "WARNING"])
-    cli.resolve_recipe(run_args)
-    d = data.labelled_cells(common.load_datasets(run_args)[0])
+    settings = ClassifierSettings(**cli.RECIPES[args.recipe], ft_epoch=epochs, patience=epochs + 1,
+                                  ft_batch_format=batch_format)
+    d = data.labelled_cells(data.load_collection([str(path)], ReadSettings())[0])
     codes, classes = splits.encode_labels(d.labels)
-    features = features_mod.features(d, run_args.normalize)
-    seed = splits.repeat_seeds(run_args.seed, run_args.fold1, run_args.fold2)[0]
-    split = common.split_for(d, seed, run_args)
-    clf = classifier.build_classifier(len(classes), seed, run_args, None, features.shape[1])
+    features = features_mod.features(d, settings.normalize)
+    sweep = SweepSettings()
+    seed = splits.repeat_seeds(sweep.seed, sweep.fold1, sweep.fold2)[0]
+    split = splits.split_of(d.n_cells, seed, SplitSettings(), what=d.name)
+    clf = classifier.build_classifier(len(classes), features.shape[1], settings, seed)
     device = torch.device(args.device)
     t0 = time.perf_counter()
-    _, epochs, _ = classifier.train_classifier(clf, features, codes, split, run_args, seed, device)
+    _, epochs, _ = classifier.train_classifier(clf, features, codes, split, settings, seed, device)
     seconds = (time.perf_counter() - t0) / epochs
     if warm_up:
         return seconds, {}
     info = {"cells": d.n_cells, "genes": features.shape[1], "train": len(split[0]), "validation": len(split[1]),
             "density": features.nnz / (features.shape[0] * features.shape[1]), "epochs": epochs,
-            **product_limit(features, split[0], run_args.hid, device)}
+            **product_limit(features, split[0], settings.hid, device)}
     return seconds, info
 
 
@@ -150,10 +149,10 @@ def pretrained(path: Path, args) -> Path:
 def main(args) -> dict:
     import torch
 
-    import common
+    import runtime
 
     runtime.flush_denormals()
-    print(f"code: {synth.code_version(('classifier.py', 'model.py', 'finetune.py'))}; torch threads "
+    print(f"code: {synth.code_version(('classifier.py', 'model.py', 'sparse.py', 'finetune.py'))}; torch threads "
           f"{torch.get_num_threads()}; device {args.device}; recipe {args.recipe}", flush=True)
     path = make_dataset(args)
     out = {}

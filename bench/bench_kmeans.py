@@ -41,7 +41,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
-import sparse
 
 METHODS = ("ours", "ours_every", "faiss", "sklearn")
 
@@ -159,12 +158,12 @@ def iteration_cost(npz: str, ks: list[int], seed: int, device: str, repeats: int
     import torch
 
     import kmeans
-    from model import torch_csr
+    from sparse import RowChunks, torch_csr
 
     X = sp.load_npz(npz).tocsr()
     X.data = X.data.astype(np.float32, copy=False)
     dev = torch.device(device)
-    rows = sparse.RowChunks(X, dev, cache=True)  # as kmeans.kmeans holds the rows it iterates over
+    rows = RowChunks(X, dev, cache=True)  # as kmeans.kmeans holds the rows it iterates over
     whole = torch_csr(X, dev)
 
     def best(fn):

@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -40,8 +39,6 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
-import genes as gn
-import runtime
 
 TARGETS = {"b_over_a": 1.5, "c_over_b": 5.0, "peak_c_over_b": 5.0}
 
@@ -119,8 +116,10 @@ def build_model(n_genes: int, counts, hid: int, seed: int, device="cpu"):
 def worker_ours(paths, args) -> dict:
     import torch
 
-    import common
     import pretrain
+    import runtime
+    from settings import PretrainSettings
+    from sparse import sparse_products
 
     t0 = time.perf_counter()
     coll = pretrain.build_collection(load(paths))  # as main.py: the list is emptied as it is aligned
@@ -132,12 +131,12 @@ def worker_ours(paths, args) -> dict:
     load_seconds = time.perf_counter() - t0 - t_kmeans
     device = torch.device(args.device)
     model, step_module, optimizer = build_model(len(coll.gene_universe), counts, args.hid, args.seed, device)
-    run_args = SimpleNamespace(batch_num=args.batch_num, seed=args.seed, batch_format=args.batch_format)
+    settings = PretrainSettings(hid=args.hid, batch_num=args.batch_num, seed=args.seed, batch_format=args.batch_format)
     epoch_seconds = []
     source = pretrain.step_source(coll, device)  # as run_epochs: on a GPU with room, the collection goes there
     for epoch in range(1, args.epochs + 1):
         t = time.perf_counter()
-        pretrain.train_epoch(step_module, optimizer, coll, targets, run_args, device, 1, epoch, source)  # ends on .item()
+        pretrain.train_epoch(step_module, optimizer, coll, targets, settings, device, 1, epoch, source)  # ends on .item()
         epoch_seconds.append(time.perf_counter() - t)
     mem = synth.memory_mib()
     steps = pretrain.epoch_batches(n_cells, args.batch_num, args.seed, 1, 1)
@@ -145,8 +144,8 @@ def worker_ours(paths, args) -> dict:
     return {"cells": int(sum(n_cells)), "datasets": len(n_cells), "genes": len(coll.gene_universe),
             "nnz": int(sum(X.nnz for X in coll.features)), "load_seconds": load_seconds, "kmeans_seconds": t_kmeans,
             "epoch_seconds": epoch_seconds, "steps_gathered_on_device": source is not None,
-            "peak_mib": mem["peak"], "batch_format": "sparse" if pretrain.sparse_input(
-                run_args, device) else "dense", "torch_threads": torch.get_num_threads(), "device": str(device), **limit}
+            "peak_mib": mem["peak"], "batch_format": "sparse" if sparse_products(
+                settings.batch_format, device) else "dense", "torch_threads": torch.get_num_threads(), "device": str(device), **limit}
 
 
 def _step_input(coll, targets, rows_per_dataset, sparse: bool, device):
@@ -168,7 +167,7 @@ def pure_limit(coll, targets, steps, weight, device, repeats: int = 2) -> dict:
     """(a): the encoder's two products per step on ready dense batches; and the same on torch CSR."""
     import torch
 
-    from model import HostCSR
+    from sparse import HostCSR
 
     hid, n_genes = weight.shape
     sizes = [sum(len(r) for r in rows) for rows in steps]
@@ -234,7 +233,7 @@ def worker_original(paths, args) -> dict:
     import torch
     from torch.utils.data import DataLoader, Dataset
 
-    import data
+    import genes as gn
 
     class CellDataset(Dataset):
         """The original's per-cell dataset: one (feature row, labels) pair per __getitem__."""
@@ -363,8 +362,8 @@ def main(args) -> dict:
         import pretrain  # noqa: F401
 
         baseline = synth.memory_mib()["rss"]
-        if args.worker == "ours":  # as main.py runs (common.run_script)
-            import common
+        if args.worker == "ours":  # as main.py runs (main.main)
+            import runtime
 
             runtime.flush_denormals()
             runtime.return_freed_memory()

@@ -3,9 +3,10 @@
     python bench/bench_recipe.py                       # real sets of ../shared/data/real + the demo's labelled ones
     python bench/bench_recipe.py --seeds 0 1 2 --pt_epoch 50
 
-For every labelled dataset and seed, one seeded split (``splits.split_cells``: the sweep's sizes)
+For every labelled dataset and seed, one seeded split (``splits.split_of``: the sweep's sizes)
 serves every method, each trained by the shipped code (``classifier.build_classifier`` /
-``train_classifier`` with the arguments ``main.py --recipe R`` resolves to):
+``train_classifier`` with the settings ``main.py --recipe R`` resolves to, ``cli.RECIPES[R]``
+over main.py's defaults):
 
 - ``paper`` and ``plus`` recipes, each from random init and from an encoder pre-trained (phase
   1, ``main.py --is_pretrain --kmeans --recipe R``) on a collection of all the datasets here,
@@ -26,14 +27,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import features as features_mod
-import genes as gn
-import splits
-import runtime
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(ROOT)]
+
+import features as features_mod  # noqa: E402
+import genes as gn  # noqa: E402
+import runtime  # noqa: E402
+import splits  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 DATASETS = {  # name: (path, label key)
@@ -84,18 +86,19 @@ def network_row(d, codes, n_classes, split, recipe: str, ckpt, seed: int) -> dic
     import torch
 
     import classifier
-    import data
-    import main
+    import cli
     import metrics
+    from settings import ClassifierSettings
 
-    args = main.parse_args(["--kmeans", "--recipe", recipe])
+    settings = ClassifierSettings(**cli.RECIPES[recipe])  # main.py --recipe R: the recipe over main.py's defaults
     pretrained = None
     if ckpt is not None:
-        pretrained = {"state": ckpt["model"], "lookup": gn.gene_lookup(d, ckpt["gene_universe"])}
-    features = features_mod.features(d, args.normalize)
+        pretrained = classifier.PretrainedStart(ckpt["model"], gn.gene_lookup(d, ckpt["gene_universe"]))
+    features = features_mod.features(d, settings.normalize)
     t0 = time.time()
-    clf = classifier.build_classifier(n_classes, seed, args, pretrained, d.n_genes)
-    clf, epochs, val_acc = classifier.train_classifier(clf, features, codes, split, args, seed, torch.device("cpu"))
+    clf = classifier.build_classifier(n_classes, d.n_genes, settings, seed, pretrained)
+    clf, epochs, val_acc = classifier.train_classifier(clf, features, codes, split, settings, seed,
+                                                       torch.device("cpu"))
     probs = classifier.predict_proba(clf, features, split[2], torch.device("cpu"))
     return {"val_acc": val_acc, **test_scores(codes[split[2]], probs), "epochs": epochs,
             "seconds": time.time() - t0, "n_scored_classes": metrics.classification_metrics(
@@ -106,7 +109,6 @@ def logistic_row(d, codes, split, seed: int) -> dict:
     """Logistic regression on log1p CP10k, C tuned on the validation cells: the shipped
     ``classifier.fit_linear_base`` (the regression ``--ft_linear_base`` puts beside the network)."""
     import classifier
-    import data
 
     X = features_mod.features(d, "cp10k")
     t0 = time.time()
@@ -135,21 +137,20 @@ def table(frame: pd.DataFrame, column: str) -> str:
 
 
 def main(args) -> pd.DataFrame:
-    import common
-    import data
-    from model import load_checkpoint
+    import checkpoints
+    from settings import SplitSettings
 
     runtime.setup_logging("WARNING")
     runtime.flush_denormals()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    encoders = {r: load_checkpoint(pretrain(r, out, args.pt_epoch)) for r in args.recipes}
+    encoders = {r: checkpoints.load(pretrain(r, out, args.pt_epoch)) for r in args.recipes}
     rows = []
     for name in args.datasets:
         d = load(name)
         codes, classes = splits.encode_labels(d.labels)
         for seed in args.seeds:
-            split = splits.split_cells(d.n_cells, seed, 0.6, 0.1, 1000, 1000)
+            split = splits.split_of(d.n_cells, seed, SplitSettings())  # the sweep's sizes
             for recipe in args.recipes:
                 for start, ckpt in (("random init", None), ("pretrained", encoders[recipe])):
                     row = network_row(d, codes, len(classes), split, recipe, ckpt, seed)

@@ -338,7 +338,8 @@ def bench_env(omp_wait_policy: str = "") -> dict:
     return env
 
 
-def code_version(files=("kmeans.py", "pretrain.py", "data.py", "model.py", "finetune.py")) -> str:
+def code_version(files=("kmeans.py", "pretrain.py", "data.py", "model.py", "finetune.py", "sparse.py", "csr_kernels.py",
+                        "genes.py", "features.py", "classifier.py", "annotation.py")) -> str:
     """The commit measured, and which of the measured files differ from it (others edit them)."""
     import subprocess
 

@@ -8,6 +8,7 @@ import scipy.sparse as sp
 import torch
 
 import annotate
+import annotation
 import checkpoints
 import data
 import main
@@ -50,11 +51,12 @@ def predict(trained, query, out, *extra):
 
 
 def reference_probabilities(trained, X_aligned):
-    """Independent: the classifier's dense forward pass on log1p of a matrix in the model's gene order."""
+    """Independent: the classifier's dense forward pass on log1p of a matrix in the model's gene order,
+    its logits divided by the checkpoint's calibration temperature."""
     clf, ckpt = checkpoints.load_classifier(trained["clf"])
     with torch.no_grad():
         x = torch.from_numpy(np.log1p(np.asarray(X_aligned, dtype=np.float32)))
-        return torch.softmax(clf(x), 1).numpy(), ckpt
+        return torch.softmax(clf(x) / ckpt["calibration"]["temperature"], 1).numpy(), ckpt
 
 
 def test_train_writes_a_self_describing_classifier(trained):
@@ -90,13 +92,37 @@ def test_query_with_permuted_missing_and_extra_genes_gets_the_aligned_prediction
     np.testing.assert_array_equal(table["predicted_labels"].to_numpy()[confident], best[confident])
 
 
-def test_unassigned_below_the_threshold(trained, tmp_path):
-    table = predict(trained, trained["ref"], tmp_path / "out.h5ad", "--p_thres", "0.9")
+def test_best_match_gives_every_cell_its_best_label_and_prob_match_every_label_above_the_threshold(trained, tmp_path):
+    best = predict(trained, trained["ref"], tmp_path / "best.h5ad")  # the default mode: best match
+    assert not (best["predicted_labels"] == "Unassigned").any()
+    table = predict(trained, trained["ref"], tmp_path / "out.h5ad", "--mode", "prob_match", "--p_thres", "0.9",
+                    "--probabilities")
+    probs = pd.read_csv(tmp_path / "out.probabilities.csv", index_col="cell")
+    for cell, label in table["predicted_labels"].items():  # independent: the classes at or above 0.9, best first
+        passing = probs.loc[cell][probs.loc[cell] >= 0.9].sort_values(ascending=False)
+        assert label == ("|".join(passing.index) if len(passing) else "Unassigned")
     low = table["conf_score"] < 0.9
     assert low.any() and (table.loc[low, "predicted_labels"] == "Unassigned").all()
-    assert (table.loc[~low, "predicted_labels"] != "Unassigned").all()
-    labels, conf = annotate.assign_labels(np.array([[0.6, 0.4], [0.3, 0.7], [0.5, 0.5]]), ["a", "b"], 0.55)
-    assert list(labels) == ["a", "b", "Unassigned"] and list(conf) == [0.6, 0.7, 0.5]
+    assert (table["conf_score"] == best["conf_score"]).all()  # the mode changes the labels, not the confidence
+
+
+def test_prob_match_joins_every_passing_label_from_the_most_probable():
+    probs = np.array([[0.6, 0.4, 0.0], [0.3, 0.65, 0.05], [0.34, 0.33, 0.33], [0.2, 0.35, 0.45]])
+    assert list(annotation.prob_match_labels(probs, ["a", "b", "c"], 0.35)) == ["a|b", "b", "Unassigned", "c|b"]
+    labels, conf = annotation.best_labels(probs, ["a", "b", "c"])
+    assert list(labels) == ["a", "b", "a", "c"] and list(conf) == [0.6, 0.65, 0.34, 0.45]
+
+
+def test_majority_voting_votes_on_the_best_labels_even_in_prob_match(trained, tmp_path):
+    table = predict(trained, trained["ref"], tmp_path / "out.h5ad", "--mode", "prob_match", "--p_thres", "0.99",
+                    "--majority_voting", "--n_clusters", "5", "--probabilities")
+    probs = pd.read_csv(tmp_path / "out.probabilities.csv", index_col="cell")
+    best = probs.idxmax(axis=1)
+    assert (table["predicted_labels"] == "Unassigned").any()  # many cells pass no label at 0.99 ...
+    assert not (table["majority_voting"] == "Unassigned").any()  # ... but the vote is on the best labels
+    for _, cluster in table.groupby("over_clustering"):
+        counts = best.loc[cluster.index].value_counts()
+        assert cluster["majority_voting"].iloc[0] == sorted(counts[counts == counts.max()].index)[0]
 
 
 def test_majority_voting_gives_one_label_per_over_cluster(trained, tmp_path):
@@ -111,8 +137,8 @@ def test_majority_voting_gives_one_label_per_over_cluster(trained, tmp_path):
 def test_majority_vote_and_heterogeneous():
     predicted = np.array(["a", "a", "b", "b", "b", "c", "a", "b"], dtype=object)
     clusters = np.array([0, 0, 0, 1, 1, 1, 2, 2])
-    assert list(annotate.majority_vote(predicted, clusters)) == ["a", "a", "a", "b", "b", "b", "a", "a"]
-    assert list(annotate.majority_vote(predicted, clusters, min_prop=0.7)[:3]) == ["Heterogeneous"] * 3
+    assert list(annotation.majority_vote(predicted, clusters)) == ["a", "a", "a", "b", "b", "b", "a", "a"]
+    assert list(annotation.majority_vote(predicted, clusters, min_prop=0.7)[:3]) == ["Heterogeneous"] * 3
 
 
 def test_written_h5ad_keeps_the_query_and_adds_the_annotation(trained, tmp_path):
@@ -261,11 +287,14 @@ def test_output_holds_text_as_plain_strings_when_the_query_holds_pandas_string_d
     query.write_h5ad(tmp_path / "q.h5ad")  # the fixture itself may write nullable strings (conftest allows it)
     with anndata.settings.override(allow_write_nullable_strings=False):
         predict(trained, tmp_path / "q.h5ad", tmp_path / "out.h5ad")
-    encodings = {}
+    encodings, source = {}, {}
     with h5py.File(tmp_path / "out.h5ad", "r") as f:
         f.visititems(lambda name, item: encodings.__setitem__(name, item.attrs.get("encoding-type")))
-    assert encodings["obs/_index"] == encodings["var/_index"] == encodings["raw/var/_index"] == "string-array"
-    assert "nullable-string-array" not in encodings.values()
+    with h5py.File(tmp_path / "q.h5ad", "r") as f:
+        f.visititems(lambda name, item: source.__setitem__(name, item.attrs.get("encoding-type")))
+    assert encodings["obs/_index"] == "string-array"  # the obs predict writes: plain strings
+    assert not any(v == "nullable-string-array" for k, v in encodings.items() if k.startswith("obs"))
+    assert all(encodings[k] == v for k, v in source.items() if not k.startswith("obs"))  # the rest as it was
     out = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert list(out.obs_names) == list(ref.obs_names) and list(out.var_names) == list(ref.var_names)
     assert list(out.obs["donor"]) == list(obs["donor"]) and list(out.obs["state"]) == list(obs["state"])

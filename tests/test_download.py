@@ -363,10 +363,11 @@ def test_read_any_reads_cellblast_h5ad_layout(tmp_path):
     np.testing.assert_array_equal(d.X.toarray(), counts)
 
 
-def test_demo_reads_the_embedded_h5_files_even_beside_an_h5ad():
+def test_demo_reads_the_embedded_h5_files_and_bare_names_find_them():
     names = data.expand_dataset_names(["demo"])
     assert [Path(n) for n in names] == [data.DATASET_DIR / f"{d}.h5" for d in data.DEMO_DATASETS]
-    assert (data.DATASET_DIR / "pbmc68k_reduced.h5ad").exists()  # would be found first by name
+    for name in data.DEMO_DATASETS:  # no other layout of a demo name beside it: a bare name finds the same file
+        assert download.local_dataset(name, data.DATASET_DIR) == data.DATASET_DIR / f"{name}.h5"
 
 
 # --------------------------------------------------------------------------- resuming

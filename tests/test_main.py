@@ -220,7 +220,7 @@ class h5_rename_genes:
 
 
 def test_np_input_and_ann_input_on_the_demo(tmp_path):
-    h5ad = os.path.join(ROOT, "dataset", "pbmc68k_reduced.h5ad")
+    h5ad = os.path.join(ROOT, "dataset", "pbmc68k_reduced_scanpy.h5ad")
     demo = data.read_h5ad(h5ad, label_key="bulk_labels", layer="raw", values="log1p")  # X is scaled
     pre = tmp_path / "pre.pt"
     main.main(main.parse_args(["--is_pretrain", "--datasets", h5ad, "--label_key", "bulk_labels", "--save_model",

@@ -108,8 +108,8 @@ def test_classifier_feeds_the_query_what_it_was_trained_on(tmp_path):
                                        "--probabilities", "--log_level", "WARNING"]))
     clf, _ = checkpoints.load_classifier(tmp_path / "clf.pt")
     cp10k = np.log1p(counts * 1e4 / counts.sum(1, keepdims=True)).astype(np.float32)
-    with torch.no_grad():
-        expected = torch.softmax(clf(torch.from_numpy(cp10k)), 1).numpy()
+    with torch.no_grad():  # the logits divided by the calibration temperature
+        expected = torch.softmax(clf(torch.from_numpy(cp10k)) / ckpt["calibration"]["temperature"], 1).numpy()
     written = pd.read_csv(tmp_path / "o.probabilities.csv", index_col="cell")
     np.testing.assert_allclose(written[ckpt["classes"]].to_numpy(), expected, atol=1e-5)
 
@@ -315,9 +315,10 @@ def test_linear_base_travels_in_the_checkpoint_and_reads_a_query_in_its_own_gene
     totals = aligned.sum(1, keepdims=True)
     cp10k = np.log1p(np.divide(aligned * 1e4, totals, out=np.zeros_like(aligned), where=totals > 0)).astype(np.float32)
     clf, _ = checkpoints.load_classifier(tmp_path / "clf.pt")
+    temperature = ckpt["calibration"]["temperature"]
     with torch.no_grad():
-        expected = torch.softmax(clf(torch.from_numpy(cp10k)), 1).numpy()
-        without_base = torch.softmax(clf.network(torch.from_numpy(cp10k)), 1).numpy()
+        expected = torch.softmax(clf(torch.from_numpy(cp10k)) / temperature, 1).numpy()
+        without_base = torch.softmax(clf.network(torch.from_numpy(cp10k)) / temperature, 1).numpy()
     written = pd.read_csv(tmp_path / "o.probabilities.csv", index_col="cell")[ckpt["classes"]].to_numpy()
     np.testing.assert_allclose(written, expected, atol=1e-5)
     assert not np.allclose(written, without_base, atol=1e-3)  # the base's logits are in the probabilities
