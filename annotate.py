@@ -58,7 +58,8 @@ DEFAULT_RECIPE = "transfer"
 # --------------------------------------------------------------------------- command line
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (its --help states every default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{transfer,train,predict,embed}")
     formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -85,6 +86,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         add_output_args(sub)
     for sub in (transfer, train, predict, embed):
         add_run_args(sub)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command in ("train", "transfer"):
         # a pretrained encoder decides its features unless a recipe or --normalize is asked for

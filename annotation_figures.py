@@ -94,6 +94,7 @@ def draw_annotation_umap(representation: np.ndarray, table: pd.DataFrame, stem, 
     xy = umap_embedding(representation[rows], seed)
     part = table.iloc[rows]
     columns = [c for c in ("predicted_labels", "majority_voting") if c in part.columns] + ["conf_score"]
+    palette = label_palette(part[[c for c in columns if c != "conf_score"]])
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(columns), figsize=(6.2 * len(columns), 5.6), squeeze=False)
     for ax, column in zip(axes[0], columns):
@@ -102,7 +103,7 @@ def draw_annotation_umap(representation: np.ndarray, table: pd.DataFrame, stem, 
                                vmax=1, rasterized=True)
             fig.colorbar(image, ax=ax, label="conf_score")
         else:
-            _categorical_scatter(ax, xy, part[column].astype(str).to_numpy())
+            _categorical_scatter(ax, xy, part[column].astype(str).to_numpy(), palette)
         ax.set_title(column)
         ax.set_xticks([])
         ax.set_yticks([])
@@ -114,13 +115,26 @@ def draw_annotation_umap(representation: np.ndarray, table: pd.DataFrame, stem, 
     return _save(fig, stem)
 
 
-def _categorical_scatter(ax, xy: np.ndarray, labels: np.ndarray) -> None:
+NO_LABEL_COLOUR = (0.75, 0.75, 0.75, 1.0)  # Unassigned, Heterogeneous
+
+
+def label_palette(columns: pd.DataFrame) -> dict:
+    """One colour per label over every label column, so a label has the same colour in each panel
+    (Unassigned and Heterogeneous grey)."""
+    from checkpoints import RESERVED_LABELS
+
     plt = _pyplot()
-    kinds = sorted(set(labels))
+    kinds = sorted({str(v) for c in columns.columns for v in columns[c].astype(str)} - set(RESERVED_LABELS))
     cmap = plt.get_cmap("tab20" if len(kinds) > 10 else "tab10")
-    for i, kind in enumerate(kinds):
+    palette = {kind: cmap(i % cmap.N) for i, kind in enumerate(kinds)}
+    return {**palette, **{r: NO_LABEL_COLOUR for r in RESERVED_LABELS}}
+
+
+def _categorical_scatter(ax, xy: np.ndarray, labels: np.ndarray, palette: dict) -> None:
+    kinds = sorted(set(labels))
+    for kind in kinds:
         cells = labels == kind
-        ax.scatter(xy[cells, 0], xy[cells, 1], s=3, color=cmap(i % cmap.N), label=f"{kind} ({int(cells.sum()):,})",
-                   rasterized=True)
+        ax.scatter(xy[cells, 0], xy[cells, 1], s=3, color=palette.get(kind, NO_LABEL_COLOUR),
+                   label=f"{kind} ({int(cells.sum()):,})", rasterized=True)
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), markerscale=4, fontsize="x-small", frameon=False,
               ncol=1 if len(kinds) <= 20 else 2)

@@ -41,7 +41,8 @@ DONE_KEY = ["dataset", results.DATA_ID, "seed", "features", results.RUN_ID]
 UMAP_MIN_CELLS = 10  # UMAP's neighbour graph and spectral layout need more cells than this
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (its --help states every default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pretrained_model", default=str(cli.DEFAULT_MODEL),
                         help="encoder checkpoint giving the scPretrain features (default: %(default)s)")
@@ -59,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_common_args(parser)
     cli.add_recipe_args(parser)
     cli.add_feeding_arg(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = cli.resolve_recipe(parser.parse_args(argv))
     cli.check_derived_seeds(parser, args.seed + args.n_seeds)
     return args

@@ -59,7 +59,8 @@ SOURCES = (FINETUNE, OFFSHELF, CLUSTERING)
 CLASSIFIER_NAMES = {"rf": "random forest", "svm": "linear SVM", "lr": "logistic regression"}
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (its --help states every default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results_dir", default=str(cli.RESULTS_DIR),
                         help="where the CSVs are read from and the figures written to (default: %(default)s)")
@@ -70,6 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="plot the rows of this run identity (default: each file's newest; rows of "
                              "different identities are never averaged together)")
     cli.add_log_level_arg(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     return parser.parse_args(argv)
 
 
@@ -238,6 +244,19 @@ def make_figures(frames: dict, out_dir: Path) -> list[Path]:
     return written
 
 
+def planned_figures(frames: dict, out_dir: Path) -> list[Path]:
+    """Every figure file ``make_figures`` may write for these frames (PNG and PDF of each stem)."""
+    stems = []
+    if "finetune" in frames:
+        stems += [f"finetune_{m}" for m in METRIC_NAMES]
+    if "offshelf" in frames:
+        stems += [f"offshelf_{clf}_{m}" for clf in sorted(frames["offshelf"]["classifier"].unique()) for m in METRIC_NAMES]
+    if "clustering" in frames:
+        stems += [f"clustering_{m}" for m in CLUSTER_METRICS]
+    stems += ["summary"] if frames else []
+    return [out_dir / f"{stem}{ext}" for stem in stems for ext in (".png", ".pdf")]
+
+
 def run(args) -> list[Path]:
     import matplotlib
 
@@ -250,6 +269,8 @@ def run(args) -> list[Path]:
         log.info("note: no result CSV found in %s; nothing to plot", args.results_dir)
         return []
     out_dir = files.check_output_dir(args.results_dir, "--results_dir")
+    files.refuse_clashes({"--results_dir (a figure)": planned_figures(frames, out_dir)},
+                         {f"--{s.name}_csv": csv_path(args, s) for s in SOURCES})
     written = make_figures(frames, out_dir)
     log.info("%d figure files written to %s", len(written), out_dir)
     return written

@@ -90,8 +90,17 @@ def check_free_space(folder, needed: int, shown) -> None:
     except OSError:
         return  # unknown: the write itself will say
     if free < needed + FREE_MARGIN_BYTES:
-        raise OutputError(f"{shown}: needs about {needed / 2**20:,.0f} MiB but its file system has "
-                          f"{free / 2**20:,.0f} MiB free; free some space or choose another path")
+        raise OutputError(f"{shown}: needs about {human_bytes(needed)} (and {human_bytes(FREE_MARGIN_BYTES)} to "
+                          f"spare) but its file system has {human_bytes(free)} free; free some space or choose "
+                          "another path")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} GiB"
 
 
 # --------------------------------------------------------------------------- output paths

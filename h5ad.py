@@ -44,6 +44,9 @@ def read_elem(node, path, member: str):
         return _anndata_io().read_elem(node)
     except DataError:
         raise
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: '{member}' holds names that are not UTF-8 text ({exc.reason}); write them as UTF-8 "
+                        "strings") from None
     except Exception as exc:  # anndata raises many types; name the file and member
         raise DataError(f"{path}: cannot read '{member}' as h5ad ({type(exc).__name__}: {exc}); the file is damaged "
                         "or not an h5ad; write it again") from None

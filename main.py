@@ -25,7 +25,8 @@ from settings import PretrainSettings, SweepSettings
 log = logging.getLogger("scpretrain")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (its --help states every default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--is_pretrain", action="store_true", help="pre-train (default: run the fine-tuning sweep)")
     parser.add_argument("--kmeans", action="store_true",
@@ -41,6 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_feeding_arg(parser)
     cli.add_pretrain_args(parser)
     cli.add_finetune_args(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = cli.resolve_recipe(parser.parse_args(argv))
     cli.check_split_fractions(parser, args)
     cli.check_derived_seeds(parser, args.seed * 1000 + args.fold1 * args.fold2 + 3)

@@ -37,7 +37,8 @@ RESULT_COLUMNS = ["dataset", "seed", "classifier", "features", results.RUN_ID, *
 DONE_KEY = ["dataset", results.DATA_ID, "seed", "classifier", "features", results.RUN_ID]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (its --help states every default)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clf", choices=CLASSIFIERS, default="svm",
                         help="rf = random forest (10 trees, depth 5), svm = linear SVM, "
@@ -53,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.add_common_args(parser)
     cli.add_recipe_args(parser)
     cli.add_feeding_arg(parser)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = cli.resolve_recipe(parser.parse_args(argv))
     cli.check_split_fractions(parser, args)
     cli.check_derived_seeds(parser, args.seed * 1000 + args.fold1 * args.fold2)

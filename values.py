@@ -115,7 +115,10 @@ def _rows_sum_to_constant(X, tolerance: float = 0.02) -> bool:
     if len(sums) < 2:
         return False
     median = float(np.median(sums))
-    return float(np.mean(np.abs(sums - median) <= tolerance * median)) >= 0.95
+    if not np.isfinite(median):
+        return False
+    with np.errstate(invalid="ignore"):
+        return float(np.mean(np.abs(sums - median) <= tolerance * median)) >= 0.95
 
 
 def settle_values(kind: str, why: str, wanted: str, where: str, path) -> str:
