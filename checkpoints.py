@@ -142,14 +142,16 @@ def classifier_checkpoint(clf: Classifier, genes: Sequence[str], classes: Sequen
     }
 
 
-def resume_checkpoint(model: nn.Module, optimizer, progress: dict, labels, datasets: Sequence[str],
+def resume_checkpoint(weights: dict, optimizer: dict, progress: dict, labels, datasets: Sequence[str],
                       gene_universe: Sequence[str], settings: dict, phase: int) -> dict:
-    """Everything an interrupted pre-training run needs to go on as if it had not stopped."""
+    """Everything an interrupted pre-training run needs to go on as if it had not stopped: every
+    parameter and its optimiser state by name, in the whole collection's layout (heads named by
+    their dataset's place in it), whatever the number of ranks that wrote it."""
     return {
         "kind": RESUME_KIND,
         "format_version": FORMAT_VERSION,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
+        "model": weights,
+        "optimizer": optimizer,
         **progress,
         "pseudo_labels": [[torch.as_tensor(lab) for lab in per_d] for per_d in labels],
         "datasets": list(datasets),

@@ -425,7 +425,13 @@ def load_collection(names: Sequence[str] | None = None, settings: ReadSettings |
     are read and where names are found.
     """
     settings = settings or ReadSettings()
-    entries = dataset_entries(names, settings)
+    return load_entries(dataset_entries(names, settings), settings, orthologs)
+
+
+def load_entries(entries: Sequence[DatasetEntry], settings: ReadSettings | None = None,
+                 orthologs: dict[str, str] | None = None) -> list[CellData]:
+    """Read these datasets (:func:`dataset_entries`), genes mapped."""
+    settings = settings or ReadSettings()
     orthologs = gn.load_ortholog_table() if orthologs is None else orthologs
     out = []
     for entry in entries:

@@ -113,9 +113,14 @@ def build_gene_universe(datasets: Sequence[CellData]) -> np.ndarray:
 
     Expects datasets whose genes are already mapped (:func:`map_dataset_genes`).
     """
+    return gene_universe_of([(d.species, d.genes) for d in datasets])
+
+
+def gene_universe_of(species_and_genes) -> np.ndarray:
+    """:func:`build_gene_universe` of (species, mapped genes) pairs, one per dataset."""
     by_species: dict[str, set] = {}
-    for d in datasets:
-        by_species.setdefault(d.species, set()).update(d.genes)
+    for species, names in species_and_genes:
+        by_species.setdefault(species, set()).update(names)
     if len(by_species) > 1:  # scPretrain: genes present in both species
         universe = set.intersection(*by_species.values())
     else:

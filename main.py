@@ -20,6 +20,7 @@ import finetune
 import pretrain
 import results
 import runtime
+import shards
 from settings import PretrainSettings, SweepSettings
 
 log = logging.getLogger("scpretrain")
@@ -75,8 +76,8 @@ def run_pretraining(args) -> dict:
                           "--save_model (its epoch checkpoint)": pretrain.resume_path_for(save_path)},
                          input_files(args))
     device = runtime.resolve_device(cli.device_wanted(args))
-    distributed = pretrain.init_distributed(device)
-    rank, _ = pretrain.dist_info()
+    distributed = shards.init_distributed(device)
+    rank, _ = shards.dist_info()
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
     settings = PretrainSettings.from_args(args)
@@ -84,12 +85,12 @@ def run_pretraining(args) -> dict:
     completed = False
     try:
         read = cli.read_settings(args)
-        final = pretrain.run_pretraining(data.load_collection(args.datasets, read), settings, save_path, device,
+        final = pretrain.run_pretraining(data.dataset_entries(args.datasets, read), settings, save_path, device,
                                          read, args.pretrained_model, args.resume, cli.args_dict(args))
         completed = True
         return final
     finally:
-        pretrain.finish_distributed(completed)
+        shards.finish_distributed(completed)
 
 
 def run_sweep(args):
@@ -122,4 +123,4 @@ def main(args) -> object:
 
 if __name__ == "__main__":
     main(parse_args())
-    pretrain.exit_worker_now()
+    shards.exit_worker_now()

@@ -92,12 +92,20 @@ class PretrainModel(nn.Module):
     datasets each bring three small heads.
     """
 
-    def __init__(self, cfg: ModelConfig, cluster_counts: Sequence[Sequence[int]], encoder: Encoder | None = None):
+    def __init__(self, cfg: ModelConfig, cluster_counts: Sequence[Sequence[int]], encoder: Encoder | None = None,
+                 keep: Sequence[int] | None = None):
+        """``cluster_counts``: every dataset's granularities, in the collection's order; the heads of
+        all are drawn in that order (as one process draws them), and those of the datasets ``keep``
+        are kept (a rank's own: default all), their dataset's place in ``dataset_ids``."""
         super().__init__()
         self.cfg = cfg
-        self.cluster_counts = [[int(k) for k in counts] for counts in cluster_counts]
+        keep = list(range(len(cluster_counts))) if keep is None else list(keep)
         self.encoder = encoder if encoder is not None else Encoder(cfg.n_genes, cfg.hid)
-        self.heads = nn.ModuleList(nn.Linear(cfg.hid, sum(counts)) for counts in self.cluster_counts)
+        drawn = [nn.Linear(cfg.hid, int(sum(counts))) for counts in cluster_counts]
+        self.dataset_ids = keep
+        self.cluster_counts = [[int(k) for k in cluster_counts[g]] for g in keep]
+        self.heads = nn.ModuleList(drawn[g] for g in keep)
+        del drawn
         for d, counts in enumerate(self.cluster_counts):
             # segments[j, g] = 1 when output j belongs to granularity g: sums exp over each head
             self.register_buffer(f"segments_{d}", segment_matrix(counts), persistent=False)

@@ -2,23 +2,26 @@
 
 Phase 1 clusters each dataset's log1p input; phase 2 clusters the phase-1 encoder's output and
 trains fresh heads on the same encoder. Each step takes one mini-batch from every dataset and
-sums the cross-entropies; the epoch loss drives early stopping. Works in one process or under
-``torchrun`` (each rank takes its share of every batch; gradients are averaged by
-DistributedDataParallel). Importing does nothing.
+sums the cross-entropies; the epoch loss drives early stopping.
+
+Under ``torchrun`` every rank owns a share of the datasets (:mod:`shards`): it reads only those,
+clusters them, and holds their heads; each step it computes its datasets' share of the loss, the
+encoder's gradients are summed over the ranks, and every rank takes the same optimiser step. What
+is drawn at random (heads' initial weights, epochs' batches) is drawn for the whole collection in
+its order on every rank, so that any number of ranks gives one process's encoder up to float
+rounding; one process is the one-rank case. Importing does nothing.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
-import torch.distributed as dist
 
 import checkpoints
 import data
@@ -26,6 +29,8 @@ import genes
 import kmeans
 import results
 import runtime
+import shards
+from shards import dist_info
 from checkpoints import Feeding
 from errors import CheckpointError
 from features import features as feature_matrix
@@ -49,6 +54,11 @@ class Collection:
     offsets: np.ndarray  # the first row of each dataset in stacked, and the total
 
     fed: Feeding = Feeding()  # what the encoder is fed
+    global_ids: list[int] = field(default_factory=list)  # each dataset's place in the whole collection
+
+    def __post_init__(self):
+        if not self.global_ids:
+            self.global_ids = list(range(len(self.names)))
 
     @classmethod
     def of_stacked(cls, names, digests, stacked: sp.csr_matrix, offsets: np.ndarray, raw, gene_universe,
@@ -64,18 +74,19 @@ class Collection:
 
 
 def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw: bool = False,
-                     normalize: str = "none") -> Collection:
+                     normalize: str = "none", digests: list[str] | None = None) -> Collection:
     """Align every dataset to the universe; ``datasets`` is emptied as it goes, so that each
-    unaligned matrix is freed as soon as its aligned copy exists (memory stays flat)."""
+    unaligned matrix is freed as soon as its aligned copy exists (memory stays flat).
+    ``digests``: the datasets' ``data.dataset_digest`` when already computed."""
     universe = genes.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
     log.info("gene universe: %d genes", len(universe))
-    fed = collection_feeding(datasets, normalize)
-    names, digests, raw = [], [], []
+    fed = collection_feeding([(d.name, d.values) for d in datasets], normalize)
+    digests = list(digests) if digests is not None else [data.dataset_digest(d) for d in datasets]
+    names, raw = [], []
     # aligning keeps or sums a dataset's values, never adds any: their total bounds the collection's
     stack = CSRStack(len(universe), sum(d.X.nnz for d in datasets))
     while datasets:
         d = datasets.pop(0)
-        digests.append(data.dataset_digest(d))
         aligned = genes.align_to_universe(d, universe)
         names.append(d.name)
         del d
@@ -85,98 +96,49 @@ def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw
     return Collection.of_stacked(names, digests, *stack.finish(), raw, universe, fed)
 
 
-def collection_feeding(datasets: list[data.CellData], normalize: str) -> Feeding:
-    """What the encoder is fed: one kind of values for every dataset (``--values`` applies to all)."""
-    kinds = sorted({d.values for d in datasets})
+def collection_feeding(names_and_values, normalize: str) -> Feeding:
+    """What the encoder is fed: one kind of values for every dataset (``--values`` applies to all);
+    ``names_and_values``: (name, values) of each dataset."""
+    kinds = sorted({v for _, v in names_and_values})
     if len(kinds) > 1:
-        mixed = {k: [d.name for d in datasets if d.values == k][:3] for k in kinds}
+        mixed = {k: [n for n, v in names_and_values if v == k][:3] for k in kinds}
         raise data.DataError(f"the datasets hold different kinds of values ({mixed}); one encoder must be fed one "
                              "kind: pass --values, or --layer, so that every dataset gives the same")
     return Feeding(kinds[0] if kinds else "raw", normalize)
-
-
-# --------------------------------------------------------------------------- distributed helpers
-
-
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed(device: torch.device) -> bool:
-    """Join the torchrun process group when launched by torchrun; gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return dist.is_initialized()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return True
-
-
-def finish_distributed(completed: bool) -> None:
-    """Leave the torchrun process group: after a completed run every rank meets once (rank 0 has
-    saved), then the group is destroyed, so that no rank exits with its gloo/nccl threads still
-    running (that aborts the process, and torchrun then waits on the other node)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if completed:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def exit_worker_now() -> None:
-    """End a torchrun worker right after a finished run, skipping interpreter teardown: on a loaded
-    CPU, torch's teardown after the process group is gone aborted a rank about once in 18 runs
-    ("terminate called without an active exception", no Python frame), failing the whole launch.
-    A no-op outside torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
-
-
-def broadcast(obj):
-    """Rank 0's object on every rank (a no-op in one process)."""
-    rank, world = dist_info()
-    if world == 1:
-        return obj
-    box = [obj if rank == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # --------------------------------------------------------------------------- pseudo-labels
 
 
 def compute_pseudo_labels(coll: Collection, settings: PretrainSettings, device, encoder=None) -> list[list[np.ndarray]]:
-    """Labels at the three granularities for every dataset: on the input (phase 1) or on the
-    encoder's output (phase 2). Computed on rank 0 and shared with every rank."""
-    rank, _ = dist_info()
-    labels = None
-    if rank == 0:
-        labels = []
-        for i, name in enumerate(runtime.progress(coll.names, desc="K-means", disable=rank != 0)):
-            if encoder is not None:
-                X = represent(encoder, coll.features[i], device=device)
-            else:
-                X = coll.raw[i] if settings.kmeans_on == "raw" else coll.features[i]
-            t0 = time.time()
-            per_k = kmeans.pseudo_labels(X, settings.avg_cluster_num, settings.kmeans_iter, seed=settings.seed,
-                                         device=device, max_cells=settings.kmeans_max_cells, tol=settings.kmeans_tol)
-            log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
-            labels.append(per_k)
-        log.debug("pseudo-labels ready; peak resident memory so far %s MiB", runtime.mib(runtime.peak_memory_mib()))
-    return broadcast(labels)
+    """Labels at the three granularities for each of this rank's datasets: on the input (phase 1)
+    or on the encoder's output (phase 2); the other ranks cluster theirs at the same time."""
+    rank, world = dist_info()
+    labels = []
+    t_all = time.time()
+    for i, name in enumerate(runtime.progress(coll.names, desc="K-means", disable=rank != 0)):
+        if encoder is not None:
+            X = represent(encoder, coll.features[i], device=device)
+        else:
+            X = coll.raw[i] if settings.kmeans_on == "raw" else coll.features[i]
+        t0 = time.time()
+        per_k = kmeans.pseudo_labels(X, settings.avg_cluster_num, settings.kmeans_iter, seed=settings.seed,
+                                     device=device, max_cells=settings.kmeans_max_cells, tol=settings.kmeans_tol)
+        log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
+        labels.append(per_k)
+    seconds = shards.gather_to_root(time.time() - t_all)
+    if world > 1 and rank == 0:
+        log.info("K-means on %d ranks: %s s (each rank its own datasets)", world,
+                 ", ".join(f"rank {r} {t:.1f}" for r, t in enumerate(seconds)))
+    log.debug("pseudo-labels ready; peak resident memory so far %s MiB", runtime.mib(runtime.peak_memory_mib()))
+    return labels
 
 
 # --------------------------------------------------------------------------- training
 
 
 class MultiTaskStep(torch.nn.Module):
-    """One step's loss over every dataset's batch; one forward, so DDP wraps it cleanly."""
+    """One step's loss over this rank's datasets' batches, in one forward."""
 
     def __init__(self, model: PretrainModel):
         super().__init__()
@@ -224,18 +186,17 @@ def step_source(coll: Collection, device: torch.device) -> DeviceCSR | None:
     return DeviceCSR(coll.stacked, device)
 
 
-def prepare_step(coll: Collection, targets, rows_per_dataset, rank: int, world: int, sparse: bool,
-                 device: torch.device, source: DeviceCSR | None = None) -> HostStep | None:
-    """This rank's share of one step's cells: gathered from ``source`` on the device, or from the
-    host's collection (a ``HostCSR`` for the CPU's sparse products, a CSR otherwise)."""
-    mine = [rows[rank::world] for rows in rows_per_dataset]  # this rank's share of each batch
-    used = [d for d, rows in enumerate(mine) if len(rows)]
+def prepare_step(coll: Collection, targets, rows_per_dataset, sparse: bool, device: torch.device,
+                 source: DeviceCSR | None = None) -> HostStep | None:
+    """One step's cells of this rank's datasets (``rows_per_dataset``: their rows, dataset by
+    dataset): gathered from ``source`` on the device, or from the host's collection (a ``HostCSR``
+    for the CPU's sparse products, a CSR otherwise). None when they bring no cell."""
+    used = [d for d, rows in enumerate(rows_per_dataset) if len(rows)]
     if not used:
         return None
-    rows = coll.rows_of(used, [mine[d] for d in used])
-    ys = [targets[d][mine[d]] for d in used]
-    # each dataset's summed loss is divided by its whole batch: a mean once DDP averages ranks
-    denominators = [len(rows_per_dataset[d]) / world for d in used]
+    rows = coll.rows_of(used, [rows_per_dataset[d] for d in used])
+    ys = [targets[d][rows_per_dataset[d]] for d in used]
+    denominators = [float(len(rows_per_dataset[d])) for d in used]  # each dataset's loss: a mean over its batch
     if source is not None:
         return HostStep(used, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
     X = coll.stacked[rows]
@@ -261,39 +222,55 @@ def step_inputs(host: HostStep, device: torch.device):
 
 
 def train_epoch(step_module, optimizer, coll: Collection, targets, settings: PretrainSettings, device, phase: int,
-                epoch: int, source: DeviceCSR | None = None) -> float:
-    """One epoch; returns the mean step loss (the same number on every rank). ``source``: the
-    collection on the device (``step_source``), where steps then gather their cells."""
+                epoch: int, source: DeviceCSR | None = None, n_cells_all: list[int] | None = None) -> float:
+    """One epoch; returns the mean step loss of the whole collection (the same number on every
+    rank). ``source``: the collection on the device (``step_source``), where steps then gather
+    their cells; ``n_cells_all``: every dataset's cells, over all ranks, in the collection's order
+    (this rank's when None), for which the epoch's batches are drawn."""
     rank, world = dist_info()
-    n_cells = [X.shape[0] for X in coll.features]
-    steps = epoch_batches(n_cells, settings.batch_num, settings.seed, phase, epoch)
+    n_cells_all = n_cells_all or [X.shape[0] for X in coll.features]
+    steps = epoch_batches(n_cells_all, settings.batch_num, settings.seed, phase, epoch)
     sparse = sparse_products(settings.batch_format, device)
+    encoder = step_module.model.encoder
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     # on a GPU the host prepares the next step while the device works on this one: nothing here
     # waits for the device but the logged loss. The bar is advanced by hand: iterating it over the
     # steps' batches would keep each batch referenced while the next one is gathered
     bar = runtime.progress(total=len(steps), desc=f"phase {phase} epoch {epoch}", leave=False, disable=rank != 0)
     for step, rows in enumerate(steps):
-        host = prepare_step(coll, targets, rows, rank, world, sparse, device, source)
         bar.update(1)
-        if host is None:
+        if not any(len(r) for r in rows):  # no dataset brings a cell to this step, on any rank
             continue
-        loss = step_module(*step_inputs(host, device))
-        del host  # the batch now lives only in the graph (its weight gradient reads it)
+        host = prepare_step(coll, targets, [rows[g] for g in coll.global_ids], sparse, device, source)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = None
+        if host is not None:
+            loss = step_module(*step_inputs(host, device))
+            del host  # the batch now lives only in the graph (its weight gradient reads it)
+            loss.backward()
+            loss_sum += loss.detach()
+        sum_encoder_gradients(encoder)
         optimizer.step()
-        loss_sum += loss.detach()
-        if rank == 0 and (step % 10 == 9 or step == len(steps) - 1):
-            bar.set_postfix(loss=f"{loss.item():.4f}")  # rank 0's share estimates the whole
+        if rank == 0 and loss is not None and (step % 10 == 9 or step == len(steps) - 1):
+            bar.set_postfix(loss=f"{loss.item():.4f}")  # rank 0's share of the step
         # the graph, and the batch it holds, go before the next step's cells are gathered (kept to
         # the next forward, a 30,000-cell step's batch raised the peak)
         del loss
     bar.close()
-    if world > 1:  # each rank's loss estimates the whole batch's: average them
-        dist.all_reduce(loss_sum)
-        loss_sum /= world
+    shards.sum_over_ranks_([loss_sum])
     return float(loss_sum) / len(steps)
+
+
+def sum_encoder_gradients(encoder: torch.nn.Module) -> None:
+    """The encoder's gradients summed over the ranks (a rank whose datasets brought no cell to the
+    step adds zeros); the heads' stay their rank's own. Nothing to do in one process."""
+    if dist_info()[1] == 1:
+        return
+    params = list(encoder.parameters())
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    shards.sum_over_ranks_([p.grad for p in params])
 
 
 @dataclass
@@ -330,46 +307,74 @@ def model_config(start: Start, coll: Collection, settings: PretrainSettings) -> 
                        sigmoid_logits=settings.sigmoid_logits)
 
 
-def run_settings(settings: PretrainSettings, read: ReadSettings, start: Start, coll: Collection) -> dict:
+def run_settings(settings: PretrainSettings, read: ReadSettings, start: Start, whole: "Whole") -> dict:
     """Everything that changes this run's numbers (the settings' identity fields, what each dataset
     is, the gene universe, the starting model): --resume must find the same."""
     found = identity(settings, read, drop=("label_key",))
-    found.update(datasets=list(coll.names), dataset_digests=list(coll.digests), gene_universe=results.short_digest(
-        "\n".join(map(str, coll.gene_universe)).encode()), start_model=start.model_digest)
+    found.update(datasets=list(whole.names), dataset_digests=list(whole.digests), gene_universe=results.short_digest(
+        "\n".join(map(str, whole.gene_universe)).encode()), start_model=start.model_digest)
     return found
 
 
-def build_model(cfg: ModelConfig, labels, start: Start, settings: PretrainSettings, device):
-    """The model (shared encoder, side-by-side heads), its optimiser, and the step module that
-    DistributedDataParallel wraps when there are several processes."""
-    counts = [[int(np.max(lab)) + 1 for lab in per_d] for per_d in labels]
+def head_counts(labels) -> list[list[int]]:
+    """Each dataset's number of clusters at each granularity (its heads' widths)."""
+    return [[int(np.max(lab)) + 1 for lab in per_d] for per_d in labels]
+
+
+def build_model(cfg: ModelConfig, counts_all: list[list[int]], own: list[int], labels, start: Start,
+                settings: PretrainSettings, device):
+    """The model (shared encoder, this rank's datasets' heads, drawn as one process draws every
+    dataset's, in the collection's order), its optimiser, the step module and the targets."""
     torch.manual_seed(settings.seed + start.phase)
-    model = PretrainModel(cfg, counts, start.encoder).to(device)
+    model = PretrainModel(cfg, counts_all, start.encoder, keep=own).to(device)
     optimizer = make_adam(model.parameters(), settings.pt_lr)
-    step_module = MultiTaskStep(model)
-    if dist_info()[1] > 1:
-        # the only buffers are the constant head-segment matrices: nothing to broadcast each step
-        step_module = torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True,
-                                                                broadcast_buffers=False)
-    targets = [offset_targets(per_d, c) for per_d, c in zip(labels, counts)]
-    return model, optimizer, step_module, targets
+    targets = [offset_targets(per_d, counts_all[g]) for per_d, g in zip(labels, own)]
+    return model, optimizer, MultiTaskStep(model), targets
 
 
 def new_progress() -> dict:
     return {"epoch": 0, "best_loss": float("inf"), "wait": 0, "losses": []}
 
 
-def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, run_ids: dict,
+@dataclass
+class Whole:
+    """What every rank knows of the whole collection, in its order (the datasets of all ranks)."""
+
+    names: list[str]
+    digests: list[str]
+    cells: list[int]
+    gene_universe: np.ndarray
+    fed: Feeding
+    plan: shards.ShardPlan
+
+
+def whole_collection(datasets: list[data.CellData], own: list[int], plan: shards.ShardPlan, start: Start,
+                     normalize: str) -> Whole:
+    """Every rank's datasets' names, digests, cell counts and genes, told to every rank; the gene
+    universe from all of them (phase 2: the phase-1 encoder's); one kind of values for all."""
+    facts = [(g, d.name, data.dataset_digest(d), d.n_cells, d.species, list(d.genes), d.values)
+             for g, d in zip(own, datasets)]
+    every = sorted(f for part in shards.gather_to_all(facts) for f in part)
+    if start.gene_universe is not None:
+        universe = np.asarray(start.gene_universe, dtype=object)
+    else:
+        universe = genes.gene_universe_of([(species, names) for _, _, _, _, species, names, _ in every])
+    fed = collection_feeding([(f[1], f[6]) for f in every], normalize)
+    return Whole([f[1] for f in every], [f[2] for f in every], [f[3] for f in every], universe, fed, plan)
+
+
+def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, run_ids: dict, whole: Whole,
                settings: PretrainSettings, device, phase, resume_path: Path) -> dict:
     """Epochs until --pt_epoch or --pt_patience epochs without a lower loss; an epoch checkpoint
     after each, so that --resume can continue (``run_ids``: what it must find the same)."""
     rank, _ = dist_info()
-    n_cells = sum(X.shape[0] for X in coll.features)
+    n_cells = sum(whole.cells)
     source = step_source(coll, device) if progress["epoch"] < settings.pt_epoch else None
     while progress["epoch"] < settings.pt_epoch and progress["wait"] < settings.pt_patience:
         epoch = progress["epoch"] + 1
         t0 = time.time()
-        loss = train_epoch(step_module, optimizer, coll, targets, settings, device, phase, epoch, source=source)
+        loss = train_epoch(step_module, optimizer, coll, targets, settings, device, phase, epoch, source=source,
+                           n_cells_all=whole.cells)
         improved = loss < progress["best_loss"]
         progress.update(epoch=epoch, best_loss=min(loss, progress["best_loss"]),
                         wait=0 if improved else progress["wait"] + 1, losses=progress["losses"] + [loss])
@@ -378,18 +383,32 @@ def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, r
             log.info("phase %d epoch %d: loss %.4f%s (%.1fs, %.0f cells/s)", phase, epoch, loss,
                      "" if improved else f" (no improvement for {progress['wait']})", seconds, n_cells / seconds)
             log.debug("peak resident memory so far %s MiB", runtime.mib(runtime.peak_memory_mib()))
-            checkpoints.save(checkpoints.resume_checkpoint(model, optimizer, progress, labels, coll.names,
-                                                           coll.gene_universe, run_ids, phase), resume_path)
+        save_resume(resume_path, model, optimizer, progress, labels, coll, whole, run_ids, phase)
     if progress["wait"] >= settings.pt_patience:
         log.info("early stop: no lower loss for %d epochs", settings.pt_patience)
     return progress
 
 
-def save_final(model, cfg, coll: Collection, progress, phase: int, save_path: Path, config: dict) -> dict:
-    """The self-describing encoder checkpoint, written by rank 0; the epoch checkpoint goes."""
-    final = checkpoints.encoder_checkpoint(model.encoder, cfg, coll.gene_universe, fed=coll.fed, phase=phase,
-                                           epoch=progress["epoch"], losses=progress["losses"], datasets=coll.names,
+def label_digest(per_k) -> str:
+    """What one dataset's pseudo-labels are (all granularities), as 16 hex digits."""
+    h = hashlib.blake2b(digest_size=8)
+    for lab in per_k:
+        h.update(np.ascontiguousarray(np.asarray(lab, dtype=np.int64)).data)
+    return h.hexdigest()
+
+
+def save_final(model, cfg, coll: Collection, whole: Whole, labels, progress, phase: int, save_path: Path,
+               config: dict) -> dict:
+    """The self-describing encoder checkpoint, written by rank 0 (with which datasets each rank held
+    and what their pseudo-labels were); the epoch checkpoint goes."""
+    digests = dict(pair for part in shards.gather_to_all(
+        [(g, label_digest(per_k)) for g, per_k in zip(coll.global_ids, labels)]) for pair in part)
+    held = shards.gather_to_all({"rank": dist_info()[0], "datasets": list(coll.names), "cells": int(coll.stacked.shape[0])})
+    final = checkpoints.encoder_checkpoint(model.encoder, cfg, whole.gene_universe, fed=whole.fed, phase=phase,
+                                           epoch=progress["epoch"], losses=progress["losses"], datasets=whole.names,
                                            config=config)
+    final["shards"] = held
+    final["pseudo_label_digests"] = [digests[g] for g in range(len(whole.names))]
     if dist_info()[0] == 0:
         checkpoints.save(final, save_path)
         resume_path_for(save_path).unlink(missing_ok=True)
@@ -397,40 +416,50 @@ def save_final(model, cfg, coll: Collection, progress, phase: int, save_path: Pa
     return final
 
 
-def run_pretraining(datasets: list[data.CellData], settings: PretrainSettings, save_path, device: torch.device,
+def run_pretraining(entries: list[data.DatasetEntry], settings: PretrainSettings, save_path, device: torch.device,
                     read: ReadSettings = ReadSettings(), pretrained_model=None, resume: bool = False,
                     config: dict | None = None) -> dict:
-    """Phase 1 or 2 end to end; returns the final encoder checkpoint (also saved by rank 0).
-
-    ``datasets`` is consumed (emptied) to keep one copy of each matrix in memory; ``read`` says how
-    they were read (part of what --resume checks); ``pretrained_model`` is phase 2's start;
-    ``config`` (the run's arguments) is recorded in the checkpoint.
-    """
+    """Phase 1 or 2 end to end on the datasets ``entries`` (``data.dataset_entries``); returns the
+    final encoder checkpoint (saved by rank 0). Each rank reads, clusters and trains the heads of
+    its share of the datasets only (:func:`shards.plan_shards`); ``read`` says how they are read
+    (part of what --resume checks); ``pretrained_model`` is phase 2's start; ``config`` (the run's
+    arguments) is recorded in the checkpoint."""
+    rank, world = dist_info()
+    plan = shards.plan_shards([shards.dataset_cost(e.path) for e in entries], world)
+    own = plan.mine(rank)
     start = phase_start(settings, pretrained_model)
-    coll = build_collection(datasets, start.gene_universe, keep_raw=(start.phase == 1 and settings.kmeans_on == "raw"),
-                            normalize=settings.normalize)
-    if start.fed is not None and start.fed != coll.fed:
-        checkpoints.check_feeding(start.fed, coll.fed, pretrained_model)
-    run_ids = run_settings(settings, read, start, coll)
+    datasets = data.load_entries([entries[g] for g in own], read)
+    whole = whole_collection(datasets, own, plan, start, settings.normalize)
+    if world > 1 and rank == 0:
+        for part in plan.describe(whole.names, whole.cells):
+            log.info("rank %d: %d datasets, %d cells", part["rank"], len(part["datasets"]), part["cells"])
+    coll = build_collection(datasets, whole.gene_universe, keep_raw=(start.phase == 1 and settings.kmeans_on == "raw"),
+                            normalize=settings.normalize, digests=[whole.digests[g] for g in own])
+    coll.global_ids, coll.fed = own, whole.fed
+    if start.fed is not None and start.fed != whole.fed:
+        checkpoints.check_feeding(start.fed, whole.fed, pretrained_model)
+    run_ids = run_settings(settings, read, start, whole)
     save_path = Path(save_path)
     resume_path = resume_path_for(save_path)
     state = load_resume(resume_path, run_ids, start.phase) if resume else None
-    labels = state["pseudo_labels"] if state else compute_pseudo_labels(coll, settings, device, start.encoder)
+    labels = ([state["pseudo_labels"][g] for g in own] if state
+              else compute_pseudo_labels(coll, settings, device, start.encoder))
+    counts_all = [c for part in shards.gather_to_all(list(zip(own, head_counts(labels)))) for c in part]
+    counts_all = [c for _, c in sorted(counts_all)]
     # from here on the steps' buffers are reused (K-means stays under the reading threshold: kept
     # buffers of its many sizes raised the peak by up to 0.8 GB, bench/README.md)
     runtime.reuse_freed_memory()
     cfg = model_config(start, coll, settings)
-    model, optimizer, step_module, targets = build_model(cfg, labels, start, settings, device)
+    model, optimizer, step_module, targets = build_model(cfg, counts_all, own, labels, start, settings, device)
     progress = new_progress()
     if state:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        restore(model, optimizer, state)
         progress = {k: state[k] for k in progress}
         log.info("resuming phase %d after epoch %d (loss %.4f)", start.phase, progress["epoch"],
                  progress["losses"][-1])
-    progress = run_epochs(model, optimizer, step_module, coll, targets, labels, progress, run_ids, settings, device,
-                          start.phase, resume_path)
-    return save_final(model, cfg, coll, progress, start.phase, save_path, config or {})
+    progress = run_epochs(model, optimizer, step_module, coll, targets, labels, progress, run_ids, whole, settings,
+                          device, start.phase, resume_path)
+    return save_final(model, cfg, coll, whole, labels, progress, start.phase, save_path, config or {})
 
 
 # --------------------------------------------------------------------------- resume
@@ -440,12 +469,65 @@ def resume_path_for(save_path: Path) -> Path:
     return save_path.with_name(save_path.name + ".resume")
 
 
+def global_name(model: PretrainModel, name: str) -> str:
+    """A parameter's name in the whole collection's layout: heads by their dataset's place in it."""
+    parts = name.split(".")
+    if parts[0] == "heads":
+        parts[1] = str(model.dataset_ids[int(parts[1])])
+    return ".".join(parts)
+
+
+def rank_state(model: PretrainModel, optimizer) -> tuple[dict, dict]:
+    """This rank's weights and optimiser state by global parameter name (the encoder's from rank 0)."""
+    rank = dist_info()[0]
+    weights, moments = {}, {}
+    for name, p in model.named_parameters():
+        if rank != 0 and name.startswith("encoder."):
+            continue
+        weights[global_name(model, name)] = p.detach().cpu().clone()
+        if p in optimizer.state:
+            moments[global_name(model, name)] = {k: v.detach().cpu().clone() for k, v in optimizer.state[p].items()}
+    return weights, moments
+
+
+def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection, whole: Whole, run_ids: dict,
+                phase: int) -> None:
+    """The epoch checkpoint, in one process's layout whatever the number of ranks: rank 0 gathers
+    every rank's heads, their optimiser state and pseudo-labels, and writes it."""
+    weights, moments = rank_state(model, optimizer)
+    parts = shards.gather_to_root((weights, moments, list(zip(coll.global_ids, labels))))
+    if dist_info()[0] != 0:
+        return
+    all_weights = {k: v for w, _, _ in parts for k, v in w.items()}
+    all_moments = {k: v for _, m, _ in parts for k, v in m.items()}
+    all_labels = dict(pair for _, _, part in parts for pair in part)
+    state = checkpoints.resume_checkpoint(all_weights, {"lr": optimizer.param_groups[0]["lr"], "state": all_moments},
+                                          progress, [all_labels[g] for g in range(len(whole.names))], whole.names,
+                                          whole.gene_universe, run_ids, phase)
+    checkpoints.save(state, path)
+
+
+def restore(model: PretrainModel, optimizer, state: dict) -> None:
+    """This rank's weights and optimiser state from an epoch checkpoint in the collection's layout."""
+    saved, moments = state["model"], state["optimizer"]["state"]
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            key = global_name(model, name)
+            p.copy_(saved[key].to(p.device))
+            if key in moments:
+                optimizer.state[p] = {k: v.clone().to(p.device) if v.dim() else v.clone()
+                                      for k, v in moments[key].items()}
+
+
 def load_resume(path: Path, settings: dict, phase: int) -> dict | None:
-    """The interrupted run's state, after checking that every result-changing setting matches."""
-    if not path.exists():
+    """The interrupted run's state (read by rank 0, told to every rank), after checking that every
+    result-changing setting matches."""
+    found = path.exists() if dist_info()[0] == 0 else None
+    if not shards.broadcast(found):
         log.warning("--resume: no epoch checkpoint at %s; starting from the beginning", path)
         return None
-    state = checkpoints.load(path, checkpoints.RESUME_KIND)
+    state = checkpoints.load(path, checkpoints.RESUME_KIND) if dist_info()[0] == 0 else None
+    state = shards.broadcast(state)
     saved = state["settings"]
     differs = [f"{key}: {saved.get(key)!r} in the checkpoint, {value!r} now"
                for key, value in settings.items() if saved.get(key) != value]

@@ -152,7 +152,7 @@ def _step_input(coll, targets, rows_per_dataset, sparse: bool, device):
     """The encoder's input for one step exactly as pretrain.train_epoch builds it, on ``device``."""
     import pretrain
 
-    host = pretrain.prepare_step(coll, targets, rows_per_dataset, 0, 1, sparse, device)
+    host = pretrain.prepare_step(coll, targets, rows_per_dataset, sparse, device)
     return pretrain.step_inputs(host, device)[0]
 
 

@@ -176,7 +176,7 @@ def test_a_host_built_step_sent_as_torch_csr_gives_the_dense_output_and_gradient
     X = sp.random(20, 700, density=0.1, format="csr", dtype=np.float32, random_state=7)
     coll = pretrain.Collection.of_stacked(["toy"], ["d"], *sparse.stack_csr([X]), [None], [f"G{i}" for i in range(700)])
     targets = [np.zeros((20, 3), np.int64)]
-    host = pretrain.prepare_step(coll, targets, [np.arange(20)], 0, 1, True, torch.device("cpu"))
+    host = pretrain.prepare_step(coll, targets, [np.arange(20)], True, torch.device("cpu"))
     x = sparse.device_sparse_batch(host.X.csr(), torch.device("cpu"))  # what prepare_step makes on such a GPU
     assert type(x).__name__ == "SparseBatch"
     np.testing.assert_array_equal(x.x_t.to_dense().numpy(), X.toarray().T)

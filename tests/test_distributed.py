@@ -1,10 +1,8 @@
-"""Pre-training across "nodes": two torchrun agents joined by c10d rendezvous on 127.0.0.1.
-
-Each agent stands for one machine (``--nnodes 2 --nproc_per_node 1``) with its own output folder;
-the encoder that the rank-0 node saves must match one plain process, within the tolerance of
-tests/test_main.py::test_torchrun_two_processes_match_one. All traffic stays on the loopback
-interface: the rendezvous endpoint and ``--local_addr`` are 127.0.0.1 and gloo is bound to it.
-"""
+"""Pre-training with the datasets sharded across torchrun's ranks: two processes on one node, and
+two "nodes" (torchrun agents joined by c10d rendezvous on 127.0.0.1, each with its own output
+folder), against one plain process: the same encoder within float tolerance, the same K-means
+labels per dataset, each rank holding only its own datasets; and an epoch checkpoint written by
+one process resumed by two. All traffic stays on the loopback interface."""
 import os
 import socket
 import subprocess
@@ -14,7 +12,10 @@ import uuid
 import pytest
 import torch
 
+import main
+import pretrain
 from checkpoints import load as load_checkpoint
+from helpers import launched_vs_single
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240
@@ -34,11 +35,59 @@ def loopback_interface() -> str | None:
 
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+BASE = ["--is_pretrain", "--kmeans", "--pt_epoch", "3", "--batch_num", "3", "--avg_cluster_num", "20", "--hid", "16",
+        "--log_level", "WARNING"]
+needs_distributed = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without distributed")
+
+
+def assert_same_as_one_process(one: dict, sharded: dict, world: int) -> None:
+    """The encoder and losses of one process within float tolerance, the same pseudo-labels, and
+    every dataset held by exactly one rank, none by all."""
+    assert sharded["losses"] == pytest.approx(one["losses"], rel=1e-4)
+    torch.testing.assert_close(one["model"]["linear.weight"], sharded["model"]["linear.weight"], atol=1e-5, rtol=1e-4)
+    assert not torch.equal(sharded["model"]["linear.weight"], torch.zeros_like(sharded["model"]["linear.weight"]))
+    assert sharded["pseudo_label_digests"] == one["pseudo_label_digests"]
+    held = sharded["shards"]
+    assert [part["rank"] for part in held] == list(range(world))
+    assert sorted(d for part in held for d in part["datasets"]) == sorted(one["datasets"])  # a partition
+    total = one["shards"][0]["cells"]
+    assert all(0 < part["cells"] < total for part in held) and sum(part["cells"] for part in held) == total
+
+
+@needs_distributed
+def test_two_processes_match_one(collection, tmp_path):
+    base = ["main.py", *BASE, "--datasets", *collection]
+    one, two = launched_vs_single(base, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                         "--nproc_per_node", "2"], tmp_path, ROOT)
+    assert_same_as_one_process(one, two, world=2)
+
+
+@needs_distributed
+def test_an_epoch_checkpoint_of_one_process_resumes_under_two(collection, tmp_path, monkeypatch):
+    argv = [*BASE, "--datasets", *collection, "--save_model", str(tmp_path / "cut.pt")]
+    real_epoch = pretrain.train_epoch
+    monkeypatch.setattr(pretrain, "train_epoch",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if a[-1] == 3 else real_epoch(*a, **k))
+    with pytest.raises(SystemExit):
+        main.main(main.parse_args(argv))
+    assert (tmp_path / "cut.pt.resume").exists()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "main.py", *argv, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    monkeypatch.setattr(pretrain, "train_epoch", real_epoch)
+    whole = main.main(main.parse_args([*BASE, "--datasets", *collection, "--save_model", str(tmp_path / "whole.pt")]))
+    cut = load_checkpoint(tmp_path / "cut.pt")
+    assert cut["epoch"] == 3 and len(cut["shards"]) == 2
+    assert cut["losses"] == pytest.approx(whole["losses"], rel=1e-4)
+    torch.testing.assert_close(cut["model"]["linear.weight"], whole["model"]["linear.weight"], atol=1e-5, rtol=1e-4)
+
+
+@needs_distributed
 @pytest.mark.skipif(loopback_interface() is None, reason="no loopback interface to keep the traffic on")
 def test_two_nodes_c10d_rendezvous_match_one_process(collection, tmp_path):
-    base = ["main.py", "--is_pretrain", "--kmeans", "--datasets", *collection, "--pt_epoch", "1", "--batch_num", "3",
-            "--avg_cluster_num", "20", "--hid", "16", "--log_level", "WARNING"]
+    base = ["main.py", *BASE, "--datasets", *collection]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": loopback_interface(),
            "MASTER_ADDR": "127.0.0.1"}
     single = subprocess.run([sys.executable, *base, "--save_model", str(tmp_path / "one.pt")], cwd=ROOT, env=env,
@@ -71,7 +120,4 @@ def test_two_nodes_c10d_rendezvous_match_one_process(collection, tmp_path):
     assert len(saved) == 1, logs  # rank 0's node saves; the other node writes nothing
     assert not any((out / "model.pt.resume").exists() for _, _, out in nodes)
 
-    one, two = load_checkpoint(tmp_path / "one.pt"), load_checkpoint(saved[0])
-    assert one["losses"][0] == pytest.approx(two["losses"][0], rel=1e-4)
-    torch.testing.assert_close(one["model"]["linear.weight"], two["model"]["linear.weight"], atol=1e-5, rtol=1e-4)
-    assert not torch.equal(two["model"]["linear.weight"], torch.zeros_like(two["model"]["linear.weight"]))
+    assert_same_as_one_process(load_checkpoint(tmp_path / "one.pt"), load_checkpoint(saved[0]), world=2)

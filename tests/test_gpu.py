@@ -72,7 +72,7 @@ def one_step(paths, labels, device: torch.device, sparse: bool, on_device: bool 
     rows = pretrain.epoch_batches([X.shape[0] for X in coll.features], 4, 0, 1, 1)[0]
     source = pretrain.step_source(coll, device) if on_device else None
     assert (source is not None) == on_device
-    host = pretrain.prepare_step(coll, targets, rows, 0, 1, sparse, device, source)
+    host = pretrain.prepare_step(coll, targets, rows, sparse, device, source)
     loss = step_module(*pretrain.step_inputs(host, device))
     loss.backward()
     return float(loss.detach()), model.encoder.linear.weight_t.grad.detach().cpu()

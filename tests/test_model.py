@@ -99,7 +99,7 @@ def test_a_step_gathers_each_datasets_rows_in_order():
         np.testing.assert_array_equal(coll.features[d].toarray(), m)
     rows = [rng.permutation(5)[:3], np.array([], dtype=np.int64), rng.permutation(3)]
     targets = [np.arange(n * 3).reshape(n, 3) for n in (5, 9, 3)]
-    host = pretrain.prepare_step(coll, targets, rows, 0, 1, sparse=True, device=torch.device("cpu"))
+    host = pretrain.prepare_step(coll, targets, rows, sparse=True, device=torch.device("cpu"))
     assert host.used == [0, 2]
     want = np.vstack([want_all[0][rows[0]], want_all[2][rows[2]]])
     assert isinstance(host.X, HostCSR)
@@ -115,7 +115,7 @@ def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
     for as_csr in (False, True):
         encoder.zero_grad()
         coll = pretrain.Collection.of_stacked(["toy"], ["d"], *sparse.stack_csr([X]), [None], [f"G{i}" for i in range(40)])
-        host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], 0, 1, as_csr,
+        host = pretrain.prepare_step(coll, [np.zeros((6, 3), np.int64)], [np.arange(6)], as_csr,
                                      torch.device("cpu"))
         x = pretrain.step_inputs(host, torch.device("cpu"))[0]
         assert isinstance(x, HostCSR) == as_csr
