@@ -117,8 +117,8 @@ def downsample_per_type(d: data.CellData, max_cells: int, seed: int) -> data.Cel
     return replace(d, X=d.X[keep], cells=d.cells[keep], labels=d.labels[keep])
 
 
-def shared_columns(reference: data.CellData, query_genes, query_name: str) -> np.ndarray:
-    """The reference's columns of the genes a query also has; none is an error."""
+def for_query(reference: data.CellData, query_genes, query_name: str) -> data.CellData:
+    """The reference cut to the genes a query also has (in the reference's order); none is an error."""
     keep = np.flatnonzero(pd.Index(np.asarray(query_genes, dtype=object)).get_indexer(pd.Index(reference.genes)) >= 0)
     if not len(keep):
         raise DataError(f"{reference.source or reference.name} and {query_name} share no gene (e.g. reference "
@@ -127,7 +127,7 @@ def shared_columns(reference: data.CellData, query_genes, query_name: str) -> np
     log.info("%s: trained on the %d genes it shares with %s (%.1f%% of its %d; %.1f%% of the query's %d)",
              reference.name, len(keep), query_name, 100.0 * len(keep) / reference.n_genes, reference.n_genes,
              100.0 * len(keep) / max(len(query_genes), 1), len(query_genes))
-    return keep
+    return genes.restrict_to_genes(reference, reference.genes[keep])
 
 
 def gene_means(features, rows: np.ndarray) -> np.ndarray:
@@ -140,17 +140,16 @@ def train(reference: data.CellData, settings: ClassifierSettings, training: Anno
           device="cpu", config: dict | None = None, allow_mismatch: bool = False) -> AnnotationModel:
     """A classifier trained on a labelled reference (genes mapped, cells without a label dropped),
     exactly as the sweep trains one, on every cell but a seeded validation set; with
-    ``query_genes``, on the genes the reference and the query share only (network, pretrained
-    encoder columns and linear base alike). Its probabilities are calibrated on the validation
-    cells (``training.calibrate``)."""
+    ``query_genes``, on the reference cut to the genes it shares with the query (network,
+    pretrained encoder columns and linear base alike: the same model as one trained on a cut
+    reference). Its probabilities are calibrated on the validation cells (``training.calibrate``)."""
     check_reference_labels(reference.labels, reference.source or reference.name)
     reference = downsample_per_type(reference, training.max_cells_per_type, training.seed)
-    fed = Feeding(reference.values, settings.normalize)
-    features = feature_matrix(reference, settings.normalize)  # over all of the reference's genes
-    model_genes = reference.genes
     if query_genes is not None:
-        keep = shared_columns(reference, query_genes, query_name)
-        features, model_genes = sp.csr_matrix(features[:, keep]), reference.genes[keep]
+        reference = for_query(reference, query_genes, query_name)
+    fed = Feeding(reference.values, settings.normalize)
+    features = feature_matrix(reference, settings.normalize)
+    model_genes = reference.genes
     start, digest, settings = pretrained_start(pretrained, fed, model_genes, reference.name, settings, allow_mismatch)
     codes, classes = encode_labels(reference.labels)
     train_idx, val_idx = validation_split(reference.n_cells, training.seed, training.per_val, what=reference.name)
@@ -318,9 +317,10 @@ def run_blocks(query, lookup: genes.GeneLookup, network: Encoder | Classifier, d
     representation = np.empty((query.n_cells, on_query.linear.out_features), dtype=np.float32)
     kept = [] if keep_probabilities and clf is not None else None
     n_blocks = -(-query.n_cells // chunk_cells)
+    counted = lookup.positions >= 0  # a cell's total counts over the model's genes only
     for start, block in runtime.progress(data.blocks_of(query, chunk_cells), total=n_blocks, desc="cells",
                                          unit="block"):
-        x = inference_input(feature_matrix(_block_data(query, block), normalize), device)
+        x = inference_input(feature_matrix(_block_data(query, block), normalize, counted), device)
         z = on_query(x)
         representation[start:start + block.shape[0]] = z.cpu().numpy()
         if clf is not None:

@@ -64,7 +64,7 @@ def draw_contingency(table: pd.DataFrame, stem, title: str) -> list[Path]:
     return _save(fig, stem)
 
 
-def umap_sample(n_cells: int, seed: int, limit: int = UMAP_MAX_CELLS) -> np.ndarray:
+def umap_sample(n_cells: int, seed: int, limit: int) -> np.ndarray:
     """The cells a UMAP is drawn on: all, or a seeded sample of ``limit``, in order."""
     if n_cells <= limit:
         return np.arange(n_cells)
@@ -82,11 +82,11 @@ def umap_embedding(representation: np.ndarray, seed: int) -> np.ndarray:
 
 
 def draw_annotation_umap(representation: np.ndarray, table: pd.DataFrame, stem, title: str,
-                         seed: int = 0, limit: int = UMAP_MAX_CELLS) -> list[Path]:
+                         seed: int = 0, limit: int | None = None) -> list[Path]:
     """Panels of one UMAP of the representation, coloured by ``predicted_labels``, by
     ``majority_voting`` (when the table has it) and by ``conf_score``. Above ``limit`` cells a
     seeded subsample is drawn, and the figure says so. None (with a line) for too few cells."""
-    n = len(representation)
+    n, limit = len(representation), limit or UMAP_MAX_CELLS
     if n < UMAP_MIN_CELLS:
         log.warning("%d cells are too few for a UMAP (at least %d); no figure", n, UMAP_MIN_CELLS)
         return []

@@ -39,44 +39,103 @@ class LinearBase(NamedTuple):
     val_accuracy: float
 
 
-def fit_linear_base(features, codes: np.ndarray, split, n_classes: int) -> LinearBase | None:
-    """Logistic regression (scikit-learn, lbfgs, multinomial, L2) on the training cells for each C of
-    ``LINEAR_C_GRID``; the one with the best validation accuracy (ties: the smaller C, the stronger
-    penalty). Classes with no training cell get logit -30 below the others' lowest bias. None,
-    with a warning, when the training cells hold one class only (there is nothing to fit)."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-
+def fit_linear_base(features, codes: np.ndarray, split, n_classes: int, device="cpu", solver: str = "torch",
+                    c_grid=LINEAR_C_GRID) -> LinearBase | None:
+    """Multinomial logistic regression (L2) on the training cells for each C of ``c_grid``; the one
+    with the best validation accuracy (ties: the smaller C, the stronger penalty). ``solver``:
+    ``torch`` (full-batch L-BFGS on the sparse features, warm-started from the previous C, on the
+    device: the default) or ``sklearn`` (scikit-learn's lbfgs, for comparison). Classes with no
+    training cell get logit -30 below the others' lowest bias. None, with a warning, when the
+    training cells hold one class only (there is nothing to fit)."""
     train_idx, val_idx = split[0], split[1]
-    X_train, y_train = features[train_idx], codes[train_idx]
+    y_train = codes[train_idx]
     if len(np.unique(y_train)) < 2:
         log.warning("linear base skipped: the training cells hold one class only")
         return None
-    X_val, y_val = features[val_idx], codes[val_idx]
     t0 = time.perf_counter()
+    fits = (_torch_logistic_fits if solver == "torch" else _sklearn_logistic_fits)(features, codes, split, n_classes,
+                                                                                  device, c_grid)
     best = None
-    for C in LINEAR_C_GRID:
+    for C, weight, bias in fits:
+        logits = apply_in_batches(lambda x: linear_logits(x, weight, bias), features, val_idx, device)
+        accuracy = float(np.mean(logits.argmax(1) == codes[val_idx])) if len(val_idx) else 0.0
+        if best is None or accuracy > best[0]:
+            best = (accuracy, C, weight, bias)
+    accuracy, C, weight, bias = best
+    seen = np.unique(y_train)
+    unseen = np.setdiff1d(np.arange(n_classes), seen)
+    bias = bias.copy()
+    bias[unseen] = bias[seen].min() - 30.0
+    log.info("linear base: logistic regression on %d cells, C=%g, validation accuracy %.4f (%d fits, %s, %.1fs)",
+             len(train_idx), C, accuracy, len(c_grid), solver, time.perf_counter() - t0)
+    return LinearBase(weight, bias, float(C), accuracy)
+
+
+def linear_logits(x, weight: np.ndarray, bias: np.ndarray) -> torch.Tensor:
+    """``x @ weight.T + bias`` for a network input ``x`` (dense, ``HostCSR`` or ``SparseBatch``)."""
+    layer = GeneLinear.of(torch.from_numpy(np.ascontiguousarray(weight.T)), torch.from_numpy(bias))
+    device = x.x.device if isinstance(x, SparseBatch) else getattr(x, "device", torch.device("cpu"))
+    return layer.to(device)(x)
+
+
+def _sklearn_logistic_fits(features, codes, split, n_classes: int, device, c_grid):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    X_train, y_train = features[split[0]], codes[split[0]]
+    for C in c_grid:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ConvergenceWarning)
             fit = LogisticRegression(C=C, max_iter=LINEAR_MAX_ITER).fit(X_train, y_train)
         if any(issubclass(w.category, ConvergenceWarning) for w in caught):
             log.info("linear base: C=%g did not converge in %d iterations", C, LINEAR_MAX_ITER)
-        accuracy = float(np.mean(fit.predict(X_val) == y_val)) if len(val_idx) else 0.0
-        if best is None or accuracy > best[0]:
-            best = (accuracy, C, fit)
-    accuracy, C, fit = best
-    weight = np.zeros((n_classes, features.shape[1]), dtype=np.float32)
-    bias = np.zeros(n_classes, dtype=np.float32)
-    seen = fit.classes_
-    if len(seen) == 2:  # scikit-learn's binary model: one logit, of the second class against the first
-        weight[seen[1]], bias[seen[1]] = fit.coef_[0], fit.intercept_[0]
-    else:
-        weight[seen], bias[seen] = fit.coef_, fit.intercept_
-    unseen = np.setdiff1d(np.arange(n_classes), seen)
-    bias[unseen] = bias[seen].min() - 30.0
-    log.info("linear base: logistic regression on %d cells, C=%g, validation accuracy %.4f (%d fits, %.1fs)",
-             len(train_idx), C, accuracy, len(LINEAR_C_GRID), time.perf_counter() - t0)
-    return LinearBase(weight, bias, float(C), accuracy)
+        weight = np.zeros((n_classes, features.shape[1]), dtype=np.float32)
+        bias = np.zeros(n_classes, dtype=np.float32)
+        seen = fit.classes_
+        if len(seen) == 2:  # scikit-learn's binary model: one logit, of the second class against the first
+            weight[seen[1]], bias[seen[1]] = fit.coef_[0], fit.intercept_[0]
+        else:
+            weight[seen], bias[seen] = fit.coef_, fit.intercept_
+        yield C, weight, bias
+
+
+def _torch_logistic_fits(features, codes, split, n_classes: int, device, c_grid):
+    """Multinomial logistic regression by full-batch L-BFGS over the classes the training cells
+    hold: the mean cross-entropy plus ``|W|^2 / (2 C n)`` (scikit-learn's objective, divided by n;
+    for two classes its binary model's), the bias not penalised and centred as scikit-learn's; the
+    training cells are one sparse batch (``TrainingRows``), each C warm-started from the last."""
+    device = torch.device(device)
+    train_idx = split[0]
+    seen, y = np.unique(codes[train_idx], return_inverse=True)
+    rows = TrainingRows(features, train_idx, device, sparse=sp.issparse(features) and sparse_products("auto", device))
+    x = rows.whole.inference() if rows.sparse else None
+    y = torch.as_tensor(y, device=device)
+    # from zeros, drawing nothing: the network's own draws (init, batches, dropout) stay as without a base
+    layer = GeneLinear.of(torch.zeros(features.shape[1], len(seen), device=device), torch.zeros(len(seen), device=device))
+    n = len(train_idx)
+    # two classes: scikit-learn fits one vector d (logit gap) under |d|^2 / 2; two vectors -d/2, d/2
+    # under the same penalty per vector carry half of it, hence twice the weight
+    penalty = (1.0 if len(seen) == 2 else 0.5) / n
+    for C in sorted(c_grid):
+        optimizer = torch.optim.LBFGS(layer.parameters(), lr=1.0, max_iter=LINEAR_MAX_ITER, history_size=20,
+                                      tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+        def objective():
+            optimizer.zero_grad(set_to_none=True)
+            logits = layer(x) if x is not None else rows.logits(layer)
+            loss = torch.nn.functional.cross_entropy(logits, y) + penalty * (layer.weight_t ** 2).sum() / C
+            loss.backward()
+            return loss
+
+        optimizer.step(objective)
+        if optimizer.state[optimizer._params[0]].get("n_iter", 0) >= LINEAR_MAX_ITER:
+            log.info("linear base: C=%g did not converge in %d iterations", C, LINEAR_MAX_ITER)
+        weight = np.zeros((n_classes, features.shape[1]), dtype=np.float32)
+        bias = np.zeros(n_classes, dtype=np.float32)
+        weight[seen] = layer.weight_t.detach().t().cpu().numpy()
+        fitted = layer.bias.detach().cpu().numpy()
+        bias[seen] = fitted - fitted.mean()  # the softmax is the same; scikit-learn's intercepts sum to 0
+        yield C, weight, bias
 
 
 def attach_linear_base(clf: Classifier, base: LinearBase, mode: str, share: float = 1.0) -> Classifier:
@@ -177,7 +236,7 @@ def train_classifier(clf: Classifier, features, codes, split, settings: Classifi
     device = torch.device(device)
     mode = settings.ft_linear_base or "none"
     if mode != "none":
-        linear_base = linear_base or fit_linear_base(features, codes, split, clf.out.out_features)
+        linear_base = linear_base or fit_linear_base(features, codes, split, clf.out.out_features, device)
     if mode == "residual" and linear_base is not None:
         attach_linear_base(clf, linear_base, mode)
     clf = clf.to(device)

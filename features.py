@@ -22,24 +22,29 @@ def log1p_features(X: sp.csr_matrix) -> sp.csr_matrix:
     return sp.csr_matrix((np.log1p(X.data), X.indices, X.indptr), shape=X.shape)
 
 
-def features(data: CellData, normalize: str = "none") -> sp.csr_matrix:
+def features(data: CellData, normalize: str = "none", counted=None) -> sp.csr_matrix:
     """The encoder's input for a dataset, the one place raw values are transformed: ``log1p`` of
     the raw values (``normalize="none"``, the paper's) or of counts per 10,000 (``"cp10k"``: each
     cell scaled to the same total first, so that cells sequenced to different depths look alike);
-    already-transformed values are used as they are."""
+    already-transformed values are used as they are. ``counted`` (a boolean mask of the columns)
+    says which genes a cell's total counts: a model's genes, when its input lacks others."""
     if data.values == LOG1P_VALUES:
         return sp.csr_matrix(data.X)
     if normalize == "cp10k":
-        return log1p_features(per_10k(data.X))
+        return log1p_features(per_10k(data.X, counted))
     if normalize != "none":
         raise ValueError(f"unknown normalisation '{normalize}'; choose one of {NORMALIZATIONS}")
     return log1p_features(data.X)
 
 
-def per_10k(X: sp.csr_matrix) -> sp.csr_matrix:
-    """Each row scaled to sum to 10,000 (empty rows stay empty); shares the index arrays."""
+def per_10k(X: sp.csr_matrix, counted=None) -> sp.csr_matrix:
+    """Each row scaled so that its ``counted`` columns (all by default) sum to 10,000 (empty rows
+    stay empty); shares the index arrays."""
     X = sp.csr_matrix(X)
-    totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    if counted is None:
+        totals = np.asarray(X.sum(axis=1), dtype=np.float64).ravel()
+    else:
+        totals = np.asarray(X @ np.asarray(counted, dtype=np.float64), dtype=np.float64).ravel()
     scale = np.divide(1e4, totals, out=np.zeros_like(totals), where=totals > 0)
     values = (X.data * np.repeat(scale, np.diff(X.indptr))).astype(np.float32)
     return sp.csr_matrix((values, X.indices, X.indptr), shape=X.shape)

@@ -97,7 +97,7 @@ def run_task(task: Task, run: SweepRun) -> list[dict]:
             "n_test": len(split[2]), "seed": task.seed, "repeat": task.repeat, "pca_ft": bool(run.sweep.pca_ft),
             results.RUN_ID: run.run_id}
     # both methods start from the same linear base (--ft_linear_base), fitted once
-    linear_base = (classifier.fit_linear_base(features, codes, split, len(classes))
+    linear_base = (classifier.fit_linear_base(features, codes, split, len(classes), run.device)
                    if run.clf.ft_linear_base != "none" else None)
     rows = []
     for method in METHODS:

@@ -1,129 +1,158 @@
-"""Speed and memory of ``annotate.py predict`` on a large synthetic query (prints figures; not a test).
+"""Annotation at scale (prints figures; not a test): ``annotate.py predict`` on a synthetic h5ad
+query streamed from disk, and ``annotate.py train`` on a large synthetic reference.
 
-    python bench/bench_annotate.py                          # 1,000,000 cells x 17,000 genes, 5 % non-zero
-    python bench/bench_annotate.py --cells 100000           # a smaller run
-    python bench/bench_annotate.py --device cuda            # the forward pass on a GPU
+    python bench/bench_annotate.py --cells 1000000                     # predict --majority_voting, 1 M cells
+    python bench/bench_annotate.py --cells 4000000 --write_workers 2    # a query whose CSR is larger than 24 GiB
+    python bench/bench_annotate.py --cells 200000 --check_in_memory     # streamed == read whole, on one query
+    python bench/bench_annotate.py --train --cells 1000000 --max_cells_per_type 5000   # a 1 M-cell reference
+    python bench/bench_annotate.py --cells 1000000 --device cuda        # the forward pass on a GPU
 
-Writes (once, reused) a Cell BLAST .h5 query with ``synth.py``'s count model, and a classifier
-checkpoint over its genes (random weights: speed does not depend on them). Then, in a fresh
-process, runs exactly the prediction path of ``annotate.py predict`` (read, map genes, look the
-genes up in the model's, the chunked sparse forward pass, labels and confidence) and prints the
-time of each part, cells/s, the query's CSR size and the peak resident memory.
+The query (written once, reused) is an h5ad of ``synth.py``'s count model: ``X`` a CSR group of
+counts, 30 cell types, 17,000 genes at ~5 %. The classifier has random weights over the same genes
+(speed does not depend on them). Each command runs as the user runs it, in its own process; the
+figures are its wall time, the prediction's own line (cells/s), and its peak resident memory
+(``ru_maxrss`` of the child), beside the query's CSR size.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import re
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(HERE)]
 
 import synth  # noqa: E402
-import values
-import runtime
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cells", type=int, default=1_000_000, help="query cells (default: %(default)s)")
-    p.add_argument("--genes", type=int, default=17000, help="query genes (default: %(default)s)")
+    p.add_argument("--cells", type=int, default=1_000_000, help="query (or reference) cells (default: %(default)s)")
+    p.add_argument("--genes", type=int, default=17000, help="genes (default: %(default)s)")
     p.add_argument("--density", type=float, default=0.05, help="share of non-zeros (default: %(default)s)")
-    p.add_argument("--classes", type=int, default=30, help="classifier classes (default: %(default)s)")
+    p.add_argument("--classes", type=int, default=30, help="cell types (default: %(default)s)")
     p.add_argument("--chunk_cells", type=int, default=8192, help="annotate.py --chunk_cells (default: %(default)s)")
-    p.add_argument("--out", default=str(synth.DEFAULT_OUT / "annotate"), help="where the query is kept")
-    p.add_argument("--device", default="cpu", help="torch device of the forward pass, e.g. cuda (default: %(default)s)")
-    p.add_argument("--prepare_only", action="store_true", help="write the query and the model, measure nothing")
+    p.add_argument("--out", default=str(synth.DEFAULT_OUT / "annotate"), help="where inputs and outputs go")
+    p.add_argument("--device", default="cpu", help="annotate.py --device (default: %(default)s)")
+    p.add_argument("--no_voting", action="store_true", help="predict without --majority_voting")
+    p.add_argument("--check_in_memory", action="store_true",
+                   help="also predict with --in_memory and compare every cell's label and confidence")
+    p.add_argument("--train", action="store_true", help="time annotate.py train on the synthetic file instead")
+    p.add_argument("--max_cells_per_type", type=int, default=0, help="train's --max_cells_per_type (default: 0)")
+    p.add_argument("--prepare_only", action="store_true", help="write the inputs, measure nothing")
     p.add_argument("--write_workers", type=int, default=1,
-                   help="processes drawing the query's blocks; > 1 is another (equally distributed) draw, "
-                        "kept in its own file (default: %(default)s)")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+                   help="processes drawing the query's blocks; > 1 is another (equally distributed) draw, kept in "
+                        "its own file (default: %(default)s)")
     return p.parse_args(argv)
 
 
-def make_inputs(args) -> tuple[Path, Path]:
-    import torch
-
-    import data
-    from model import Classifier, atomic_torch_save, classifier_checkpoint
-
+def make_query(args) -> Path:
     out = Path(args.out)
     spec = synth.DatasetSpec(f"query_{args.cells}", args.cells, args.classes, "human", 7, 1.0)
-    query = out / f"{synth.file_stem(f'{spec.name}_{args.genes}', args.cells, args.chunk_cells, args.write_workers)}.h5"
-    if not query.exists():
+    path = out / f"{synth.file_stem(f'{spec.name}_{args.genes}', args.cells, args.chunk_cells, args.write_workers)}.h5ad"
+    if not path.exists():
         t0 = time.time()
-        row = synth.write_dataset(spec, query, synth.gene_pool(args.genes), args.density, args.chunk_cells,
-                                  workers=args.write_workers)
-        print(f"wrote {query}: {row['nnz']:,} non-zeros ({100 * row['density']:.2f} %) in {time.time() - t0:.0f}s",
+        row = synth.write_h5ad_dataset(spec, path, synth.gene_pool(args.genes), args.density, args.chunk_cells,
+                                       workers=args.write_workers)
+        print(f"wrote {path}: {row['nnz']:,} non-zeros ({100 * row['density']:.2f} %) in {time.time() - t0:.0f}s",
               flush=True)
-    model = out / f"classifier_{args.genes}_{args.classes}.pt"
-    if not model.exists():
+    return path
+
+
+def make_model(args) -> Path:
+    import torch
+
+    import checkpoints
+    from model import Classifier
+
+    path = Path(args.out) / f"classifier_{args.genes}_{args.classes}.pt"
+    if not path.exists():
         torch.manual_seed(0)
         genes = [str(g) for g in synth.gene_pool(args.genes)]
         clf = Classifier(len(genes), args.classes)
-        info = {"label_key": "cell_type", "values": values.RAW_VALUES, "reference": {"name": "random", "n_cells": 0}}
-        atomic_torch_save(classifier_checkpoint(clf, genes, [f"type_{i:02d}" for i in range(args.classes)], info),
-                          model)
-    return query, model
+        ckpt = checkpoints.classifier_checkpoint(clf, genes, [f"type_{i:02d}" for i in range(args.classes)],
+                                                 fed=checkpoints.Feeding(), label_key="cell_type",
+                                                 info={"reference": {"name": "random", "n_cells": 0}})
+        checkpoints.save(ckpt, path)
+    return path
 
 
-def worker(args, query: Path, model: Path) -> dict:
-    """The prediction path of annotate.py predict, part by part, in this process."""
-    import torch
+def csr_mib(path: Path) -> float:
+    import h5py
 
-    import annotate
-    import common
+    with h5py.File(path, "r") as h5:
+        return sum(h5["X"][k].size * h5["X"][k].dtype.itemsize for k in ("data", "indices", "indptr")) / 2**20
 
-    runtime.flush_denormals()
-    run_args = annotate.parse_args(["predict", "--model", str(model), "--query", str(query),
-                                    "--chunk_cells", str(args.chunk_cells), "--log_level", "WARNING"])
-    runtime.setup_logging("WARNING")
-    device = torch.device(args.device)
-    torch.zeros(1, device=device)  # CUDA starts before the clock does
-    times = {}
+
+def run(command: list[str]) -> dict:
+    """One command in its own process: wall time, its peak resident memory, its log."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.time()
-    clf, ckpt = annotate.load_classifier(model)
-    clf = clf.to(device)  # as annotate.py predict: the head runs where the encoder's output is
-    query_data = annotate.read_dataset(query, run_args, None)
-    times["read_and_map_s"] = time.time() - t0
-    csr_mib = (query_data.X.data.nbytes + query_data.X.indices.nbytes + query_data.X.indptr.nbytes) / 2**20
-    after_read = synth.memory_mib()
-    t0 = time.time()
-    lookup = annotate.query_lookup(query_data, ckpt["gene_universe"], query)
-    representation, probs = annotate.run_chunks(query_data, lookup, clf, device, args.chunk_cells)
-    labels, conf = annotate.assign_labels(probs, ckpt["classes"], 0.5)
-    times["predict_s"] = time.time() - t0
-    mem = synth.memory_mib()
-    return {"cells": query_data.n_cells, "genes": query_data.n_genes, "nnz": int(query_data.X.nnz),
-            "query_csr_mib": round(csr_mib, 1), "rss_after_read_mib": round(after_read["rss"], 1),
-            "peak_mib": round(mem["peak"], 1), "peak_over_csr": round(mem["peak"] / csr_mib, 2),
-            **{k: round(v, 2) for k, v in times.items()},
-            "predict_cells_per_s": round(query_data.n_cells / times["predict_s"]),
-            "total_s": round(sum(times.values()), 2), "device": args.device, "threads": torch.get_num_threads(),
-            "representation": list(representation.shape), "labelled": int(len(labels))}
+    done = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, env=synth.bench_env())
+    seconds = time.time() - t0
+    if done.returncode != 0:
+        print(done.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(done.returncode)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if peak <= before:
+        print("  (the peak of this command is not above an earlier child's; run one measurement per process)")
+    return {"wall_s": round(seconds, 1), "peak_mib": round(peak / 1024, 1), "log": done.stderr}
 
 
-def main(args) -> dict:
-    query, model = make_inputs(args)
+def predicted_line(log: str) -> dict:
+    found = re.search(r"(\d+) cells predicted in ([\d.]+)s \((\d+) cells/s\)", log)
+    return {"predict_s": float(found.group(2)), "predict_cells_per_s": int(found.group(3))} if found else {}
+
+
+def predict(args, query: Path, model: Path, out: Path, *extra) -> dict:
+    command = ["annotate.py", "predict", "--model", str(model), "--query", str(query), "--out", str(out),
+               "--chunk_cells", str(args.chunk_cells), "--device", args.device, *extra]
+    if not args.no_voting:
+        command.append("--majority_voting")
+    return run(command)
+
+
+def compare(a: Path, b: Path) -> str:
+    import pandas as pd
+
+    x, y = pd.read_csv(a), pd.read_csv(b)
+    same_labels = bool((x["predicted_labels"] == y["predicted_labels"]).all())
+    gap = float((x["conf_score"] - y["conf_score"]).abs().max())
+    voting = bool((x["majority_voting"] == y["majority_voting"]).all()) if "majority_voting" in x else None
+    return f"labels equal: {same_labels}; majority votes equal: {voting}; largest conf_score difference {gap:.2e}"
+
+
+def main(args) -> None:
+    query = make_query(args)
+    model = make_model(args)
     if args.prepare_only:
         print(f"inputs ready: {query}, {model}")
-        return {"query": str(query), "model": str(model)}
-    if args.worker:
-        result = worker(args, query, model)
-        print(json.dumps(result))
-        return result
-    proc = subprocess.run([sys.executable, __file__, "--worker", *sys.argv[1:]], capture_output=True, text=True,
-                          env=synth.bench_env())
-    if proc.returncode != 0:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(proc.returncode)
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    for key, value in result.items():
-        print(f"{key:>22}: {value}")
-    return result
+        return
+    print(f"query: {args.cells:,} cells x {args.genes:,} genes, CSR {csr_mib(query):,.0f} MiB; code {synth.code_version()}")
+    if args.train:
+        result = run(["annotate.py", "train", "--reference", str(query), "--label_key", "cell_type", "--save_model",
+                      str(Path(args.out) / f"trained_{args.cells}.pt"), "--max_cells_per_type",
+                      str(args.max_cells_per_type), "--device", args.device])
+        lines = [line for line in result.pop("log").splitlines() if "kept" in line or "trained in" in line
+                 or "linear base" in line]
+        print("\n".join(lines))
+        print(result)
+        return
+    out = Path(args.out) / f"annotated_{args.cells}.h5ad"
+    result = predict(args, query, model, out)
+    result.update(predicted_line(result.pop("log")))
+    result["cells_per_s_whole"] = round(args.cells / result["wall_s"])
+    print(result, flush=True)
+    if args.check_in_memory:
+        whole = predict(args, query, model, Path(args.out) / f"annotated_{args.cells}_in_memory.h5ad", "--in_memory")
+        whole.update(predicted_line(whole.pop("log")))
+        print("in memory:", whole)
+        print(compare(out.with_suffix(".csv"), Path(args.out) / f"annotated_{args.cells}_in_memory.csv"))
 
 
 if __name__ == "__main__":

@@ -260,6 +260,61 @@ def write_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: floa
             "density": nnz / (spec.n_cells * n_genes), "seconds": round(time.time() - t0, 2)}
 
 
+def write_h5ad_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: float,
+                       chunk_cells: int = 8192, workers: int = 1) -> dict:
+    """The same dataset as ``write_dataset`` draws, as an h5ad (``X`` a CSR group of counts,
+    ``obs['cell_type']``, symbols in ``var_names``), written block by block: never whole in memory."""
+    import h5py
+    import pandas as pd
+
+    try:
+        import anndata.io as io
+    except ImportError:  # anndata 0.10
+        import anndata.experimental as io
+
+    t0 = time.time()
+    rng = np.random.default_rng(spec.seed)
+    n_genes = max(1, int(round(spec.gene_fraction * len(pool))))
+    genes = pool[np.sort(rng.choice(len(pool), n_genes, replace=False))]
+    genes = [g.capitalize() for g in genes] if spec.species == "mouse" else list(genes)
+    model = CountModel(n_genes, spec.n_types, density, rng)
+    types = rng.choice(spec.n_types, spec.n_cells, p=model.type_share)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    nnz = 0
+    try:
+        with h5py.File(tmp, "w") as h5:
+            g = h5.create_group("X")
+            g.attrs["encoding-type"], g.attrs["encoding-version"] = "csr_matrix", "0.1.0"
+            g.attrs["shape"] = np.array([spec.n_cells, n_genes], dtype=np.int64)
+            data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 20,))
+            indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+            indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
+            blocks = _blocks(model, types, rng, spec.seed, chunk_cells, workers)
+            for start, block in zip(range(0, spec.n_cells, chunk_cells), blocks):
+                data.resize((nnz + block.nnz,))
+                indices.resize((nnz + block.nnz,))
+                data[nnz:] = block.data
+                indices[nnz:] = block.indices
+                indptr[start + 1:start + 1 + block.shape[0]] = nnz + block.indptr[1:]
+                nnz += block.nnz
+            g["indptr"] = indptr
+            obs = pd.DataFrame({"cell_type": pd.Categorical([f"type_{t:02d}" for t in types])},
+                               index=pd.Index([f"{spec.name}_cell{i}" for i in range(spec.n_cells)], dtype=object))
+            io.write_elem(h5, "obs", obs)
+            io.write_elem(h5, "var", pd.DataFrame(index=pd.Index(genes, dtype=object)))
+            for group in ("obsm", "varm", "layers", "uns", "obsp", "varp"):
+                io.write_elem(h5, group, {})
+            h5.attrs["encoding-type"], h5.attrs["encoding-version"] = "anndata", "0.1.0"
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {**asdict(spec), "path": str(path), "n_genes": n_genes, "nnz": nnz,
+            "density": nnz / (spec.n_cells * n_genes), "seconds": round(time.time() - t0, 2)}
+
+
 def write_collection(specs: list[DatasetSpec], out, n_genes: int = 17000, density: float = 0.05,
                      chunk_cells: int = 8192, overwrite: bool = False, workers: int = 1) -> list[dict]:
     """Write every dataset (skipping files already there unless ``overwrite``) and a manifest.csv."""

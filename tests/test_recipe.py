@@ -203,14 +203,27 @@ def logistic_grid_choice(X, codes, split):
     return fits[int(np.argmax(accs))], max(accs)
 
 
-def test_linear_base_is_the_validation_tuned_logistic_regression():
+def logistic_objective(X, y, weight, bias, C):
+    """scikit-learn's multinomial objective: C times the summed cross-entropy plus |W|^2 / 2."""
+    logits = X @ weight.T + bias
+    logits = logits - logits.max(1, keepdims=True)
+    nll = -(logits[np.arange(len(y)), y] - np.log(np.exp(logits).sum(1))).sum()
+    return C * nll + 0.5 * float((weight ** 2).sum())
+
+
+@pytest.mark.parametrize("solver", ["torch", "sklearn"])
+def test_linear_base_is_the_validation_tuned_logistic_regression(solver):
     X, types = toy_features(n_cells=150, n_genes=30, seed=3)
     split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
-    base = classifier.fit_linear_base(X, types, split, 4)  # a fourth class no cell has
+    base = classifier.fit_linear_base(X, types, split, 4, solver=solver)  # a fourth class no cell has
     fit, accuracy = logistic_grid_choice(X, types, split)
     assert base.C == fit.C and base.val_accuracy == pytest.approx(accuracy)
     logits = X.toarray() @ base.weight.T + base.bias
-    np.testing.assert_allclose(logits[:, :3], fit.decision_function(X), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(logits[:, :3], fit.decision_function(X), rtol=1e-2, atol=1e-2)
+    train = split[0]
+    ours = logistic_objective(X.toarray()[train], types[train], base.weight[:3], base.bias[:3], base.C)
+    theirs = logistic_objective(X.toarray()[train], types[train], fit.coef_, fit.intercept_, fit.C)
+    assert ours <= theirs * (1 + 1e-6)  # at least as low a minimum of the same objective
     assert (logits[:, 3] < logits[:, :3].min(1) - 10).all()  # never predicted
 
 
@@ -223,7 +236,7 @@ def test_binary_linear_base_gives_scikit_learns_probabilities():
     base = classifier.fit_linear_base(X, types, split, 2)
     fit, _ = logistic_grid_choice(X, types, split)
     probs = torch.softmax(torch.from_numpy(X.toarray() @ base.weight.T + base.bias), 1).numpy()
-    np.testing.assert_allclose(probs, fit.predict_proba(X), atol=1e-5)
+    np.testing.assert_allclose(probs, fit.predict_proba(X), atol=1e-3)  # two solvers of one objective
 
 
 def test_linear_base_needs_two_training_classes():
@@ -258,7 +271,7 @@ def test_residual_training_starts_from_the_regression_and_ends_no_lower_on_valid
     assert accuracy == pytest.approx(lr_accuracy)
     assert not clf.out.weight.any() and not clf.out.bias.any()
     probs = classifier.predict_proba(clf, X, split[2], torch.device("cpu"))
-    np.testing.assert_allclose(probs, fit.predict_proba(X[split[2]]), atol=1e-5)
+    np.testing.assert_allclose(probs, fit.predict_proba(X[split[2]]), atol=1e-3)  # two solvers of one objective
 
 
 def test_blend_trains_the_network_alone_then_mixes_in_the_regression_by_validation():
@@ -279,11 +292,12 @@ def test_blend_trains_the_network_alone_then_mixes_in_the_regression_by_validati
     clf.base_share.fill_(0.0)  # share 0: the network's own probabilities
     np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"),
                                classifier.predict_proba(alone, X, test, "cpu"), atol=1e-6)
-    clf.base_share.fill_(1.0)  # share 1: the regression's
-    np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"), fit.predict_proba(X[test]), atol=1e-5)
+    clf.base_share.fill_(1.0)  # share 1: the regression's (scikit-learn's, up to its solver's tolerance)
+    np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"), fit.predict_proba(X[test]), atol=1e-3)
+    regression = classifier.predict_proba(clf, X, test, "cpu")
     clf.base_share.fill_(0.5)  # between: the normalised geometric mean of the two
-    p_net, p_lr = classifier.predict_proba(alone, X, test, "cpu"), fit.predict_proba(X[test])
-    mixed = np.sqrt(p_net * p_lr)
+    p_net = classifier.predict_proba(alone, X, test, "cpu")
+    mixed = np.sqrt(p_net * regression)
     np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"), mixed / mixed.sum(1, keepdims=True),
                                atol=1e-5)
 
