@@ -226,10 +226,7 @@ def run(args):
 
 
 def main(args):
-    runtime.setup_logging(args.log_level)
-    runtime.seed_everything(args.seed)
-    runtime.flush_denormals()
-    runtime.return_freed_memory()
+    runtime.set_up_process(args.log_level, args.seed)  # logging, seeds, float mode, allocator
     return cli.exit_on_error(run, args)
 
 

@@ -18,6 +18,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def set_up_process(log_level: str = "INFO", seed: int = 0) -> None:
+    """What every script's ``main`` turns on for its whole process, in one visible call: logging at
+    ``log_level``, the global generators seeded, subnormal floats flushed to zero on the CPU, and
+    glibc's allocator returning freed blocks (see each function)."""
+    setup_logging(log_level)
+    seed_everything(seed)
+    flush_denormals()
+    return_freed_memory()
+
+
 def setup_logging(level: str = "INFO") -> None:
     level = str(level).upper()
     if level not in LOG_LEVELS:

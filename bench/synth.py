@@ -213,58 +213,80 @@ def _blocks(model: "CountModel", types: np.ndarray, rng: np.random.Generator, se
             yield pending.popleft().result()
 
 
-def write_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: float,
-                  chunk_cells: int = 8192, workers: int = 1) -> dict:
-    """Write one dataset as a Cell BLAST .h5, chunk by chunk; returns what was written.
-
-    ``workers`` > 1 draws the blocks in that many processes, each block from its own generator: a
-    different (equally distributed) draw than ``workers`` = 1, the same for any number of workers."""
-    import h5py
-
-    t0 = time.time()
+def _draw(spec: DatasetSpec, pool: np.ndarray, density: float):
+    """A dataset's genes, count model and cell types, from its seed."""
     rng = np.random.default_rng(spec.seed)
     n_genes = max(1, int(round(spec.gene_fraction * len(pool))))
     genes = pool[np.sort(rng.choice(len(pool), n_genes, replace=False))]
     genes = [g.capitalize() for g in genes] if spec.species == "mouse" else list(genes)
     model = CountModel(n_genes, spec.n_types, density, rng)
     types = rng.choice(spec.n_types, spec.n_cells, p=model.type_share)
+    return rng, genes, model, types
+
+
+def _write_blocks(group, spec: DatasetSpec, model: "CountModel", types, rng, chunk_cells: int, workers: int) -> int:
+    """The dataset's CSR arrays written into an HDF5 group (``data``, ``indices``, ``indptr``) block
+    by block; returns its non-zeros."""
+    data = group.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 20,))
+    indices = group.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
+    indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
+    nnz = 0
+    for start, block in zip(range(0, spec.n_cells, chunk_cells),
+                            _blocks(model, types, rng, spec.seed, chunk_cells, workers)):
+        data.resize((nnz + block.nnz,))
+        indices.resize((nnz + block.nnz,))
+        data[nnz:] = block.data
+        indices[nnz:] = block.indices
+        indptr[start + 1:start + 1 + block.shape[0]] = nnz + block.indptr[1:]
+        nnz += block.nnz
+    group["indptr"] = indptr
+    return nnz
+
+
+def _written(spec: DatasetSpec, path: Path, pool: np.ndarray, density: float, write_fn) -> dict:
+    """``write_fn(h5, rng, genes, model, types) -> nnz`` into a temporary HDF5 file renamed to
+    ``path`` when complete; what was written."""
+    import h5py
+
+    t0 = time.time()
+    rng, genes, model, types = _draw(spec, pool, density)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    nnz = 0
     try:
         with h5py.File(tmp, "w") as h5:
-            g = h5.create_group("exprs")
-            data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 20,))
-            indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
-            indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
-            blocks = _blocks(model, types, rng, spec.seed, chunk_cells, workers)
-            for start, block in zip(range(0, spec.n_cells, chunk_cells), blocks):
-                data.resize((nnz + block.nnz,))
-                indices.resize((nnz + block.nnz,))
-                data[nnz:] = block.data
-                indices[nnz:] = block.indices
-                indptr[start + 1:start + 1 + block.shape[0]] = nnz + block.indptr[1:]
-                nnz += block.nnz
-            g["indptr"] = indptr
-            g["shape"] = np.array([spec.n_cells, n_genes], dtype=np.int64)
-            h5["var_names"] = np.array([s.encode() for s in genes])
-            h5["obs_names"] = np.array([f"{spec.name}_cell{i}".encode() for i in range(spec.n_cells)])
-            h5.create_group("obs")["cell_ontology_class"] = np.array([f"type_{t:02d}".encode() for t in types])
-            h5.attrs["species"] = spec.species
+            nnz = write_fn(h5, rng, genes, model, types)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return {**asdict(spec), "path": str(path), "n_genes": n_genes, "nnz": nnz,
-            "density": nnz / (spec.n_cells * n_genes), "seconds": round(time.time() - t0, 2)}
+    return {**asdict(spec), "path": str(path), "n_genes": len(genes), "nnz": nnz,
+            "density": nnz / (spec.n_cells * len(genes)), "seconds": round(time.time() - t0, 2)}
+
+
+def write_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: float,
+                  chunk_cells: int = 8192, workers: int = 1) -> dict:
+    """Write one dataset as a Cell BLAST .h5, chunk by chunk; returns what was written.
+
+    ``workers`` > 1 draws the blocks in that many processes, each block from its own generator: a
+    different (equally distributed) draw than ``workers`` = 1, the same for any number of workers."""
+    def write(h5, rng, genes, model, types) -> int:
+        g = h5.create_group("exprs")
+        nnz = _write_blocks(g, spec, model, types, rng, chunk_cells, workers)
+        g["shape"] = np.array([spec.n_cells, len(genes)], dtype=np.int64)
+        h5["var_names"] = np.array([s.encode() for s in genes])
+        h5["obs_names"] = np.array([f"{spec.name}_cell{i}".encode() for i in range(spec.n_cells)])
+        h5.create_group("obs")["cell_ontology_class"] = np.array([f"type_{t:02d}".encode() for t in types])
+        h5.attrs["species"] = spec.species
+        return nnz
+
+    return _written(spec, path, pool, density, write)
 
 
 def write_h5ad_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density: float,
                        chunk_cells: int = 8192, workers: int = 1) -> dict:
     """The same dataset as ``write_dataset`` draws, as an h5ad (``X`` a CSR group of counts,
     ``obs['cell_type']``, symbols in ``var_names``), written block by block: never whole in memory."""
-    import h5py
     import pandas as pd
 
     try:
@@ -272,47 +294,21 @@ def write_h5ad_dataset(spec: DatasetSpec, path: Path, pool: np.ndarray, density:
     except ImportError:  # anndata 0.10
         import anndata.experimental as io
 
-    t0 = time.time()
-    rng = np.random.default_rng(spec.seed)
-    n_genes = max(1, int(round(spec.gene_fraction * len(pool))))
-    genes = pool[np.sort(rng.choice(len(pool), n_genes, replace=False))]
-    genes = [g.capitalize() for g in genes] if spec.species == "mouse" else list(genes)
-    model = CountModel(n_genes, spec.n_types, density, rng)
-    types = rng.choice(spec.n_types, spec.n_cells, p=model.type_share)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    nnz = 0
-    try:
-        with h5py.File(tmp, "w") as h5:
-            g = h5.create_group("X")
-            g.attrs["encoding-type"], g.attrs["encoding-version"] = "csr_matrix", "0.1.0"
-            g.attrs["shape"] = np.array([spec.n_cells, n_genes], dtype=np.int64)
-            data = g.create_dataset("data", shape=(0,), maxshape=(None,), dtype=np.float32, chunks=(1 << 20,))
-            indices = g.create_dataset("indices", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(1 << 20,))
-            indptr = np.zeros(spec.n_cells + 1, dtype=np.int64)
-            blocks = _blocks(model, types, rng, spec.seed, chunk_cells, workers)
-            for start, block in zip(range(0, spec.n_cells, chunk_cells), blocks):
-                data.resize((nnz + block.nnz,))
-                indices.resize((nnz + block.nnz,))
-                data[nnz:] = block.data
-                indices[nnz:] = block.indices
-                indptr[start + 1:start + 1 + block.shape[0]] = nnz + block.indptr[1:]
-                nnz += block.nnz
-            g["indptr"] = indptr
-            obs = pd.DataFrame({"cell_type": pd.Categorical([f"type_{t:02d}" for t in types])},
-                               index=pd.Index([f"{spec.name}_cell{i}" for i in range(spec.n_cells)], dtype=object))
-            io.write_elem(h5, "obs", obs)
-            io.write_elem(h5, "var", pd.DataFrame(index=pd.Index(genes, dtype=object)))
-            for group in ("obsm", "varm", "layers", "uns", "obsp", "varp"):
-                io.write_elem(h5, group, {})
-            h5.attrs["encoding-type"], h5.attrs["encoding-version"] = "anndata", "0.1.0"
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return {**asdict(spec), "path": str(path), "n_genes": n_genes, "nnz": nnz,
-            "density": nnz / (spec.n_cells * n_genes), "seconds": round(time.time() - t0, 2)}
+    def write(h5, rng, genes, model, types) -> int:
+        g = h5.create_group("X")
+        g.attrs["encoding-type"], g.attrs["encoding-version"] = "csr_matrix", "0.1.0"
+        g.attrs["shape"] = np.array([spec.n_cells, len(genes)], dtype=np.int64)
+        nnz = _write_blocks(g, spec, model, types, rng, chunk_cells, workers)
+        obs = pd.DataFrame({"cell_type": pd.Categorical([f"type_{t:02d}" for t in types])},
+                           index=pd.Index([f"{spec.name}_cell{i}" for i in range(spec.n_cells)], dtype=object))
+        io.write_elem(h5, "obs", obs)
+        io.write_elem(h5, "var", pd.DataFrame(index=pd.Index(genes, dtype=object)))
+        for group in ("obsm", "varm", "layers", "uns", "obsp", "varp"):
+            io.write_elem(h5, group, {})
+        h5.attrs["encoding-type"], h5.attrs["encoding-version"] = "anndata", "0.1.0"
+        return nnz
+
+    return _written(spec, path, pool, density, write)
 
 
 def write_collection(specs: list[DatasetSpec], out, n_genes: int = 17000, density: float = 0.05,
