@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 import sparse
 from errors import CheckpointError
+from heads import HeadBank
 from sparse import SPARSE_INPUTS, HostCSR, SparseBatch, inference_batch
 from splits import iter_batches
 
@@ -89,7 +90,9 @@ class PretrainModel(nn.Module):
     functions and the same initial distribution (``nn.Linear`` draws from +-1/sqrt(hid) whatever
     the number of outputs) as separate heads, but one matrix product and one optimiser tensor
     per dataset instead of one per granularity, which is most of a step's cost when 60
-    datasets each bring three small heads.
+    datasets each bring three small heads. ``heads`` is a ``heads.HeadBank`` (a ``ModuleList`` of
+    those ``Linear``s, the same state dict), whose ``loss`` takes a whole step's datasets in one
+    call (``batched_loss``); ``summed_loss`` is the per-dataset reference.
     """
 
     def __init__(self, cfg: ModelConfig, cluster_counts: Sequence[Sequence[int]], encoder: Encoder | None = None,
@@ -104,7 +107,7 @@ class PretrainModel(nn.Module):
         drawn = [nn.Linear(cfg.hid, int(sum(counts))) for counts in cluster_counts]
         self.dataset_ids = keep
         self.cluster_counts = [[int(k) for k in cluster_counts[g]] for g in keep]
-        self.heads = nn.ModuleList(drawn[g] for g in keep)
+        self.heads = HeadBank(cfg.hid, self.cluster_counts, [drawn[g] for g in keep])
         del drawn
         for d, counts in enumerate(self.cluster_counts):
             # segments[j, g] = 1 when output j belongs to granularity g: sums exp over each head
@@ -130,6 +133,14 @@ class PretrainModel(nn.Module):
         s = torch.sigmoid(out)
         log_norm = torch.log(torch.exp(s) @ getattr(self, f"segments_{dataset_index}"))
         return (log_norm - s.gather(1, targets)).sum()
+
+
+    def batched_loss(self, z: torch.Tensor, targets, dataset_ids, denominators: torch.Tensor,
+                     path: str = "auto") -> torch.Tensor:
+        """``sum_i summed_loss(z_i, dataset_ids[i], targets[i]) / denominators[i]`` over a step's
+        datasets, their cells one after the other in ``z``, in one call: on the CPU one fused
+        numba pass over all the step's logits, elsewhere a few torch kernels (``heads.py``)."""
+        return self.heads.loss(z, targets, dataset_ids, denominators, self.cfg.sigmoid_logits, path)
 
 
 def head_offsets(counts: Sequence[int]) -> list[int]:

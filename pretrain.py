@@ -137,18 +137,26 @@ def compute_pseudo_labels(coll: Collection, settings: PretrainSettings, device, 
 # --------------------------------------------------------------------------- training
 
 
+# how a step's heads are computed: "auto" (heads.py: fused on the CPU, torch kernels on a GPU),
+# "fused", "torch", or "per_dataset" (PretrainModel.summed_loss per dataset, the reference)
+HEADS_PATH = "auto"
+
+
 class MultiTaskStep(torch.nn.Module):
     """One step's loss over this rank's datasets' batches, in one forward."""
 
-    def __init__(self, model: PretrainModel):
+    def __init__(self, model: PretrainModel, heads_path: str | None = None):
         super().__init__()
         self.model = model
+        self.heads_path = HEADS_PATH if heads_path is None else heads_path
 
     def forward(self, x, targets, dataset_ids, denominators):
         """``x``: the step's cells of the datasets ``dataset_ids``, stacked in that order;
         ``targets``: per dataset, ``cells x granularities`` head columns; ``denominators``: per
         dataset, the batch size its summed cross-entropy is divided by."""
         z = self.model.encoder(x)
+        if self.heads_path != "per_dataset":
+            return self.model.batched_loss(z, targets, dataset_ids, denominators, self.heads_path)
         losses = [self.model.summed_loss(z_d, d, t_d)
                   for z_d, t_d, d in zip(torch.split(z, [t.shape[0] for t in targets]), targets, dataset_ids)]
         return (torch.stack(losses) / denominators).sum()

@@ -7,9 +7,10 @@
 # 1. the machine: nvidia-smi, torch and CUDA versions
 # 2. tests/test_gpu.py: K-means, one pre-training step, main.py --cuda and one-GPU torchrun
 #    against the CPU's numbers
-# 3. figures: a pre-training epoch at synthetic scale 0.05 (60 datasets, 91,562 cells), K-means on
-#    160,796 cells at k = 3,215 (one Lloyd iteration vs the sparse product alone, then the whole
-#    run), annotation of 1,000,000 cells
+# 3. figures: a pre-training epoch at synthetic scale 0.05 (60 datasets, 91,562 cells), one step's
+#    60 pre-training heads alone at scales 0.05 and 0.5 (per dataset and heads.py's torch path,
+#    against their products' limit), K-means on 160,796 cells at k = 3,215 (one Lloyd iteration vs
+#    the sparse product alone, then the whole run), annotation of 1,000,000 cells
 # The synthetic inputs are written at the start, beside the tests, by spare CPU cores (the query of
 # step 3 by GPU_CHECK_WRITERS processes, default: the cores less 4); they stay under
 # bench/out/ and a second run reuses them. Every step is bounded by `timeout`; a failed step is
@@ -82,6 +83,11 @@ echo "+ epoch at scale 0.05"
 if ready epoch_input; then
     run timeout 180 "$PY" bench/bench_pretrain.py --scale 0.05 --device cuda --skip_original --epochs 3
 fi
+
+echo
+echo "+ the heads alone (bench/bench_heads.py: no data files), scale 0.05 and 0.5"
+run timeout 120 "$PY" bench/bench_heads.py --scale 0.05 --device cuda
+run timeout 180 "$PY" bench/bench_heads.py --scale 0.5 --device cuda
 
 echo
 echo "+ K-means, 160,796 cells, k = 3,215"

@@ -92,6 +92,25 @@ def test_pretraining_step_on_cuda_matches_cpu(collection):
 
 
 @needs_cuda
+@pytest.mark.parametrize("sigmoid", [True, False])
+def test_batched_heads_on_cuda_match_float64_and_the_cpus_fused_path(sigmoid):
+    """heads.py's torch path as a GPU runs it (auto on CUDA) against the float64 cross-entropies
+    and the CPU's fused path (tests/test_heads.py checks both on the CPU)."""
+    from test_heads import COUNTS, ROWS, assert_matches, batched, make_step, reference
+
+    model, labels, targets, z, den = make_step(COUNTS + [[300, 600, 151]], ROWS + [200], seed=8, sigmoid=sigmoid)
+    ids = list(range(len(COUNTS) + 1))
+    cpu = batched(model, targets, z, den, ids, sigmoid, "fused")
+    model = model.cuda()
+    z_gpu = z.detach().cuda().requires_grad_(True)
+    gpu = batched(model, [t.cuda() for t in targets], z_gpu, den.cuda(), ids, sigmoid, "auto")
+    gpu = (gpu[0].cpu(), gpu[1].cpu(), [g.cpu() for g in gpu[2]], [g.cpu() for g in gpu[3]])
+    assert_matches(gpu, reference(model.cpu(), labels, z, den, ids, sigmoid), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu[0], cpu[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpu[1], cpu[1], rtol=1e-4, atol=1e-6)
+
+
+@needs_cuda
 def test_device_csr_on_cuda_gathers_what_scipy_does():
     X = sparse_log_counts()
     store = DeviceCSR(X, torch.device("cuda"))
