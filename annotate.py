@@ -43,7 +43,7 @@ import runtime
 import scoring
 from annotation import EMBEDDING_KEY, PROBABILITIES_KEY, UNS_KEY, AnnotationModel
 from errors import DataError
-from settings import AnnotateSettings, ClassifierSettings, PredictSettings, ReadSettings
+from settings import AnnotateSettings, ClassifierSettings, PredictSettings, PretrainSettings, ReadSettings
 
 log = logging.getLogger("scpretrain.annotate")
 
@@ -101,6 +101,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error("--label_map scores predictions against the query's labels: give --query_label_key too")
         if args.over_clustering and not args.majority_voting:
             parser.error("--over_clustering names the clusters majority voting votes in: give --majority_voting too")
+    if args.command in ("train", "transfer"):
+        if args.pretrain_on_query and not args.query:
+            parser.error("--pretrain_on_query pre-trains on the reference and the query: give --query")
+        if args.pretrain_on_query and args.pretrained_model:
+            parser.error("--pretrain_on_query makes the encoder: give it or --pretrained_model, not both")
+        unused = [f for f, v in (("--pretrain_phases", args.pretrain_phases != 1), ("--save_pretrained",
+                  args.save_pretrained)) if v and not args.pretrain_on_query]
+        if unused:
+            parser.error(f"{', '.join(unused)} only with --pretrain_on_query")
     return args
 
 
@@ -122,6 +131,14 @@ def add_train_args(sub) -> None:
                           "cells, so that conf_score means what it says)")
     cli.add_classifier_args(sub)
     cli.add_recipe_args(sub, DEFAULT_RECIPE, RECIPES)
+    g = sub.add_argument_group("pre-training on the query (the paper's setting)")
+    g.add_argument("--pretrain_on_query", action="store_true",
+                   help="pre-train the encoder without labels on the reference and the query together, on the genes "
+                        "they share (scPretrain's phase 1, with --pretrain_phases 2 phase 2 too), then fine-tune it on "
+                        "the reference's labels; needs --query, which is read whole, and no --pretrained_model")
+    g.add_argument("--pretrain_phases", type=int, choices=(1, 2), default=1, help="phases of that pre-training")
+    g.add_argument("--pt_epoch", type=cli.positive_int, default=50, help="at most this many epochs a phase")
+    g.add_argument("--save_pretrained", default=None, help="also keep that encoder here")
 
 
 def add_predict_args(sub) -> None:
@@ -181,6 +198,12 @@ def training_settings(args, pretrained=None) -> tuple[ClassifierSettings, Annota
     return settings, AnnotateSettings.from_args(args, calibrate=not args.no_calibration)
 
 
+def query_pretrain_settings(args, clf_settings: ClassifierSettings) -> PretrainSettings:
+    """--pretrain_on_query's pre-training: the paper's, feeding the classifier's features."""
+    return PretrainSettings(normalize=clf_settings.normalize, hid=clf_settings.hid, seed=args.seed,
+                            pt_epoch=args.pt_epoch)
+
+
 def predict_settings(args) -> PredictSettings:
     return PredictSettings.from_args(args)
 
@@ -223,8 +246,9 @@ def side_file(out: Path, extension: str) -> Path:
 def planned_outputs(args, out: Path | None) -> dict:
     """Every file the command may write, by what it is: checked against its inputs before any work."""
     found = {}
-    if getattr(args, "save_model", None):
-        found["--save_model"] = Path(args.save_model)
+    for flag in ("save_model", "save_pretrained"):
+        if getattr(args, flag, None):
+            found[f"--{flag}"] = Path(getattr(args, flag))
     if out is None:
         return found
     found.update({"--out": out, "--out (its CSV)": side_file(out, ".csv")})
@@ -247,6 +271,8 @@ def input_paths(args) -> dict:
 
 
 def check_paths(args, out: Path | None) -> None:
+    if getattr(args, "save_pretrained", None):
+        files.check_output_file(args.save_pretrained, "--save_pretrained")
     files.refuse_clashes(planned_outputs(args, out), input_paths(args))
 
 
@@ -324,18 +350,32 @@ def plot_outputs(out: Path, result: annotation.Annotation, title: str, seed: int
 def run_train(args) -> AnnotationModel:
     save_path = files.check_output_file(args.save_model, "--save_model")
     check_paths(args, None)
-    device = runtime.resolve_device(cli.device_wanted(args))
-    read = cli.read_settings(args)
-    reference = read_reference(args.reference, args.label_key, read)
-    pretrained = checkpoints.load_encoder(args.pretrained_model, cli.PRETRAIN_HINT) if args.pretrained_model else None
-    shared = query_genes(args.query, read) if args.query else None
-    clf_settings, training = training_settings(args, pretrained)
-    model = annotation.train(reference, clf_settings, training, args.label_key, pretrained, shared,
-                             Path(args.query).name if args.query else "the query", device, cli.args_dict(args),
-                             args.allow_feature_mismatch)
+    model = trained_model(args, runtime.resolve_device(cli.device_wanted(args)))
     model.save(save_path)
     log.info("classifier saved to %s (%d classes, %d genes)", save_path, len(model.classes), len(model.genes))
     return model
+
+
+def trained_model(args, device) -> AnnotationModel:
+    """The classifier ``train`` and ``transfer`` train: on the reference, for the query's genes when
+    there is a query, from --pretrained_model, an encoder pre-trained on reference and query
+    (--pretrain_on_query) or random init."""
+    read = cli.read_settings(args)
+    reference = read_reference(args.reference, args.label_key, read)
+    pretrained = checkpoints.load_encoder(args.pretrained_model, cli.PRETRAIN_HINT) if args.pretrained_model else None
+    clf_settings, training = training_settings(args, pretrained)
+    shared = None
+    if args.pretrain_on_query:
+        query = data.open_query(args.query, None, read, stream=False)
+        shared = np.asarray(query.genes, dtype=object)
+        pretrained = annotation.pretrain_with_query(reference, query, query_pretrain_settings(args, clf_settings),
+                                                    device, args.pretrain_phases, args.save_pretrained)
+        del query
+    elif args.query:
+        shared = query_genes(args.query, read)
+    return annotation.train(reference, clf_settings, training, args.label_key, pretrained, shared,
+                            Path(args.query).name if args.query else "the query", device, cli.args_dict(args),
+                            args.allow_feature_mismatch)
 
 
 def predict_files(args, model: AnnotationModel, out: Path, device) -> pd.DataFrame:
@@ -375,13 +415,7 @@ def run_transfer(args) -> pd.DataFrame:
         files.check_output_file(args.save_model, "--save_model")
     check_paths(args, out)
     device = runtime.resolve_device(cli.device_wanted(args))
-    read = cli.read_settings(args)
-    reference = read_reference(args.reference, args.label_key, read)
-    pretrained = checkpoints.load_encoder(args.pretrained_model, cli.PRETRAIN_HINT) if args.pretrained_model else None
-    clf_settings, training = training_settings(args, pretrained)
-    model = annotation.train(reference, clf_settings, training, args.label_key, pretrained, query_genes(args.query, read),
-                             Path(args.query).name, device, cli.args_dict(args), args.allow_feature_mismatch)
-    del reference
+    model = trained_model(args, device)
     if args.save_model:
         model.save(args.save_model)
         log.info("classifier saved to %s", args.save_model)
@@ -438,13 +472,17 @@ def _classifier_settings(recipe: str | None, hid: int, options: dict, encoder=No
 def train(adata, label_key: str = data.DEFAULT_LABEL_KEY, pretrained=None, query=None, recipe: str | None = None,
           hid: int = 200, per_val: float = 0.1, max_cells_per_type: int = 0, calibrate: bool = True, seed: int = 0,
           device: str = "auto", layer=None, gene_symbols=None, values: str = "auto",
-          allow_feature_mismatch: bool = False, **classifier_options) -> AnnotationModel:
+          allow_feature_mismatch: bool = False, pretrain_on_query: bool = False, pretrain_phases: int = 1,
+          pt_epoch: int = 50, **classifier_options) -> AnnotationModel:
     """A classifier trained on the labelled AnnData ``adata`` (``obs[label_key]``), as
-    ``annotate.py train`` trains one: from the encoder checkpoint ``pretrained`` (a path) or at
-    random, for the genes ``query`` (an AnnData) shares with it when given. ``recipe`` (default:
-    annotate's, or the features a pretrained encoder was fed) and any ``ClassifierSettings`` field
-    (``ft_lr=...``) choose the training; ``layer``, ``gene_symbols`` and ``values`` how the AnnData
-    is read (as the command line's flags)."""
+    ``annotate.py train`` trains one: from the encoder checkpoint ``pretrained`` (a path), from an
+    encoder pre-trained on ``adata`` and ``query`` together (``pretrain_on_query``, as
+    ``--pretrain_on_query``), or at random; for the genes ``query`` (an AnnData) shares with it
+    when given. ``recipe`` (default: annotate's, or the features a pretrained encoder was fed) and
+    any ``ClassifierSettings`` field (``ft_lr=...``) choose the training; ``layer``,
+    ``gene_symbols`` and ``values`` how the AnnData is read (as the command line's flags)."""
+    if pretrain_on_query and (query is None or pretrained is not None):
+        raise ValueError("pretrain_on_query pre-trains on adata and query: give query, and no pretrained")
     runtime.seed_everything(seed)
     read = _read(layer, gene_symbols, values)
     reference = data.from_anndata(adata, label_key, read, name="reference")
@@ -452,12 +490,19 @@ def train(adata, label_key: str = data.DEFAULT_LABEL_KEY, pretrained=None, query
     if not reference:
         raise DataError(f"the reference has one cell type only in obs['{label_key}']; a classifier needs two or more")
     encoder = checkpoints.load_encoder(pretrained, cli.PRETRAIN_HINT) if pretrained is not None else None
-    shared = data.from_anndata(query, None, read, name="query").genes if query is not None else None
-    return annotation.train(reference[0], _classifier_settings(recipe, hid, classifier_options, encoder),
+    settings = _classifier_settings(recipe, hid, classifier_options, encoder)
+    device = runtime.resolve_device(device)
+    query_data = data.from_anndata(query, None, read, name="query") if query is not None else None
+    if pretrain_on_query:
+        encoder = annotation.pretrain_with_query(
+            reference[0], query_data, PretrainSettings(normalize=settings.normalize, hid=settings.hid, seed=seed,
+                                                       pt_epoch=pt_epoch), device, pretrain_phases)
+    return annotation.train(reference[0], settings,
                             AnnotateSettings(per_val=per_val, max_cells_per_type=max_cells_per_type,
                                              calibrate=calibrate, seed=seed),
-                            label_key, encoder, shared, "the query", runtime.resolve_device(device),
-                            {"api": "annotate.train", "recipe": recipe or DEFAULT_RECIPE}, allow_feature_mismatch)
+                            label_key, encoder, query_data.genes if query_data is not None else None, "the query",
+                            device, {"api": "annotate.train", "recipe": recipe or DEFAULT_RECIPE,
+                                     "pretrain_on_query": pretrain_on_query}, allow_feature_mismatch)
 
 
 def load(path) -> AnnotationModel:

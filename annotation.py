@@ -24,12 +24,13 @@ import classifier
 import data
 import genes
 import kmeans
+import pretrain
 import runtime
 from checkpoints import RESERVED_LABELS, Feeding, LoadedEncoder
 from errors import DataError
 from features import features as feature_matrix
 from model import Classifier, Encoder, apply_in_batches, encoder_on_genes, linear_on_genes
-from settings import MODES, AnnotateSettings, ClassifierSettings, PredictSettings
+from settings import MODES, AnnotateSettings, ClassifierSettings, PredictSettings, PretrainSettings
 from sparse import inference_input
 from splits import encode_labels, validation_split
 
@@ -128,6 +129,36 @@ def for_query(reference: data.CellData, query_genes, query_name: str) -> data.Ce
              reference.name, len(keep), query_name, 100.0 * len(keep) / reference.n_genes, reference.n_genes,
              100.0 * len(keep) / max(len(query_genes), 1), len(query_genes))
     return genes.restrict_to_genes(reference, reference.genes[keep])
+
+
+QUERY_PRETRAINED = "pre-trained on the reference and the query"
+
+
+def pretrain_with_query(reference: data.CellData, query: data.CellData, settings: PretrainSettings, device,
+                        phases: int = 1, save_path=None) -> LoadedEncoder:
+    """The paper's own setting for a transfer: an encoder pre-trained without labels (phase 1 of
+    scPretrain; then phase 2 on its output with ``phases=2``) on the reference and the query
+    together, on the genes they share, to be fine-tuned on the reference's labels. ``settings``
+    must feed the features the classifier will be fed. Saved at ``save_path`` when given."""
+    if phases not in (1, 2):
+        raise ValueError(f"phases must be 1 or 2, not {phases}")
+    ref = for_query(reference, query.genes, query.name)
+    both = [replace(ref, name=f"reference {ref.name}", labels=None),
+            replace(genes.restrict_to_genes(query, ref.genes), name=f"query {query.name}", labels=None)]
+    log.info("pre-training on the reference (%d cells) and the query (%d cells), %d shared genes, %d phase%s",
+             both[0].n_cells, both[1].n_cells, len(ref.genes), phases, "s" if phases > 1 else "")
+    t0 = time.time()
+    where = Path(save_path) if save_path is not None else Path(QUERY_PRETRAINED)
+    phase1 = settings.with_(pretrain_output=False)
+    ckpt = pretrain.pretrain_in_memory(list(both), phase1, device, save_path=save_path if phases == 1 else None)
+    loaded = checkpoints.loaded_encoder(ckpt, where)
+    if phases == 2:
+        phase2 = settings.with_(pretrain_output=True)
+        ckpt = pretrain.pretrain_in_memory(list(both), phase2, device, pretrain.start_from(loaded, phase2),
+                                           save_path=save_path)
+        loaded = checkpoints.loaded_encoder(ckpt, where)
+    log.info("pre-trained in %.1fs (%d epochs)", time.time() - t0, int(ckpt["epoch"]))
+    return loaded
 
 
 def gene_means(features, rows: np.ndarray) -> np.ndarray:

@@ -361,9 +361,14 @@ def load_encoder(path, hint: str = "") -> LoadedEncoder:
     path = Path(path)
     if hint and not path.exists():
         raise CheckpointError(f"{path}: no pretrained model there; {hint}")
-    ckpt = load(path, ENCODER_KIND)
+    return loaded_encoder(load(path, ENCODER_KIND), path)
+
+
+def loaded_encoder(ckpt: dict, path) -> LoadedEncoder:
+    """An encoder checkpoint already in memory (validated by ``load``, or just made by pre-training)
+    as a ``LoadedEncoder``; ``path`` names it in messages."""
     encoder, _ = encoder_from(ckpt, path)
-    return LoadedEncoder(encoder, np.asarray(ckpt["gene_universe"], dtype=object), ckpt, path)
+    return LoadedEncoder(encoder, np.asarray(ckpt["gene_universe"], dtype=object), ckpt, Path(path))
 
 
 def load_classifier(path) -> tuple[Classifier, dict]:

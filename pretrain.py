@@ -291,6 +291,7 @@ class Start:
     gene_universe: list | None = None
     model_digest: str = results.NO_MODEL
     fed: Feeding | None = None  # what the starting encoder was fed
+    path: Path | str | None = None  # where the starting encoder came from (for messages)
 
 
 def phase_start(settings: PretrainSettings, pretrained_model=None) -> Start:
@@ -300,14 +301,18 @@ def phase_start(settings: PretrainSettings, pretrained_model=None) -> Start:
         return Start(phase=1)
     if not pretrained_model:
         raise CheckpointError("phase 2 (--pretrain_output) needs --pretrained_model FILE from phase 1")
-    loaded = checkpoints.load_encoder(pretrained_model)
+    return start_from(checkpoints.load_encoder(pretrained_model), settings)
+
+
+def start_from(loaded: checkpoints.LoadedEncoder, settings: PretrainSettings) -> Start:
+    """Phase 2's start: the phase-1 encoder ``loaded``, fed the features this run feeds it."""
     cfg = ModelConfig(**loaded.ckpt["model_args"])
     if cfg.hid != settings.hid:
         log.info("phase 2 keeps the phase-1 encoder's %d hidden units (--hid %d not used)", cfg.hid, settings.hid)
     if loaded.fed.normalize != settings.normalize:
-        raise CheckpointError(f"{pretrained_model}: phase 1 was fed --normalize {loaded.fed.normalize}, "
+        raise CheckpointError(f"{loaded.path}: phase 1 was fed --normalize {loaded.fed.normalize}, "
                               f"this run --normalize {settings.normalize}; phase 2 must see the same features")
-    return Start(2, loaded.encoder, cfg, list(loaded.gene_universe), loaded.digest, loaded.fed)
+    return Start(2, loaded.encoder, cfg, list(loaded.gene_universe), loaded.digest, loaded.fed, loaded.path)
 
 
 def model_config(start: Start, coll: Collection, settings: PretrainSettings) -> ModelConfig:
@@ -372,7 +377,7 @@ def whole_collection(datasets: list[data.CellData], own: list[int], plan: shards
 
 
 def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, run_ids: dict, whole: Whole,
-               settings: PretrainSettings, device, phase, resume_path: Path) -> dict:
+               settings: PretrainSettings, device, phase, resume_path: Path | None) -> dict:
     """Epochs until --pt_epoch or --pt_patience epochs without a lower loss; an epoch checkpoint
     after each, so that --resume can continue (``run_ids``: what it must find the same)."""
     rank, _ = dist_info()
@@ -391,7 +396,8 @@ def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, r
             log.info("phase %d epoch %d: loss %.4f%s (%.1fs, %.0f cells/s)", phase, epoch, loss,
                      "" if improved else f" (no improvement for {progress['wait']})", seconds, n_cells / seconds)
             log.debug("peak resident memory so far %s MiB", runtime.mib(runtime.peak_memory_mib()))
-        save_resume(resume_path, model, optimizer, progress, labels, coll, whole, run_ids, phase)
+        if resume_path is not None:
+            save_resume(resume_path, model, optimizer, progress, labels, coll, whole, run_ids, phase)
     if progress["wait"] >= settings.pt_patience:
         log.info("early stop: no lower loss for %d epochs", settings.pt_patience)
     return progress
@@ -405,7 +411,7 @@ def label_digest(per_k) -> str:
     return h.hexdigest()
 
 
-def save_final(model, cfg, coll: Collection, whole: Whole, labels, progress, phase: int, save_path: Path,
+def save_final(model, cfg, coll: Collection, whole: Whole, labels, progress, phase: int, save_path: Path | None,
                config: dict) -> dict:
     """The self-describing encoder checkpoint, written by rank 0 (with which datasets each rank held
     and what their pseudo-labels were); the epoch checkpoint goes."""
@@ -417,7 +423,7 @@ def save_final(model, cfg, coll: Collection, whole: Whole, labels, progress, pha
                                            config=config)
     final["shards"] = held
     final["pseudo_label_digests"] = [digests[g] for g in range(len(whole.names))]
-    if dist_info()[0] == 0:
+    if dist_info()[0] == 0 and save_path is not None:
         checkpoints.save(final, save_path)
         resume_path_for(save_path).unlink(missing_ok=True)
         log.info("saved phase-%d encoder to %s", phase, save_path)
@@ -437,6 +443,29 @@ def run_pretraining(entries: list[data.DatasetEntry], settings: PretrainSettings
     own = plan.mine(rank)
     start = phase_start(settings, pretrained_model)
     datasets = data.load_entries([entries[g] for g in own], read)
+    return pretrain_datasets(datasets, own, plan, start, settings, Path(save_path), device, read, resume, config)
+
+
+def pretrain_in_memory(datasets: list[data.CellData], settings: PretrainSettings, device: torch.device,
+                       start: Start | None = None, save_path=None, config: dict | None = None) -> dict:
+    """Phase 1 (or phase 2 from ``start``, :func:`start_from`) on datasets already read, in this
+    one process; returns the final encoder checkpoint, also saved at ``save_path`` when given
+    (without it nothing is written: no epoch checkpoint either)."""
+    if dist_info()[1] > 1:
+        raise RuntimeError("pretrain_in_memory runs in one process; under torchrun use run_pretraining")
+    start = start or phase_start(settings)
+    plan = shards.plan_shards([1.0] * len(datasets), 1)
+    return pretrain_datasets(list(datasets), list(range(len(datasets))), plan, start, settings,
+                             Path(save_path) if save_path is not None else None, device, config=config)
+
+
+def pretrain_datasets(datasets: list[data.CellData], own: list[int], plan: shards.ShardPlan, start: Start,
+                      settings: PretrainSettings, save_path: Path | None, device: torch.device,
+                      read: ReadSettings = ReadSettings(), resume: bool = False, config: dict | None = None) -> dict:
+    """This rank's ``datasets`` (the collection's ``own``) pre-trained with the other ranks': the
+    whole collection's facts, K-means, the model and the epochs; the final checkpoint. Without
+    ``save_path`` nothing is written (and nothing can be resumed)."""
+    rank, world = dist_info()
     whole = whole_collection(datasets, own, plan, start, settings.normalize)
     if world > 1 and rank == 0:
         for part in plan.describe(whole.names, whole.cells):
@@ -445,11 +474,10 @@ def run_pretraining(entries: list[data.DatasetEntry], settings: PretrainSettings
                             normalize=settings.normalize, digests=[whole.digests[g] for g in own])
     coll.global_ids, coll.fed = own, whole.fed
     if start.fed is not None and start.fed != whole.fed:
-        checkpoints.check_feeding(start.fed, whole.fed, pretrained_model)
+        checkpoints.check_feeding(start.fed, whole.fed, start.path)
     run_ids = run_settings(settings, read, start, whole)
-    save_path = Path(save_path)
-    resume_path = resume_path_for(save_path)
-    state = load_resume(resume_path, run_ids, start.phase) if resume else None
+    resume_path = resume_path_for(save_path) if save_path is not None else None
+    state = load_resume(resume_path, run_ids, start.phase) if resume and resume_path is not None else None
     labels = ([state["pseudo_labels"][g] for g in own] if state
               else compute_pseudo_labels(coll, settings, device, start.encoder))
     counts_all = [c for part in shards.gather_to_all(list(zip(own, head_counts(labels)))) for c in part]

@@ -296,3 +296,64 @@ def test_the_per_type_downsample_is_seeded_and_logged(caplog):
     assert (counts_per_type == np.minimum(pd.Series(d.labels).value_counts(), 40)).all()
     assert list(a.cells) == list(b.cells) and list(a.cells) != list(c.cells)
     assert "at most 40 of each type" in caplog.text and "seed 1" in caplog.text
+
+
+# --------------------------------------------------------------------------- pre-trained on reference and query
+
+
+PRETRAIN = ["--pretrain_on_query", "--pt_epoch", "2"]
+
+
+def test_pretraining_on_the_query_learns_the_shared_genes_and_equals_a_classifier_from_that_saved_encoder(pair, tmp_path):
+    """transfer --pretrain_on_query pre-trains on both datasets' shared genes; its classifier is the
+    one trained with --query from the encoder it saved (so nothing else differs), and the encoder
+    is the one main.py pre-trains on the two datasets cut to those genes."""
+    annotate.main(annotate.parse_args(["transfer", "--reference", str(pair["ref"]), "--label_key", "cell_type",
+                                       "--query", str(pair["query"]), "--out", str(tmp_path / "a.h5ad"),
+                                       "--save_model", str(tmp_path / "a.pt"), "--save_pretrained",
+                                       str(tmp_path / "enc.pt"), *PRETRAIN, *TRAIN]))
+    enc = torch.load(tmp_path / "enc.pt", weights_only=True)
+    assert sorted(enc["gene_universe"]) == pair["kept"]
+    assert [d.split(" ")[0] for d in enc["datasets"]] == ["reference", "query"] and enc["epoch"] == 2
+    assert not (tmp_path / "enc.pt.resume").exists()
+    annotate.main(annotate.parse_args(["train", "--reference", str(pair["ref"]), "--label_key", "cell_type",
+                                       "--query", str(pair["query"]), "--pretrained_model", str(tmp_path / "enc.pt"),
+                                       "--save_model", str(tmp_path / "b.pt"), *TRAIN]))
+    a, b = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("a", "b"))
+    assert a["pretrained_digest"] == b["pretrained_digest"] != "none"
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key])
+    # the same two datasets, cut to the shared genes, through the pre-training command line
+    ref, query = anndata.read_h5ad(pair["ref"]), anndata.read_h5ad(pair["query"])
+    for name, ad in (("r", ref), ("s", query)):
+        ad[:, pair["kept"]].copy().write_h5ad(tmp_path / f"{name}.h5ad")
+    import main as main_script
+    main_script.main(main_script.parse_args(["--is_pretrain", "--kmeans", "--datasets", str(tmp_path / "r.h5ad"),
+                                             str(tmp_path / "s.h5ad"), "--pt_epoch", "2", "--normalize", "cp10k", "--hid", "8",
+                                             "--save_model", str(tmp_path / "main.pt"), "--log_level", "WARNING"]))
+    by_main = torch.load(tmp_path / "main.pt", weights_only=True)
+    assert list(by_main["gene_universe"]) == list(enc["gene_universe"])
+    for key in enc["model"]:
+        torch.testing.assert_close(enc["model"][key], by_main["model"][key])
+
+
+def test_pretraining_on_the_query_through_the_api_writes_no_file(pair, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ref, query = anndata.read_h5ad(pair["ref"]), anndata.read_h5ad(pair["query"])
+    model = annotate.train(ref, "cell_type", query=query, pretrain_on_query=True, pt_epoch=2, **API_TRAIN)
+    assert sorted(model.genes) == pair["kept"] and model.ckpt["pretrained_digest"] != "none"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="give query"):
+        annotate.train(ref, "cell_type", pretrain_on_query=True, **API_TRAIN)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["train", "--save_model", "m.pt", "--pretrain_on_query"], "give --query"),
+    (["transfer", "--query", "q.h5ad", "--pretrain_on_query", "--pretrained_model", "p.pt"], "not both"),
+    (["transfer", "--query", "q.h5ad", "--save_pretrained", "p.pt"], "only with --pretrain_on_query"),
+    (["transfer", "--query", "q.h5ad", "--pretrain_phases", "2"], "only with --pretrain_on_query"),
+])
+def test_pretraining_on_the_query_refuses_flags_that_cannot_go_with_it(flags, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        annotate.parse_args([flags[0], "--reference", "r.h5ad", *flags[1:]])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
