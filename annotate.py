@@ -43,7 +43,7 @@ import runtime
 import scoring
 from annotation import EMBEDDING_KEY, PROBABILITIES_KEY, UNS_KEY, AnnotationModel
 from errors import DataError
-from settings import AnnotateSettings, ClassifierSettings, PredictSettings, PretrainSettings, ReadSettings
+from settings import CHOSEN, AnnotateSettings, ClassifierSettings, PredictSettings, PretrainSettings, ReadSettings
 
 log = logging.getLogger("scpretrain.annotate")
 
@@ -51,7 +51,8 @@ log = logging.getLogger("scpretrain.annotate")
 # (bench/README.md, "Transfer protocol"); the paper's and `plus` stay available
 RECIPES = {**cli.RECIPES,
            "transfer": {"normalize": "cp10k", "ft_batch_size": 256, "ft_dropout": 0.2, "ft_weight_decay": 0.01,
-                        "ft_early_stop": "accuracy_then_loss", "ft_linear_base": "blend"}}
+                        "ft_early_stop": "accuracy_then_loss", "ft_linear_base": "blend",
+                        "ft_linear_c": CHOSEN, "ft_blend_share": CHOSEN}}
 DEFAULT_RECIPE = "transfer"
 
 

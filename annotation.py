@@ -198,11 +198,18 @@ def train(reference: data.CellData, settings: ClassifierSettings, training: Anno
             "trained_on_shared_genes": query_genes is not None, "query": query_name if query_genes is not None else None,
             "gene_means": torch.from_numpy(gene_means(features, train_idx)),
             "validation_accuracy": float(val_accuracy), "epochs": int(epochs), "n_train": len(train_idx),
-            "n_val": len(val_idx), "calibration": calibration,
+            "n_val": len(val_idx), "calibration": calibration, "linear_base": linear_base_info(clf),
             "pretrained_model": str(pretrained.path) if pretrained else None, "pretrained_digest": digest,
             "config": config or {}}
     ckpt = checkpoints.classifier_checkpoint(clf.cpu(), model_genes, classes, fed=fed, label_key=label_key, info=info)
     return AnnotationModel(clf, ckpt)
+
+
+def linear_base_info(clf: Classifier) -> dict | None:
+    """The linear base's C and share (blend) when the classifier has one."""
+    if clf.base is None:
+        return None
+    return {"mode": clf.base_mode, "C": float(getattr(clf, "base_c", float("nan"))), "share": float(clf.base_share)}
 
 
 def pretrained_start(pretrained: LoadedEncoder | None, fed: Feeding, model_genes, name: str,

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 
 from model import Classifier, GeneLinear, apply_in_batches, init_encoder_from_pretrained, make_adam
-from settings import EARLY_STOP, LINEAR_BASES, ClassifierSettings
+from settings import CHOSEN, EARLY_STOP, LINEAR_BASES, ClassifierSettings
 from sparse import HostCSR, SparseBatch, dense_batch, sparse_products, training_rows
 from splits import iter_batches
 
@@ -145,6 +145,7 @@ def attach_linear_base(clf: Classifier, base: LinearBase, mode: str, share: floa
         raise ValueError("the linear base does not match the classifier's classes")
     layer = GeneLinear.of(torch.from_numpy(base.weight.T.copy()), torch.from_numpy(base.bias))
     clf.set_base(layer.to(clf.out.weight.device), mode, share)
+    clf.base_c = base.C
     if mode == "residual":
         with torch.no_grad():
             clf.out.weight.zero_()
@@ -165,15 +166,15 @@ def improves(score: tuple[float, float], best: tuple[float, float] | None, crite
 
 
 def choose_blend_share(clf: Classifier, val_rows: "TrainingRows", y_val: np.ndarray,
-                       criterion: str) -> tuple[float, float]:
-    """The regression's share in a blend (``BLEND_SHARES``, in order: a later one must score better
+                       criterion: str, shares=BLEND_SHARES) -> tuple[float, float]:
+    """The regression's share in a blend (one of ``shares``, in order: a later one must score better
     on the validation cells under ``criterion``); sets it on ``clf`` and returns (share, accuracy)."""
     clf.eval()
     with torch.no_grad():  # the two parts' logits once; only the mixture changes with the share
         network, base = val_rows.logits(clf.network), val_rows.logits(clf.base_logits)
     targets = torch.as_tensor(y_val, device=network.device)
-    best, best_share = None, BLEND_SHARES[0]
-    for share in BLEND_SHARES:
+    best, best_share = None, shares[0]
+    for share in shares:
         clf.base_share.fill_(share)
         score = logit_scores(clf.combine(network, base), targets)
         if improves(score, best, criterion):
@@ -236,7 +237,9 @@ def train_classifier(clf: Classifier, features, codes, split, settings: Classifi
     device = torch.device(device)
     mode = settings.ft_linear_base or "none"
     if mode != "none":
-        linear_base = linear_base or fit_linear_base(features, codes, split, clf.out.out_features, device)
+        c_grid = LINEAR_C_GRID if settings.ft_linear_c == CHOSEN else (settings.ft_linear_c,)
+        linear_base = linear_base or fit_linear_base(features, codes, split, clf.out.out_features, device,
+                                                     c_grid=c_grid)
     if mode == "residual" and linear_base is not None:
         attach_linear_base(clf, linear_base, mode)
     clf = clf.to(device)
@@ -281,7 +284,8 @@ def train_classifier(clf: Classifier, features, codes, split, settings: Classifi
     accuracy = best[0]
     if mode == "blend" and linear_base is not None:
         attach_linear_base(clf, linear_base, mode)
-        _, accuracy = choose_blend_share(clf, val_rows, y_val, criterion)
+        shares = BLEND_SHARES if settings.ft_blend_share == CHOSEN else (settings.ft_blend_share,)
+        _, accuracy = choose_blend_share(clf, val_rows, y_val, criterion, shares)
     return clf, epoch, accuracy
 
 

@@ -168,6 +168,20 @@ def add_classifier_args(parser) -> None:
                         "on the validation cells; 'residual' = the network trains as a correction added to the "
                         "regression's logits, from a zeroed output layer; 'none' (scPretrain): the network alone "
                         "(default: the recipe's)")
+    g.add_argument("--ft_linear_c", type=chosen_or(positive_float), default=None,
+                   help="the linear base's C instead of choosing it on the validation cells ('chosen') "
+                        "(default: the recipe's)")
+    g.add_argument("--ft_blend_share", type=chosen_or(unit_interval), default=None,
+                   help="the regression's share in --ft_linear_base blend instead of choosing it on the validation "
+                        "cells ('chosen') (default: the recipe's)")
+
+
+def chosen_or(kind):
+    """An argparse type: 'chosen' (the value is chosen on the validation cells) or a ``kind`` value."""
+    def parse(text: str) -> float:
+        return st.CHOSEN if text == "chosen" else kind(text)
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
 
 
 def add_pretrain_args(parser) -> None:
@@ -223,9 +237,11 @@ def add_finetune_args(parser) -> None:
 # accuracy protocol). A flag given on the command line overrides its recipe's value.
 RECIPES = {
     "paper": {"normalize": "none", "ft_batch_size": 5000, "ft_dropout": 0.0, "ft_weight_decay": 0.0,
-              "ft_early_stop": "accuracy", "ft_linear_base": "none"},
+              "ft_early_stop": "accuracy", "ft_linear_base": "none", "ft_linear_c": st.CHOSEN,
+              "ft_blend_share": st.CHOSEN},
     "plus": {"normalize": "cp10k", "ft_batch_size": 256, "ft_dropout": 0.2, "ft_weight_decay": 0.01,
-             "ft_early_stop": "accuracy_then_loss", "ft_linear_base": "blend"},
+             "ft_early_stop": "accuracy_then_loss", "ft_linear_base": "blend", "ft_linear_c": st.CHOSEN,
+             "ft_blend_share": st.CHOSEN},
 }
 
 

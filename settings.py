@@ -15,6 +15,7 @@ NORMALIZATIONS = ("none", "cp10k")
 BATCH_FORMATS = ("auto", "sparse", "dense")
 EARLY_STOP = ("accuracy", "loss", "accuracy_then_loss")
 LINEAR_BASES = ("none", "residual", "blend")
+CHOSEN = -1.0  # a linear-base value chosen on the validation cells rather than fixed
 KMEANS_INPUTS = ("log1p", "raw")
 
 
@@ -129,7 +130,17 @@ class ClassifierSettings(Settings):
     ft_weight_decay: float = 0.0
     ft_early_stop: str = "accuracy"
     ft_linear_base: str = "none"
+    ft_linear_c: float = CHOSEN  # the linear base's C; CHOSEN: from classifier.LINEAR_C_GRID on the validation cells
+    ft_blend_share: float = CHOSEN  # the base's share in a blend; CHOSEN: from classifier.BLEND_SHARES likewise
     ft_batch_format: str = run_field("auto")  # CSR or dense products: float rounding (and dropout draws)
+
+    def identity(self) -> dict:
+        found = super().identity()
+        for name in ("ft_linear_c", "ft_blend_share"):  # only where they are used and fixed
+            if found[name] == CHOSEN or self.ft_linear_base == "none" or (
+                    name == "ft_blend_share" and self.ft_linear_base != "blend"):
+                found.pop(name)
+        return found
 
 
 @dataclass(frozen=True)

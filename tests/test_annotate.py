@@ -68,6 +68,8 @@ def test_train_writes_a_self_describing_classifier(trained):
     assert 0 <= ckpt["validation_accuracy"] <= 1
     assert ckpt["pretrained_digest"] != "none" and ckpt["config"]["ft_epoch"] == 40
     assert ckpt["model"]["encoder.linear.weight"].shape == (16, N_GENES)
+    base = ckpt["linear_base"]  # the default recipe blends in a logistic regression: its C and share recorded
+    assert base["mode"] == "blend" and base["C"] > 0 and 0 <= base["share"] <= 1
 
 
 def test_query_with_permuted_missing_and_extra_genes_gets_the_aligned_predictions(trained, tmp_path):

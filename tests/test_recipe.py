@@ -17,6 +17,7 @@ from checkpoints import load as load_checkpoint
 from model import Classifier
 import features as features_mod
 import sparse
+import settings as st
 
 
 def test_cp10k_features_equal_an_independent_computation():
@@ -300,6 +301,27 @@ def test_blend_trains_the_network_alone_then_mixes_in_the_regression_by_validati
     mixed = np.sqrt(p_net * regression)
     np.testing.assert_allclose(classifier.predict_proba(clf, X, test, "cpu"), mixed / mixed.sum(1, keepdims=True),
                                atol=1e-5)
+
+
+def test_fixed_linear_c_and_blend_share_are_used_instead_of_the_validation_choice():
+    X, types = toy_features(n_cells=150, n_genes=30, seed=3)
+    split = (np.arange(0, 90), np.arange(90, 120), np.arange(120, 150))
+    args = linear_base_args("blend", "--ft_linear_c", "0.37", "--ft_blend_share", "0.6")
+    settings = cli.classifier_settings(args)
+    assert (settings.ft_linear_c, settings.ft_blend_share) == (0.37, 0.6)
+    clf = classifier.build_classifier(3, X.shape[1], settings, 0)
+    clf, _, _ = classifier.train_classifier(clf, X, types, split, settings, 0, torch.device("cpu"))
+    assert clf.base_c == pytest.approx(0.37) and float(clf.base_share) == pytest.approx(0.6)
+    from sklearn.linear_model import LogisticRegression
+    fit = LogisticRegression(C=0.37, max_iter=3000).fit(X[split[0]], types[split[0]])
+    logits = X.toarray() @ clf.base.weight.detach().numpy().T + clf.base.bias.detach().numpy()
+    np.testing.assert_allclose(logits, fit.decision_function(X), rtol=1e-2, atol=1e-2)  # the regression at that C
+    chosen = cli.classifier_settings(linear_base_args("blend", "--ft_linear_c", "chosen"))
+    assert chosen.ft_linear_c == st.CHOSEN and chosen.ft_blend_share == st.CHOSEN  # the plus recipe chooses both
+    assert "ft_linear_c" not in chosen.identity() and settings.identity()["ft_linear_c"] == 0.37
+    for bad in (["--ft_linear_c", "0"], ["--ft_linear_c", "-1"], ["--ft_blend_share", "1.5"]):
+        with pytest.raises(SystemExit):
+            linear_base_args("blend", *bad)
 
 
 @pytest.mark.parametrize("mode", ["residual", "blend"])
