@@ -733,9 +733,12 @@ class ScPretrain(Method):
                 "--majority_voting", *self.flags]
         return annotate.parse_args(argv)
 
+    def key(self, ref, query, flags) -> str:
+        return digest("scpretrain-annotate", ref, query, flags, self.features, self.seed, VOTING_CLUSTERS,
+                      project_code())
+
     def fit_predict(self, ref, query):
-        key = digest("scpretrain-annotate", ref, query, self.flags, self.features, self.seed, VOTING_CLUSTERS,
-                     project_code())
+        key = self.key(ref, query, self.flags)
         hit = self.cache.get("scpretrain", key)
         if hit is None:
             hit = self.run(ref, query, key)
@@ -767,6 +770,33 @@ class ScPretrain(Method):
                                  cli.args_dict(args))
         t_train = time.perf_counter() - t0
         settings = annotate.predict_settings(args)
+        info = {"epochs": model.ckpt["epochs"], "val_accuracy": round(model.ckpt["validation_accuracy"], 4),
+                "linear_base": model.ckpt["linear_base"],
+                "temperature": model.ckpt["calibration"]["temperature"], "n_genes": len(model.genes),
+                "pretrain_seconds": round(t_pre, 1), "train_seconds": round(t_train, 1)}
+        arrays = self.labels(model, query, settings)
+        self.cache.put("scpretrain", key, arrays, {"seconds": time.perf_counter() - t0, "info": info,
+                                                   "ref": ref.name, "query": query.name, "flags": self.flags})
+        if "--ft_blend_share" in self.flags:  # the network does not depend on the share: the others' labels
+            at = self.flags.index("--ft_blend_share") + 1
+            for share in SHARE_SWEEP:
+                flags = [*self.flags[:at], share, *self.flags[at + 1:]]
+                other = self.key(ref, query, flags)
+                if other != key and self.cache.get("scpretrain", other) is None:
+                    model.clf.base_share.fill_(float(share))
+                    shared = {**info, "linear_base": {**info["linear_base"], "share": float(share)},
+                              "note": "the network trained once for every share; temperature of the first"}
+                    self.cache.put("scpretrain", other, self.labels(model, query, settings),
+                                   {"seconds": time.perf_counter() - t0, "info": shared, "ref": ref.name,
+                                    "query": query.name, "flags": flags})
+        return self.cache.get("scpretrain", key)
+
+    @staticmethod
+    def labels(model, query, settings) -> dict:
+        """Best labels, probabilities and majority voting (annotate's own over-clustering and each
+        ``VOTING_CLUSTERS`` rule) of ``model`` on ``query``."""
+        import annotation
+
         result = annotation.predict(model, query, settings, "cpu")
         arrays = {"labels": result.table["predicted_labels"].to_numpy(dtype=object),
                   "probs": result.probabilities if result.probabilities is not None else np.zeros((0,)),
@@ -775,17 +805,13 @@ class ScPretrain(Method):
             k = int(min(max(2, query.n_cells // per), 1000))
             voted = annotation.predict(model, query, replace(settings, n_clusters=k), "cpu")
             arrays[f"mv {rule}"] = voted.table["majority_voting"].to_numpy(dtype=object)
-        info = {"epochs": model.ckpt["epochs"], "val_accuracy": round(model.ckpt["validation_accuracy"], 4),
-                "linear_base": model.ckpt["linear_base"],
-                "temperature": model.ckpt["calibration"]["temperature"], "n_genes": len(model.genes),
-                "pretrain_seconds": round(t_pre, 1), "train_seconds": round(t_train, 1)}
-        self.cache.put("scpretrain", key, arrays, {"seconds": time.perf_counter() - t0, "info": info,
-                                                   "ref": ref.name, "query": query.name, "flags": self.flags})
-        return self.cache.get("scpretrain", key)
+        return arrays
 
 
 # majority voting's over-clusters in annotate's K-means on the representation: one per this many cells
 VOTING_CLUSTERS = {"n/100": 100, "n/50": 50, "n/30": 30}
+# the shares a run with a fixed --ft_blend_share also labels with (its network is the same)
+SHARE_SWEEP = ("0.5", "0.6", "0.75", "0.9", "1")
 
 
 CELLTYPIST_SCRIPT = r"""
@@ -875,7 +901,7 @@ def scpretrain_variants(args) -> dict[str, list[str]]:
              "scPretrain plus": ["--recipe", "plus"]}
     for C in ("0.1", "0.3", "1"):
         found[f"scPretrain C={C}"] = ["--ft_linear_c", C]
-        for share in ("0.5", "0.75", "1"):
+        for share in SHARE_SWEEP:
             found[f"scPretrain C={C} share={share}"] = ["--ft_linear_c", C, "--ft_blend_share", share]
     found["scPretrain pretrained on query"] = ["--pretrain_on_query"]
     found["scPretrain pretrained on query, phases 1+2"] = ["--pretrain_on_query", "--pretrain_phases", "2"]

@@ -237,7 +237,7 @@ def _write_blocks(group, spec: DatasetSpec, model: "CountModel", types, rng, chu
         indices.resize((nnz + block.nnz,))
         data[nnz:] = block.data
         indices[nnz:] = block.indices
-        indptr[start + 1:start + 1 + block.shape[0]] = nnz + block.indptr[1:]
+        indptr[start + 1:start + 1 + block.shape[0]] = nnz + block.indptr[1:].astype(np.int64)  # past 2^31 non-zeros
         nnz += block.nnz
     group["indptr"] = indptr
     return nnz
