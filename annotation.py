@@ -394,9 +394,15 @@ def prob_match_labels(probs: np.ndarray, classes, p_thres: float) -> np.ndarray:
     return out
 
 
+CELLS_PER_CLUSTER = 30  # majority voting's over-clusters: about this many cells each (bench/README.md)
+MAX_CLUSTERS = 500
+
+
 def default_n_clusters(n_cells: int) -> int:
-    """Over-clusters for majority voting: about 100 cells each, between 2 and 500 (and at most n)."""
-    return int(min(max(2, n_cells // 100), 500, n_cells))
+    """Over-clusters for majority voting: about ``CELLS_PER_CLUSTER`` cells each, between 2 and
+    ``MAX_CLUSTERS`` (and at most n). Across held-out studies one cluster per 30 cells voted 0.833
+    on average, one per 100 cells 0.713: a 280-cell query then gets 2 clusters."""
+    return int(min(max(2, n_cells // CELLS_PER_CLUSTER), MAX_CLUSTERS, n_cells))
 
 
 def over_cluster(representation: np.ndarray, n_clusters: int | None, seed: int, device) -> np.ndarray:
