@@ -4,6 +4,7 @@
     python bench/bench_transfer.py                                 # every task, the default methods
     python bench/bench_transfer.py --methods 'LR*' --tasks 'baron>pancreas4*'
     python bench/bench_transfer.py --celltypist_python /tmp/ctenv/bin/python   # CellTypist too
+    python bench/bench_transfer.py --methods 'scPretrain*' --demo_encoder ENC.pt  # with an encoder of the demo
 
 A *task* is a labelled reference, a labelled query from another study (or a simulated other
 species), a map from the reference's labels to the query's (or the identity), and a query
@@ -47,9 +48,11 @@ and what was chosen (``{"info": {...}}``). Methods here (``build_methods``):
   folds: leave one study out where it has 3-4), ``cells`` = 10 % random validation cells (as
   ``annotate.py`` holds out); ties go to the stronger penalty (``LogRegSelected`` takes other
   candidate sets: scaling, all genes);
-- scPretrain's classifier (``classifier.build_classifier`` / ``train_classifier`` with the
-  arguments ``annotate.py train --recipe R`` resolves to; random init), on all genes (predicted
-  as ``annotate.py predict`` does, ``annotation.predict``) or on the shared genes;
+- scPretrain: ``annotate.py transfer`` as a user runs it (``annotation.train`` on the reference
+  cut to the query's genes, then ``annotation.predict``), annotate's defaults plus each variant's
+  flags (``scpretrain_variants``: recipes, a fixed C and blend share, ``--pretrain_on_query``, a
+  demo encoder); a run with a fixed ``--ft_blend_share`` also labels with every ``SHARE_SWEEP``
+  share, from the same trained network (the network does not depend on the share);
 - CellTypist 1.x with its defaults in its own interpreter (``--celltypist_python``).
 
 Scoring: accuracy and macro-F1 (``scoring.mapped_scores``) on the query cells whose label some
@@ -57,9 +60,9 @@ reference label maps to; a prediction with no counterpart counts as wrong. Each 
 on its best labels (``best``) and after majority voting (``mv``) over one over-clustering of each
 query shared by all methods (K-means with one cluster per 30 cells, ``--mv_cells``, on 50 PCs
 of the query's 2,000 most variable log1p CP10k genes; ``tasks.csv`` gives its purity, the
-ceiling of majority voting); scPretrain also as ``annotate.py predict
---majority_voting`` gives it (Unassigned below p = 0.5, then the vote over K-means of its
-representation), CellTypist also with its own majority voting. Predictions, inner validation
+ceiling of majority voting); scPretrain also by its own majority voting (``annotate.py mv``,
+annotate's over-clustering rule, and ``mv n/K``: K-means of its representation with one cluster
+per K cells, on its best labels), CellTypist also with its own majority voting. Predictions, inner validation
 scores and CellTypist models are cached under ``bench/out/transfer/cache/`` (a rerun only
 scores); tables go to ``bench/out/transfer/``. Importing this module does nothing.
 """
@@ -905,11 +908,8 @@ def scpretrain_variants(args) -> dict[str, list[str]]:
             found[f"scPretrain C={C} share={share}"] = ["--ft_linear_c", C, "--ft_blend_share", share]
     found["scPretrain pretrained on query"] = ["--pretrain_on_query"]
     found["scPretrain pretrained on query, phases 1+2"] = ["--pretrain_on_query", "--pretrain_phases", "2"]
-    found["scPretrain pretrained on query C=0.3"] = ["--pretrain_on_query", "--ft_linear_c", "0.3"]
     if args.demo_encoder:
         found["scPretrain demo encoder"] = ["--pretrained_model", str(args.demo_encoder), "--recipe", "transfer"]
-        found["scPretrain demo encoder C=0.3"] = ["--pretrained_model", str(args.demo_encoder), "--recipe",
-                                                  "transfer", "--ft_linear_c", "0.3"]
     return found
 
 
