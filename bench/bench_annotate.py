@@ -43,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--check_in_memory", action="store_true",
                    help="also predict with --in_memory and compare every cell's label and confidence")
     p.add_argument("--train", action="store_true", help="time annotate.py train on the synthetic file instead")
+    p.add_argument("--ft_epoch", type=int, default=None,
+                   help="train's --ft_epoch (default: its own; synthetic types are separable from the first epoch, "
+                        "so the validation loss keeps falling and early stopping may wait for the last epoch)")
     p.add_argument("--max_cells_per_type", type=int, default=0, help="train's --max_cells_per_type (default: 0)")
     p.add_argument("--prepare_only", action="store_true", help="write the inputs, measure nothing")
     p.add_argument("--write_workers", type=int, default=1,
@@ -137,9 +140,10 @@ def main(args) -> None:
     if args.train:
         result = run(["annotate.py", "train", "--reference", str(query), "--label_key", "cell_type", "--save_model",
                       str(Path(args.out) / f"trained_{args.cells}.pt"), "--max_cells_per_type",
-                      str(args.max_cells_per_type), "--device", args.device])
+                      str(args.max_cells_per_type), "--device", args.device,
+                      *(["--ft_epoch", str(args.ft_epoch)] if args.ft_epoch else [])])
         lines = [line for line in result.pop("log").splitlines() if "kept" in line or "trained in" in line
-                 or "linear base" in line]
+                 or "linear base" in line or "read" in line or "calibration" in line]
         print("\n".join(lines))
         print(result)
         return
