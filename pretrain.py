@@ -446,13 +446,14 @@ def run_pretraining(entries: list[data.DatasetEntry], settings: PretrainSettings
     return pretrain_datasets(datasets, own, plan, start, settings, Path(save_path), device, read, resume, config)
 
 
-def pretrain_in_memory(datasets: list[data.CellData], settings: PretrainSettings, device: torch.device,
+def pretrain_in_memory(datasets: list[data.CellData], settings: PretrainSettings, device: torch.device | str,
                        start: Start | None = None, save_path=None, config: dict | None = None) -> dict:
     """Phase 1 (or phase 2 from ``start``, :func:`start_from`) on datasets already read, in this
     one process; returns the final encoder checkpoint, also saved at ``save_path`` when given
     (without it nothing is written: no epoch checkpoint either)."""
     if dist_info()[1] > 1:
         raise RuntimeError("pretrain_in_memory runs in one process; under torchrun use run_pretraining")
+    device = torch.device(device)  # a name ("cpu", "cuda") or a device
     start = start or phase_start(settings)
     plan = shards.plan_shards([1.0] * len(datasets), 1)
     return pretrain_datasets(list(datasets), list(range(len(datasets))), plan, start, settings,

@@ -337,6 +337,21 @@ def test_pretraining_on_the_query_learns_the_shared_genes_and_equals_a_classifie
         torch.testing.assert_close(enc["model"][key], by_main["model"][key])
 
 
+def test_pretraining_on_the_query_takes_a_device_by_name_or_as_a_device(pair):
+    import annotation
+    import data
+    from settings import PretrainSettings
+
+    ref = data.from_anndata(anndata.read_h5ad(pair["ref"]), "cell_type", name="ref")
+    query = data.from_anndata(anndata.read_h5ad(pair["query"]), name="query")
+    settings = PretrainSettings(normalize="cp10k", hid=8, pt_epoch=2)
+    by_name = annotation.pretrain_with_query(ref, query, settings, "cpu")
+    by_device = annotation.pretrain_with_query(ref, query, settings, torch.device("cpu"))
+    assert sorted(by_name.gene_universe) == pair["kept"]
+    for key, value in by_device.ckpt["model"].items():
+        torch.testing.assert_close(by_name.ckpt["model"][key], value)
+
+
 def test_pretraining_on_the_query_through_the_api_writes_no_file(pair, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ref, query = anndata.read_h5ad(pair["ref"]), anndata.read_h5ad(pair["query"])
