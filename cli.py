@@ -247,7 +247,8 @@ RECIPES = {
 
 def add_recipe_args(parser, default: str = "paper", recipes: dict = RECIPES) -> None:
     g = parser.add_argument_group("recipe")
-    described = "; ".join(f"'{name}' = " + ", ".join(f"{k} {v}" for k, v in values.items())
+    described = "; ".join(f"'{name}' = " + ", ".join(f"{k} {'chosen' if v == st.CHOSEN else v}"
+                                                      for k, v in values.items())
                           for name, values in recipes.items())
     g.add_argument("--recipe", choices=sorted(recipes), default=default,
                    help=f"{described}; 'paper' is the original's recipe; any flag given overrides its recipe "
