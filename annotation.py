@@ -244,8 +244,11 @@ class _Genes:
 def expected_calibration_error(probs: np.ndarray, targets: np.ndarray, bins: int = 15) -> float:
     """ECE: the gap between confidence (the best class's probability) and accuracy, averaged over
     ``bins`` equal-width confidence bins weighted by their cells."""
-    conf = probs.max(1)
-    right = probs.argmax(1) == targets
+    return calibration_error(probs.max(1), probs.argmax(1) == targets, bins)
+
+
+def calibration_error(conf: np.ndarray, right: np.ndarray, bins: int = 15) -> float:
+    """ECE from each cell's confidence and whether its label is right (any truth, e.g. mapped labels)."""
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
     gap = 0.0

@@ -38,13 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def calibration_error(confidence: np.ndarray, right: np.ndarray, bins: int = 15) -> float:
-    """ECE from each cell's confidence and whether its label is right (as annotation's, on any truth)."""
-    which = np.clip(np.digitize(confidence, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
-    return float(sum((which == b).mean() * abs(right[which == b].mean() - confidence[which == b].mean())
-                     for b in range(bins) if (which == b).any()))
-
-
 def query_rows(labelled, given: np.ndarray, label_map: dict) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, right) on the query cells whose given label some model label maps to."""
     scored = np.isin(given, list(set(label_map.values())))
@@ -59,6 +52,7 @@ def main(args) -> list[dict]:
     import annotate
     import runtime
     import scoring
+    from annotation import calibration_error
 
     runtime.set_up_process("WARNING", args.seed)
     rows = []
