@@ -61,10 +61,31 @@ def _times_dense(ptr, indices, data, weight, bias, rows):  # pragma: no cover - 
             out[i, :] = bias
         for b in range(n_blocks):
             for i in range(lo, hi):
-                for p in range(ptr[b, i], ptr[b + 1, i]):
+                p, end = ptr[b, i], ptr[b + 1, i]
+                # eight stored values a pass over the output row: it is read and written once for
+                # eight of them, summed in the same order as one by one (the same float result)
+                while p + 8 <= end:
+                    j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+                    j4, j5, j6, j7 = indices[p + 4], indices[p + 5], indices[p + 6], indices[p + 7]
+                    v0, v1, v2, v3 = data[p], data[p + 1], data[p + 2], data[p + 3]
+                    v4, v5, v6, v7 = data[p + 4], data[p + 5], data[p + 6], data[p + 7]
+                    for k in range(hid):
+                        o = out[i, k]
+                        o += v0 * weight[j0, k]
+                        o += v1 * weight[j1, k]
+                        o += v2 * weight[j2, k]
+                        o += v3 * weight[j3, k]
+                        o += v4 * weight[j4, k]
+                        o += v5 * weight[j5, k]
+                        o += v6 * weight[j6, k]
+                        o += v7 * weight[j7, k]
+                        out[i, k] = o
+                    p += 8
+                while p < end:
                     j, v = indices[p], data[p]
                     for k in range(hid):
                         out[i, k] += v * weight[j, k]
+                    p += 1
     return out
 
 
@@ -77,11 +98,39 @@ def _transposed_times(ptr, indices, data, grad, n_genes, rows):  # pragma: no co
         hi = min(n, lo + rows)
         for b in prange(n_blocks):  # a block's genes are summed by one thread: no races
             for i in range(lo, hi):
-                for p in range(ptr[b, i], ptr[b + 1, i]):
+                p, end = ptr[b, i], ptr[b + 1, i]
+                while p + 4 <= end:  # four genes a pass over the row's gradient (each kept in a register)
+                    j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
+                    v0, v1, v2, v3 = data[p], data[p + 1], data[p + 2], data[p + 3]
+                    for k in range(hid):
+                        g = grad[i, k]
+                        out[j0, k] += v0 * g
+                        out[j1, k] += v1 * g
+                        out[j2, k] += v2 * g
+                        out[j3, k] += v3 * g
+                    p += 4
+                while p < end:
                     j, v = indices[p], data[p]
                     for k in range(hid):
                         out[j, k] += v * grad[i, k]
+                    p += 1
     return out
+
+
+@njit(parallel=True, cache=True)
+def _take_rows(indptr, indices, data, rows):  # pragma: no cover - compiled
+    n = rows.size
+    out_ptr = np.empty(n + 1, dtype=np.int64)
+    out_ptr[0] = 0
+    for q in range(n):
+        out_ptr[q + 1] = out_ptr[q] + (indptr[rows[q] + 1] - indptr[rows[q]])
+    out_ind = np.empty(out_ptr[n], dtype=indices.dtype)
+    out_val = np.empty(out_ptr[n], dtype=data.dtype)
+    for q in prange(n):
+        src, dst, size = indptr[rows[q]], out_ptr[q], out_ptr[q + 1] - out_ptr[q]
+        out_ind[dst:dst + size] = indices[src:src + size]
+        out_val[dst:dst + size] = data[src:src + size]
+    return out_ptr, out_ind, out_val
 
 
 def _use_torch_threads() -> None:
@@ -100,6 +149,13 @@ def block_pointers(indptr: np.ndarray, indices: np.ndarray, n_genes: int, block:
     return ptr
 
 
+def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray):
+    """The CSR rows ``rows`` (in that order, in range), copied by the threads: (indptr int64,
+    indices, data)."""
+    _use_torch_threads()
+    return _take_rows(indptr, indices, data, np.asarray(rows, dtype=np.int64))
+
+
 def times_dense(ptr: np.ndarray, indices: np.ndarray, data: np.ndarray, weight: np.ndarray,
                 bias: np.ndarray) -> np.ndarray:
     """``X weight + bias`` (``cells x hid`` float32) for the CSR batch ``(ptr, indices, data)``."""
@@ -114,3 +170,70 @@ def transposed_times(ptr: np.ndarray, indices: np.ndarray, data: np.ndarray, gra
     thread's)."""
     _use_torch_threads()
     return _transposed_times(ptr, indices, data, grad, int(n_genes), GRADIENT_ROWS)
+
+
+# --------------------------------------------------------------------------- K-means' cluster sums
+
+
+@njit(parallel=True, cache=True)
+def _cluster_sums(indptr, indices, data, labels, sums, sign, n_parts):  # pragma: no cover - compiled
+    # part t adds the rows of the clusters c with c % n_parts == t, in row order: each cluster's
+    # sum is one thread's, in the same order whatever the number of threads
+    for t in prange(n_parts):
+        for r in range(labels.size):
+            c = labels[r]
+            if c % n_parts != t:
+                continue
+            for p in range(indptr[r], indptr[r + 1]):
+                sums[c, indices[p]] += sign * data[p]
+
+
+@njit(parallel=True, cache=True)
+def _move_rows(indptr, indices, data, rows, old, new, sums, n_parts):  # pragma: no cover - compiled
+    for t in prange(n_parts):
+        for q in range(rows.size):
+            r, a, b = rows[q], old[q], new[q]
+            if a % n_parts == t:
+                for p in range(indptr[r], indptr[r + 1]):
+                    sums[a, indices[p]] -= data[p]
+            if b % n_parts == t:
+                for p in range(indptr[r], indptr[r + 1]):
+                    sums[b, indices[p]] += data[p]
+
+
+@njit(parallel=True, cache=True)
+def _row_norms(indptr, data):  # pragma: no cover - compiled
+    n = indptr.size - 1
+    out = np.empty(n, dtype=np.float32)
+    for r in prange(n):
+        s = np.float32(0.0)
+        for p in range(indptr[r], indptr[r + 1]):
+            s += data[p] * data[p]
+        out[r] = s
+    return out
+
+
+# the clusters are split into this many parts, one thread's each: more parts than threads keeps the
+# threads' shares even when a few clusters are large
+CLUSTER_PARTS = 64
+
+
+def cluster_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, labels: np.ndarray,
+                 sums: np.ndarray, sign: float = 1.0) -> None:
+    """Add (``sign`` 1) or take away (-1) each CSR row ``r`` to row ``labels[r]`` of the float32
+    ``k x genes`` ``sums``, in place; each cluster's rows in row order (independent of threads)."""
+    _use_torch_threads()
+    _cluster_sums(indptr, indices, data, labels, sums, np.float32(sign), CLUSTER_PARTS)
+
+
+def move_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, old: np.ndarray,
+              new: np.ndarray, sums: np.ndarray) -> None:
+    """Move CSR rows ``rows`` from the sums of clusters ``old`` to those of ``new`` (in place)."""
+    _use_torch_threads()
+    _move_rows(indptr, indices, data, rows, old, new, sums, CLUSTER_PARTS)
+
+
+def row_norms(indptr: np.ndarray, data: np.ndarray) -> np.ndarray:
+    """Each CSR row's squared norm (float32)."""
+    _use_torch_threads()
+    return _row_norms(indptr, data)

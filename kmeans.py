@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+import csr_kernels
 from sparse import RowChunks
 
 log = logging.getLogger("scpretrain.kmeans")
@@ -241,6 +242,10 @@ def _cluster_sums(rows: RowChunks, labels: torch.Tensor, k: int, chunk_rows: int
     """Per-cluster sums of the rows (k x genes)."""
     g = rows.n_cols
     sums = torch.zeros(k * g, device=labels.device)
+    host = rows.host_arrays()
+    if host is not None:  # one pass over the CSR's own arrays, no per-value index built
+        csr_kernels.cluster_sums(*host, labels.numpy(), sums.numpy().reshape(k, g))
+        return sums.view(k, g)
     for start in range(0, rows.n_rows, chunk_rows):
         stop = min(start + chunk_rows, rows.n_rows)
         _add_rows(rows, start, stop, labels[start:stop], sums, 1.0)
@@ -261,6 +266,10 @@ def _add_rows(rows: RowChunks, start: int, stop: int, labels: torch.Tensor, sums
 def _move_cells(rows: RowChunks, sums: torch.Tensor, changed: torch.Tensor, old: torch.Tensor, new: torch.Tensor,
                 chunk_rows: int) -> None:
     """Update the cluster sums (k x genes) for the ``changed`` rows moving from ``old`` to ``new``."""
+    host = rows.host_arrays()
+    if host is not None:  # in place from the CSR's arrays: no copy of the rows
+        csr_kernels.move_rows(*host, changed.numpy(), old.numpy(), new.numpy(), sums.numpy())
+        return
     flat = sums.view(-1)
     for start in range(0, len(changed), chunk_rows):  # a chunk's rows copied at a time
         stop = min(start + chunk_rows, len(changed))

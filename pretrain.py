@@ -36,7 +36,7 @@ from errors import CheckpointError
 from features import features as feature_matrix
 from model import ModelConfig, PretrainModel, make_adam, offset_targets, represent
 from settings import PretrainSettings, ReadSettings, identity
-from sparse import CSRStack, DeviceCSR, HostCSR, SparseBatch, device_sparse_batch, row_block, sparse_products, to_device
+from sparse import CSRStack, DeviceCSR, HostCSR, SparseBatch, device_sparse_batch, row_block, sparse_products, take_rows, to_device
 
 log = logging.getLogger("scpretrain.pretrain")
 
@@ -207,7 +207,7 @@ def prepare_step(coll: Collection, targets, rows_per_dataset, sparse: bool, devi
     denominators = [float(len(rows_per_dataset[d])) for d in used]  # each dataset's loss: a mean over its batch
     if source is not None:
         return HostStep(used, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
-    X = coll.stacked[rows]
+    X = take_rows(coll.stacked, rows)
     if not sparse:
         return HostStep(used, X, ys, denominators)
     if device.type == "cpu":

@@ -365,10 +365,20 @@ class RowChunks:
                                                output_size=hi - lo)
         return row_of_value, col, val
 
+    def host_arrays(self):
+        """The CSR's (indptr, indices, data) as numpy arrays when it and the products are on the host
+        (the K-means kernels of ``csr_kernels`` read them as they are), else None."""
+        if not self.sparse or self.device.type != "cpu" or self.store.device.type != "cpu":
+            return None
+        return self.store.host_indptr, self.store.indices.numpy(), self.store.data.numpy()
+
     def norms(self, chunk_rows: int = 8192) -> torch.Tensor:
         """Squared norm of every row (computed once, a chunk at a time)."""
         if self._norms is None:
-            if not self.sparse:
+            host = self.host_arrays()
+            if host is not None:
+                self._norms = torch.from_numpy(csr_kernels.row_norms(host[0], host[2]))
+            elif not self.sparse:
                 self._norms = (self.dense * self.dense).sum(1).to(self.device)
             else:
                 self._norms = torch.zeros(self.n_rows, device=self.device)
@@ -472,6 +482,18 @@ def row_block(X: sp.csr_matrix, start: int, stop: int) -> sp.csr_matrix:
     """Rows ``start:stop`` of a CSR matrix as a CSR that shares its arrays (no copy of the values)."""
     lo, hi = int(X.indptr[start]), int(X.indptr[stop])
     return csr_sharing(X.data[lo:hi], X.indices[lo:hi], X.indptr[start:stop + 1] - lo, (stop - start, X.shape[1]))
+
+
+def take_rows(X: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
+    """Rows of a CSR matrix in the given order, copied by the threads (scipy's row indexing is one
+    thread's: 2.9 s of a 31 s pre-training epoch of 914,763 cells)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= X.shape[0]):
+        raise IndexError(f"rows outside a matrix of {X.shape[0]} rows")
+    indptr, indices, data = csr_kernels.take_rows(X.indptr, X.indices, X.data, rows)
+    if indptr[-1] < 2**31 and indices.dtype == np.int32:
+        indptr = indptr.astype(np.int32)  # scipy's kernels take one index type
+    return csr_sharing(data, indices, indptr, (len(rows), X.shape[1]))
 
 
 def csr_sharing(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape) -> sp.csr_matrix:
