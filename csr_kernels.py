@@ -133,6 +133,40 @@ def _take_rows(indptr, indices, data, rows):  # pragma: no cover - compiled
     return out_ptr, out_ind, out_val
 
 
+@njit(parallel=True, cache=True)
+def _gene_blocks(indptr, indices, data, block, n_blocks):  # pragma: no cover - compiled
+    n = indptr.size - 1
+    crow = np.zeros((n_blocks, n + 1), dtype=np.int32)
+    bad = np.zeros(n, dtype=np.bool_)
+    for i in prange(n):
+        for p in range(indptr[i], indptr[i + 1]):
+            b = indices[p] // block
+            if indices[p] < 0 or b >= n_blocks:
+                bad[i] = True
+            else:
+                crow[b, i + 1] += 1
+    if bad.any():
+        return crow, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
+    for b in prange(n_blocks):
+        for i in range(n):
+            crow[b, i + 1] += crow[b, i]
+    base = np.zeros(n_blocks + 1, dtype=np.int64)
+    for b in range(n_blocks):
+        base[b + 1] = base[b] + crow[b, n]
+    col = np.empty(base[n_blocks], dtype=np.int32)
+    val = np.empty(base[n_blocks], dtype=np.float32)
+    for i in prange(n):
+        at = np.empty(n_blocks, dtype=np.int64)
+        for b in range(n_blocks):
+            at[b] = base[b] + crow[b, i]
+        for p in range(indptr[i], indptr[i + 1]):
+            b = indices[p] // block
+            col[at[b]] = indices[p] - b * block
+            val[at[b]] = data[p]
+            at[b] += 1
+    return crow, base, col, val
+
+
 def _use_torch_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
@@ -149,11 +183,27 @@ def block_pointers(indptr: np.ndarray, indices: np.ndarray, n_genes: int, block:
     return ptr
 
 
+def gene_blocks(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int, block: int):
+    """A CSR's values cut into column blocks of ``block`` columns, each a CSR over all the rows:
+    (row pointers ``blocks x (rows + 1)`` int32, where each block starts in ``col`` / ``val``,
+    block-relative int32 columns, float32 values); within a block the values keep their order.
+    ``indptr`` may be a slice of a larger CSR's (its first entry need not be 0)."""
+    _use_torch_threads()
+    n_blocks = (int(n_cols) + block - 1) // block
+    crow, base, col, val = _gene_blocks(np.asarray(indptr, dtype=np.int64), indices, data, int(block), n_blocks)
+    if len(base) == 0:
+        raise ValueError(f"a CSR chunk has column indices outside [0, {n_cols})")
+    return crow, base, col, val
+
+
 def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray):
     """The CSR rows ``rows`` (in that order, in range), copied by the threads: (indptr int64,
     indices, data)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(indptr) - 1):
+        raise IndexError(f"rows outside a matrix of {len(indptr) - 1} rows")
     _use_torch_threads()
-    return _take_rows(indptr, indices, data, np.asarray(rows, dtype=np.int64))
+    return _take_rows(indptr, indices, data, rows)
 
 
 def times_dense(ptr: np.ndarray, indices: np.ndarray, data: np.ndarray, weight: np.ndarray,

@@ -190,3 +190,92 @@ def test_a_host_built_step_sent_as_torch_csr_gives_the_dense_output_and_gradient
     for other in results[1:]:
         torch.testing.assert_close(other[0], results[0][0], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(other[1], results[0][1], rtol=1e-5, atol=1e-6)
+
+
+def one_by_one_forward(X, weight, bias):
+    """The forward product summed as the kernel's one-value-at-a-time loop did: per row, the stored
+    values in column order (the gene blocks in order), each added to the float32 output in turn."""
+    out = np.tile(bias.astype(np.float32), (X.shape[0], 1))
+    for i in range(X.shape[0]):
+        for p in range(X.indptr[i], X.indptr[i + 1]):
+            out[i] = (out[i] + np.float32(X.data[p]) * weight[X.indices[p]]).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("per_row", [0, 1, 3, 7, 8, 9, 15, 16, 17, 40])
+def test_unrolled_forward_sums_in_the_one_by_one_order(per_row):
+    """Rows of every length around the kernel's eight-value and four-value passes give the same
+    float32 numbers as adding their values one by one (no reassociation)."""
+    rng = np.random.default_rng(per_row)
+    genes = 2 * csr_kernels.BLOCK_GENES + 100  # three gene blocks
+    rows = [np.sort(rng.choice(genes, size=per_row, replace=False)) for _ in range(6)]
+    indptr = np.cumsum([0] + [len(r) for r in rows])
+    X = sp.csr_matrix((rng.standard_normal(indptr[-1]).astype(np.float32),
+                       np.concatenate(rows).astype(np.int32), indptr), shape=(6, genes))
+    weight = rng.standard_normal((genes, 13)).astype(np.float32)
+    bias = rng.standard_normal(13).astype(np.float32)
+    batch = HostCSR(X)
+    np.testing.assert_allclose(batch.times(weight, bias), X.toarray().astype(np.float64) @ weight + bias,
+                               rtol=1e-5, atol=1e-5)
+    # with fused multiply-adds the kernel rounds once per value where numpy rounds twice: the
+    # order is what is compared, within a few float32 steps of each value
+    np.testing.assert_allclose(batch.times(weight, bias), one_by_one_forward(X, weight, bias), rtol=1e-6, atol=1e-6)
+    grad = rng.standard_normal((6, 13)).astype(np.float32)
+    np.testing.assert_allclose(batch.transposed_times(grad), X.toarray().T.astype(np.float64) @ grad,
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [[3, 1, 3, 0], [], [5], list(range(9))[::-1]])
+def test_take_rows_equals_scipy_row_indexing(rows):
+    X = random_csr(9, 30, 0.3, seed=5)
+    X = sp.csr_matrix(sp.diags((np.arange(9) != 4).astype(np.float32)) @ X)  # row 4 empty
+    got = sparse.take_rows(X, np.array(rows, dtype=np.int64))
+    want = X[np.array(rows, dtype=np.int64)]
+    assert got.shape == want.shape and got.indices.dtype == got.indptr.dtype
+    np.testing.assert_array_equal(got.toarray(), want.toarray())
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+
+
+def test_take_rows_refuses_rows_outside_the_matrix():
+    X = random_csr(5, 10, 0.3, seed=6)
+    for rows in ([5], [-1], [0, 7]):
+        with pytest.raises(IndexError, match="outside a matrix of 5 rows"):
+            sparse.take_rows(X, np.array(rows))
+
+
+def test_gene_blocks_keep_each_block_s_values_in_order_and_refuse_wide_columns():
+    X = random_csr(12, 70, 0.3, seed=7)
+    crow, base, col, val = csr_kernels.gene_blocks(X.indptr, X.indices, X.data, 70, 32)
+    dense = X.toarray()
+    assert crow.shape == (3, 13) and base[-1] == X.nnz
+    for b in range(3):
+        part = sp.csr_matrix((val[base[b]:base[b + 1]], col[base[b]:base[b + 1]], crow[b]), shape=(12, 32))
+        np.testing.assert_array_equal(part.toarray()[:, :dense[:, 32 * b:32 * (b + 1)].shape[1]],
+                                      dense[:, 32 * b:32 * (b + 1)])
+    # a chunk of rows of a larger matrix: its indptr is a slice that does not start at 0
+    crow2, base2, col2, val2 = csr_kernels.gene_blocks(X.indptr[4:9], X.indices, X.data, 70, 32)
+    np.testing.assert_array_equal(val2, csr_kernels.gene_blocks(*(lambda Y: (Y.indptr, Y.indices, Y.data))(X[4:8]),
+                                                                70, 32)[3])
+    with pytest.raises(ValueError, match="outside"):
+        csr_kernels.gene_blocks(X.indptr, X.indices, X.data, 60, 32)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cluster_sums_and_moves_equal_dense_sums_whatever_the_threads(threads, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the kernels take torch's number
+    X = random_csr(40, 25, 0.3, seed=8)
+    labels = np.random.default_rng(0).integers(0, 70, 40)  # more clusters than CLUSTER_PARTS, some empty
+    sums = np.zeros((70, 25), np.float32)
+    csr_kernels.cluster_sums(X.indptr, X.indices, X.data, labels, sums)
+    want = np.zeros((70, 25))
+    np.add.at(want, labels, X.toarray())
+    np.testing.assert_allclose(sums, want, rtol=1e-6, atol=1e-6)
+    moved = np.array([0, 7, 39])
+    new = np.array([69, 0, 3])
+    csr_kernels.move_rows(X.indptr, X.indices, X.data, moved, labels[moved], new, sums)
+    labels2 = labels.copy()
+    labels2[moved] = new
+    want2 = np.zeros((70, 25))
+    np.add.at(want2, labels2, X.toarray())
+    np.testing.assert_allclose(sums, want2, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(csr_kernels.row_norms(X.indptr, X.data), (X.toarray() ** 2).sum(1), rtol=1e-6)
