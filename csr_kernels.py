@@ -168,7 +168,14 @@ def _gene_blocks(indptr, indices, data, block, n_blocks):  # pragma: no cover - 
 
 
 def _use_torch_threads() -> None:
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """numba's kernels take torch's number of threads. The first call starts numba's OpenMP
+    threads, which sets the process's OpenMP thread count to numba's pool size (all the cores) and
+    with it torch's: a torchrun rank given one thread then ran two in torch and numba alike (two
+    ranks on two cores: K-means 2.4x slower); torch's count is put back."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def block_pointers(indptr: np.ndarray, indices: np.ndarray, n_genes: int, block: int = BLOCK_GENES) -> np.ndarray:

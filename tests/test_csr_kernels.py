@@ -279,3 +279,23 @@ def test_cluster_sums_and_moves_equal_dense_sums_whatever_the_threads(threads, m
     np.add.at(want2, labels2, X.toarray())
     np.testing.assert_allclose(sums, want2, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(csr_kernels.row_norms(X.indptr, X.data), (X.toarray() ** 2).sum(1), rtol=1e-6)
+
+
+def test_a_one_thread_process_stays_one_thread_after_numba_starts(tmp_path):
+    """Starting numba's threads set OpenMP's count, and torch's with it, to all the cores: a torchrun
+    rank given one thread ran two (in a fresh process, where numba's threads are not yet started)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import torch, numba, numpy as np, scipy.sparse as sp, csr_kernels\n"
+              "torch.set_num_threads(1)\n"
+              "X = sp.random(50, 40, density=0.2, format='csr', dtype=np.float32, random_state=0)\n"
+              "csr_kernels.row_norms(X.indptr, X.data)\n"
+              "print(torch.get_num_threads(), numba.get_num_threads())\n")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]
