@@ -125,6 +125,7 @@ def compute_pseudo_labels(coll: Collection, settings: PretrainSettings, device, 
         per_k = kmeans.pseudo_labels(X, settings.avg_cluster_num, settings.kmeans_iter, seed=settings.seed,
                                      device=device, max_cells=settings.kmeans_max_cells, tol=settings.kmeans_tol)
         log.info("%s: K-means k=%s in %.1fs", name, [int(lab.max()) + 1 for lab in per_k], time.time() - t0)
+        log.debug("%s: peak resident memory so far %s MiB", name, runtime.mib(runtime.peak_memory_mib()))
         labels.append(per_k)
     seconds = shards.gather_to_root(time.time() - t_all)
     if world > 1 and rank == 0:
@@ -474,6 +475,8 @@ def pretrain_datasets(datasets: list[data.CellData], own: list[int], plan: shard
     coll = build_collection(datasets, whole.gene_universe, keep_raw=(start.phase == 1 and settings.kmeans_on == "raw"),
                             normalize=settings.normalize, digests=[whole.digests[g] for g in own])
     coll.global_ids, coll.fed = own, whole.fed
+    log.debug("collection aligned (%d cells); peak resident memory so far %s MiB", coll.stacked.shape[0],
+              runtime.mib(runtime.peak_memory_mib()))
     if start.fed is not None and start.fed != whole.fed:
         checkpoints.check_feeding(start.fed, whole.fed, start.path)
     run_ids = run_settings(settings, read, start, whole)

@@ -296,13 +296,21 @@ class GeneBlockedCSR:
 
     def times(self, prepared: list[list[torch.Tensor]]) -> torch.Tensor:
         """This chunk times the right-hand side ``prepare`` made: (rows x m)."""
-        outs = []
-        for column_block in prepared:
-            acc = torch.sparse.mm(self.parts[0], column_block[0])
-            for part, right in zip(self.parts[1:], column_block[1:]):
-                acc.addmm_(part, right)  # in place: no (rows x CENTROID_BLOCK) product allocated per block
-            outs.append(acc)
-        return torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+        if len(prepared) == 1:
+            return self._column_block(prepared[0])
+        out = torch.empty(self.shape[0], sum(block[0].shape[1] for block in prepared))
+        at = 0
+        for column_block in prepared:  # each block written into the output (no list of them to concatenate)
+            acc = self._column_block(column_block)
+            out[:, at:at + acc.shape[1]] = acc
+            at += acc.shape[1]
+        return out
+
+    def _column_block(self, column_block: list[torch.Tensor]) -> torch.Tensor:
+        acc = torch.sparse.mm(self.parts[0], column_block[0])
+        for part, right in zip(self.parts[1:], column_block[1:]):
+            acc.addmm_(part, right)  # in place: no (rows x CENTROID_BLOCK) product allocated per block
+        return acc
 
     def to_dense(self) -> torch.Tensor:
         return torch.cat([p.to_dense() for p in self.parts], 1)
@@ -325,9 +333,7 @@ class RowChunks:
         self._norms = None
         if self.sparse:
             if store is None:
-                X = sp.csr_matrix(X)
-                if X.nnz < 2**31 and X.shape[1] < 2**31:
-                    X.indices = np.asarray(X.indices, dtype=np.int32)
+                X = as_csr(X)
                 store = DeviceCSR(X, device if DeviceCSR.fits(X, device) else torch.device("cpu"))
             self.store = store
             self.dense_products = device.type == "cuda"
@@ -386,6 +392,12 @@ class RowChunks:
                     row_of_value, _, val = self.values(start, stop)
                     self._norms[start:stop].index_add_(0, row_of_value, val * val)
         return self._norms
+
+    def centroid_block(self, m: int) -> int:
+        """How many of ``m`` right-hand columns a pass takes at a time: ``CENTROID_BLOCK`` on the
+        CPU's gene-blocked chunks (their product goes a column block at a time anyway), all of them
+        on dense chunks (a GPU densifies a chunk once per pass)."""
+        return CENTROID_BLOCK if self.sparse and not self.dense_products else max(m, 1)
 
     def prepare_product(self, right: torch.Tensor):
         """A dense (genes x m) right-hand side in the form ``times`` takes, once per pass."""
@@ -490,6 +502,19 @@ def take_rows(X: sp.csr_matrix, rows: np.ndarray) -> sp.csr_matrix:
     if indptr[-1] < 2**31 and indices.dtype == np.int32:
         indptr = indptr.astype(np.int32)  # scipy's kernels take one index type
     return csr_sharing(data, indices, indptr, (len(rows), X.shape[1]))
+
+
+def as_csr(X) -> sp.csr_matrix:
+    """A CSR matrix of ``X`` whose arrays are ``X``'s own where they can be (int32 column indices
+    where they fit). Not ``sp.csr_matrix(X)``: scipy copies arrays that are views of much larger
+    ones (``prune``), and a dataset's rows in the stacked collection are such a view (K-means held
+    a second copy of its largest dataset: 503 MB of a rank's peak)."""
+    if not (sp.issparse(X) and X.format == "csr"):
+        X = sp.csr_matrix(X)
+    indices = X.indices
+    if indices.dtype != np.int32 and X.nnz < 2**31 and X.shape[1] < 2**31:
+        indices = indices.astype(np.int32)
+    return csr_sharing(X.data, indices, X.indptr, X.shape)
 
 
 def csr_sharing(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape) -> sp.csr_matrix:

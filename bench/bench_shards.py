@@ -40,6 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs", nargs="+", default=["sharded", "replicated", "one process"],
                    help="which runs, in order (default: %(default)s)")
     p.add_argument("--out", default=str(synth.DEFAULT_OUT / "shards"))
+    p.add_argument("--log_level", default="INFO", help="main.py's --log_level (DEBUG logs the peak memory at each stage)")
     return p.parse_args(argv)
 
 
@@ -84,7 +85,7 @@ def workers_of(pid: int) -> list[int]:
 def run(name: str, repo: Path, launcher: list[str], threads: int, args, save: Path) -> dict:
     env = {**synth.bench_env(), "OMP_NUM_THREADS": str(threads)}
     command = [*launcher, "main.py", "--is_pretrain", "--kmeans", "--datasets", *(str(Path(d).resolve()) for d in args.datasets),
-               "--pt_epoch", str(args.epochs), "--save_model", str(save)]
+               "--pt_epoch", str(args.epochs), "--save_model", str(save), "--log_level", args.log_level]
     log_path = Path(args.out) / f"{name.replace(' ', '_')}.log"
     t0 = time.time()
     with open(log_path, "w") as log:

@@ -311,3 +311,15 @@ def test_pruned_lloyd_matches_computing_every_distance(sparse_counts, blobs, k):
         assert (pruned.labels == every.labels).mean() >= 0.99
     separated = kmeans.kmeans(blobs, 8, seed=0, tol=-1), kmeans.kmeans(blobs, 8, seed=0, tol=-1, prune=False)
     np.testing.assert_array_equal(separated[0].labels, separated[1].labels)
+
+
+def test_kmeans_rows_share_a_view_of_a_larger_matrix():
+    """A dataset's rows in the stacked collection are a view of much larger arrays; scipy's
+    constructor copies such views (K-means then held a second copy of the dataset)."""
+    big = sp.random(400, 30, density=0.3, format="csr", dtype=np.float32, random_state=4)
+    view = sparse.row_block(big, 0, 40)  # a tenth of the arrays
+    rows = sparse.RowChunks(view, torch.device("cpu"))
+    assert np.shares_memory(rows.store.data.numpy(), big.data)
+    assert np.shares_memory(rows.store.indices.numpy(), big.indices)
+    np.testing.assert_array_equal(kmeans.kmeans(view, 3, seed=0).labels,
+                                  kmeans.kmeans(big[:40].copy(), 3, seed=0).labels)
