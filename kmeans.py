@@ -173,6 +173,19 @@ def _kmeans_pp(rows: RowChunks, k: int, gen: np.random.Generator, init_sample: i
     return sample.rows_dense(chosen)
 
 
+def _nearest_listed(dist: torch.Tensor, index: torch.Tensor | None, m: int):
+    """The ``m`` smallest of each row of ``dist`` (ascending) with their centroids (``index``: the
+    centroid of each entry, None = its column), and the next smallest (``inf`` if none)."""
+    take = min(m + 1, dist.shape[1])
+    vals, pos = dist.topk(take, 1, largest=False, sorted=True)
+    idx = pos if index is None else index.gather(1, pos)
+    if take <= m:  # fewer candidates than slots: pad, nothing is left unlisted
+        pad = m + 1 - take
+        vals = torch.cat([vals, vals.new_full((len(vals), pad), float("inf"))], 1)
+        idx = torch.cat([idx, idx.new_zeros((len(idx), pad))], 1)
+    return vals[:, :m], idx[:, :m], vals[:, m]
+
+
 def _assign(rows: RowChunks, centroids: torch.Tensor, chunk_rows: int, known: Nearest | None = None,
             moved: torch.Tensor | None = None) -> Nearest:
     """Every row's nearest centroids (a ``Nearest``).
@@ -186,52 +199,43 @@ def _assign(rows: RowChunks, centroids: torch.Tensor, chunk_rows: int, known: Ne
     m = min(NEAREST, k)
     dev = centroids.device
     c_sq = (centroids * centroids).sum(1)
+    out = Nearest.empty(rows.n_rows, m, dev)
     moved_idx = None if known is None or moved is None else torch.nonzero(moved).flatten()
     if moved_idx is None or len(moved_idx) > FULL_PASS_SHARE * k:
-        return _full_pass(rows, centroids, c_sq, chunk_rows, m)
-    # each row's listed centroids that did not move keep their distances; the moved ones are merged in
-    run_d = torch.cat([known.dist.masked_fill(moved[known.index], float("inf")),
-                       known.dist.new_full((rows.n_rows, 1), float("inf"))], 1)
-    run_i = torch.cat([known.index, known.index.new_zeros((rows.n_rows, 1))], 1)
-    _merge_distances(rows, centroids, c_sq, moved_idx, run_d, run_i, chunk_rows)
-    out = Nearest(run_d[:, :m].contiguous(), run_i[:, :m].contiguous(), torch.minimum(known.bound, run_d[:, m]))
-    redo = torch.nonzero(out.best > known.bound).flatten()
+        _full_pass(rows, centroids, c_sq, chunk_rows, out, m)
+        return out
+    right = rows.prepare_product(centroids[moved_idx].T) if len(moved_idx) else None
+    redo = []
+    for start in range(0, rows.n_rows, chunk_rows):
+        stop = min(start + chunk_rows, rows.n_rows)
+        cand_d = known.dist[start:stop].masked_fill(moved[known.index[start:stop]], float("inf"))
+        cand_i = known.index[start:stop]
+        if right is not None:
+            moved_d = rows.times(rows.chunk(start, stop), right).mul_(-2).add_(c_sq[moved_idx].unsqueeze(0))
+            cand_d = torch.cat([cand_d, moved_d], 1)
+            cand_i = torch.cat([cand_i, moved_idx.unsqueeze(0).expand(stop - start, -1)], 1)
+        d, i, next_d = _nearest_listed(cand_d, cand_i, m)
+        bound = known.bound[start:stop]
+        out.dist[start:stop], out.index[start:stop] = d, i
+        out.bound[start:stop] = torch.minimum(bound, next_d)
+        redo.append(torch.nonzero(d[:, 0] > bound).flatten() + start)
+    redo = torch.cat(redo)
     if len(redo):
-        part = _full_pass(rows.subset(redo.cpu().numpy()), centroids, c_sq, chunk_rows, m)
+        sub = rows.subset(redo.cpu().numpy())
+        part = Nearest.empty(len(redo), m, dev)
+        _full_pass(sub, centroids, c_sq, chunk_rows, part, m)
         out.dist[redo], out.index[redo], out.bound[redo] = part.dist, part.index, part.bound
     log.debug("pass: %d of %d centroids moved, %d of %d cells recomputed in full", len(moved_idx), k,
               len(redo), rows.n_rows)
     return out
 
 
-def _full_pass(rows: RowChunks, centroids, c_sq, chunk_rows: int, m: int) -> Nearest:
-    """Every row's ``m`` nearest centroids and the bound, from the distances to all of them."""
-    run_d = torch.full((rows.n_rows, m + 1), float("inf"), device=centroids.device)
-    run_i = torch.zeros((rows.n_rows, m + 1), dtype=torch.int64, device=centroids.device)
-    _merge_distances(rows, centroids, c_sq, torch.arange(centroids.shape[0], device=centroids.device), run_d, run_i,
-                     chunk_rows)
-    return Nearest(run_d[:, :m].contiguous(), run_i[:, :m].contiguous(), run_d[:, m].contiguous())
-
-
-def _merge_distances(rows: RowChunks, centroids, c_sq, ids: torch.Tensor, run_d: torch.Tensor, run_i: torch.Tensor,
-                     chunk_rows: int) -> None:
-    """Merge each row's distances to the centroids ``ids`` into its running nearest (``run_d``,
-    ``run_i``: rows x (NEAREST + 1), ascending), in place. On the CPU's gene-blocked chunks the
-    centroids come a column block at a time (``rows.centroid_block``): only that block's
-    right-hand side and distances are held, not the whole k x genes copy and chunk x k block."""
-    width = rows.centroid_block(len(ids))
-    take = run_d.shape[1]
-    for c in range(0, len(ids), width):
-        block = ids[c:c + width]
-        right = rows.prepare_product(centroids[block].T)
-        block_sq = c_sq[block].unsqueeze(0)
-        for start in range(0, rows.n_rows, chunk_rows):
-            stop = min(start + chunk_rows, rows.n_rows)
-            dist = rows.times(rows.chunk(start, stop), right).mul_(-2).add_(block_sq)  # in place: one block
-            cand_d = torch.cat([run_d[start:stop], dist], 1)
-            cand_i = torch.cat([run_i[start:stop], block.unsqueeze(0).expand(stop - start, -1)], 1)
-            vals, pos = cand_d.topk(take, 1, largest=False, sorted=True)
-            run_d[start:stop], run_i[start:stop] = vals, cand_i.gather(1, pos)
+def _full_pass(rows: RowChunks, centroids, c_sq, chunk_rows: int, out: Nearest, m: int) -> None:
+    right = rows.prepare_product(centroids.T)
+    for start in range(0, rows.n_rows, chunk_rows):
+        stop = min(start + chunk_rows, rows.n_rows)
+        dist = rows.times(rows.chunk(start, stop), right).mul_(-2).add_(c_sq.unsqueeze(0))  # in place: one block
+        out.dist[start:stop], out.index[start:stop], out.bound[start:stop] = _nearest_listed(dist, None, m)
 
 
 def _cluster_sums(rows: RowChunks, labels: torch.Tensor, k: int, chunk_rows: int,

@@ -393,12 +393,6 @@ class RowChunks:
                     self._norms[start:stop].index_add_(0, row_of_value, val * val)
         return self._norms
 
-    def centroid_block(self, m: int) -> int:
-        """How many of ``m`` right-hand columns a pass takes at a time: ``CENTROID_BLOCK`` on the
-        CPU's gene-blocked chunks (their product goes a column block at a time anyway), all of them
-        on dense chunks (a GPU densifies a chunk once per pass)."""
-        return CENTROID_BLOCK if self.sparse and not self.dense_products else max(m, 1)
-
     def prepare_product(self, right: torch.Tensor):
         """A dense (genes x m) right-hand side in the form ``times`` takes, once per pass."""
         if self.sparse and not self.dense_products:
