@@ -233,7 +233,7 @@ def transposed_times(ptr: np.ndarray, indices: np.ndarray, data: np.ndarray, gra
 
 
 @njit(parallel=True, cache=True)
-def _cluster_sums(indptr, indices, data, labels, sums, sign, n_parts):  # pragma: no cover - compiled
+def _cluster_sums(indptr, indices, data, labels, sums, n_parts):  # pragma: no cover - compiled
     # part t adds the rows of the clusters c with c % n_parts == t, in row order: each cluster's
     # sum is one thread's, in the same order whatever the number of threads
     for t in prange(n_parts):
@@ -242,7 +242,7 @@ def _cluster_sums(indptr, indices, data, labels, sums, sign, n_parts):  # pragma
             if c % n_parts != t:
                 continue
             for p in range(indptr[r], indptr[r + 1]):
-                sums[c, indices[p]] += sign * data[p]
+                sums[c, indices[p]] += data[p]
 
 
 @njit(parallel=True, cache=True)
@@ -276,11 +276,11 @@ CLUSTER_PARTS = 64
 
 
 def cluster_sums(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, labels: np.ndarray,
-                 sums: np.ndarray, sign: float = 1.0) -> None:
-    """Add (``sign`` 1) or take away (-1) each CSR row ``r`` to row ``labels[r]`` of the float32
-    ``k x genes`` ``sums``, in place; each cluster's rows in row order (independent of threads)."""
+                 sums: np.ndarray) -> None:
+    """Add each CSR row ``r`` to row ``labels[r]`` of the float32 ``k x genes`` ``sums``, in place;
+    each cluster's rows in row order (independent of threads)."""
     _use_torch_threads()
-    _cluster_sums(indptr, indices, data, labels, sums, np.float32(sign), CLUSTER_PARTS)
+    _cluster_sums(indptr, indices, data, labels, sums, CLUSTER_PARTS)
 
 
 def move_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, old: np.ndarray,
