@@ -276,7 +276,6 @@ class GeneBlockedCSR:
         n_rows = len(indptr) - 1
         self.shape = (n_rows, n_cols)
         self.edges = list(range(0, n_cols, GENE_BLOCK)) + [n_cols]
-        data = data if data.dtype == np.float32 else data.astype(np.float32)
         crow, base, col, val = csr_kernels.gene_blocks(indptr, indices, data, n_cols, GENE_BLOCK)
         self.parts = []
         with quiet_beta():
