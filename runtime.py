@@ -29,11 +29,21 @@ def set_up_process(log_level: str = "INFO", seed: int = 0) -> None:
 
 
 def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr at ``level``: this project's records (``scpretrain.*``) from ``level`` up, other
+    libraries' from WARNING up whatever ``level`` is (at DEBUG, numba's compiler alone wrote
+    thousands of lines of its internals into a pre-training log)."""
     level = str(level).upper()
     if level not in LOG_LEVELS:
         raise ValueError(f"unknown log level '{level}'; choose one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_others_from_warning)
+
+
+def _others_from_warning(record: logging.LogRecord) -> bool:
+    """Whether a record is written: every record of this project's loggers, others' from WARNING."""
+    return record.name == log.name or record.name.startswith(log.name + ".") or record.levelno >= logging.WARNING
 
 
 def seed_everything(seed: int) -> None:

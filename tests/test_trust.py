@@ -145,6 +145,21 @@ def test_log_level_is_case_insensitive():
     assert main.parse_args(["--log_level", "warning"]).log_level == "WARNING"
 
 
+def test_debug_logs_this_projects_records_and_only_warnings_of_other_libraries(capsys):
+    import logging
+    try:
+        runtime.setup_logging("debug")
+        logging.getLogger("scpretrain.kmeans").debug("our detail")
+        logging.getLogger("numba.core.byteflow").debug("a compiler's internals")
+        logging.getLogger("numba.core.byteflow").info("a compiler's news")
+        logging.getLogger("h5py").warning("a library's warning")
+        err = capsys.readouterr().err
+    finally:
+        runtime.setup_logging("INFO")
+    assert "our detail" in err and "a library's warning" in err
+    assert "internals" not in err and "news" not in err
+
+
 def test_output_paths_are_checked_before_any_data_is_read(tmp_path, capsys):
     missing_data = str(tmp_path / "nowhere.h5")
     blocker = tmp_path / "file"
