@@ -134,6 +134,38 @@ def _take_rows(indptr, indices, data, rows):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
+def _take_blocked_rows(indptr, indices, data, rows, n_genes, block):  # pragma: no cover - compiled
+    n = rows.size
+    n_blocks = (n_genes + block - 1) // block
+    starts = np.empty(n + 1, dtype=np.int64)
+    starts[0] = 0
+    for q in range(n):
+        starts[q + 1] = starts[q] + (indptr[rows[q] + 1] - indptr[rows[q]])
+    ptr = np.empty((n_blocks + 1, n), dtype=np.int64)
+    out_ind = np.empty(starts[n], dtype=indices.dtype)
+    out_val = np.empty(starts[n], dtype=data.dtype)
+    bad = np.zeros(n, dtype=np.bool_)
+    for q in prange(n):
+        src, p, stop = indptr[rows[q]], starts[q], starts[q + 1]
+        out_ind[p:stop] = indices[src:src + stop - p]
+        out_val[p:stop] = data[src:src + stop - p]
+        # the row's pointers from its copied indices while they are in the core's cache
+        ptr[0, q] = p
+        last = -1
+        for b in range(n_blocks):
+            limit = min((b + 1) * block, n_genes)
+            while p < stop and out_ind[p] < limit:
+                if out_ind[p] < last or out_ind[p] < 0:  # unsorted within the row, or negative
+                    bad[q] = True
+                last = out_ind[p]
+                p += 1
+            ptr[b + 1, q] = p
+        if p != stop:  # a column index at or past n_genes
+            bad[q] = True
+    return ptr, out_ind, out_val, bad.any()
+
+
+@njit(parallel=True, cache=True)
 def _gene_blocks(indptr, indices, data, block, n_blocks):  # pragma: no cover - compiled
     n = indptr.size - 1
     crow = np.zeros((n_blocks, n + 1), dtype=np.int32)
@@ -206,11 +238,30 @@ def gene_blocks(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_col
 def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray):
     """The CSR rows ``rows`` (in that order, in range), copied by the threads: (indptr int64,
     indices, data)."""
-    rows = np.asarray(rows, dtype=np.int64)
-    if len(rows) and (rows.min() < 0 or rows.max() >= len(indptr) - 1):
-        raise IndexError(f"rows outside a matrix of {len(indptr) - 1} rows")
+    rows = _rows_in_range(rows, len(indptr) - 1)
     _use_torch_threads()
     return _take_rows(indptr, indices, data, rows)
+
+
+def take_blocked_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, n_genes: int,
+                      block: int = BLOCK_GENES):
+    """The CSR rows ``rows`` (in that order) copied with their block pointers, in one threaded pass
+    over their values: ``(ptr, indices, data)``, ``ptr`` as ``block_pointers`` gives it for the
+    copy. ValueError where a row's column indices are unsorted or outside ``[0, n_genes)``,
+    IndexError for rows out of range."""
+    rows = _rows_in_range(rows, len(indptr) - 1)
+    _use_torch_threads()
+    ptr, out_ind, out_val, bad = _take_blocked_rows(indptr, indices, data, rows, int(n_genes), int(block))
+    if bad:
+        raise ValueError(f"a CSR batch needs sorted column indices within [0, {n_genes}) in every row")
+    return ptr, out_ind, out_val
+
+
+def _rows_in_range(rows, n_rows: int) -> np.ndarray:
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= n_rows):
+        raise IndexError(f"rows outside a matrix of {n_rows} rows")
+    return rows
 
 
 def times_dense(ptr: np.ndarray, indices: np.ndarray, data: np.ndarray, weight: np.ndarray,

@@ -208,11 +208,11 @@ def prepare_step(coll: Collection, targets, rows_per_dataset, sparse: bool, devi
     denominators = [float(len(rows_per_dataset[d])) for d in used]  # each dataset's loss: a mean over its batch
     if source is not None:
         return HostStep(used, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
+    if sparse and device.type == "cpu":
+        return HostStep(used, HostCSR.of_rows(coll.stacked, rows), ys, denominators)
     X = take_rows(coll.stacked, rows)
     if not sparse:
         return HostStep(used, X, ys, denominators)
-    if device.type == "cpu":
-        return HostStep(used, HostCSR(X), ys, denominators)
     # a GPU without room for the collection: the step's CSR goes there, its transpose is made there
     return HostStep(used, None, ys, denominators, device_sparse_batch(X, device))
 

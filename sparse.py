@@ -64,6 +64,21 @@ class HostCSR:
             ptr = csr_kernels.block_pointers(X.indptr, X.indices, X.shape[1])
         self.shape, self.indices, self.data, self.ptr = X.shape, X.indices, X.data, ptr
 
+    @classmethod
+    def of_rows(cls, X: sp.csr_matrix, rows: np.ndarray) -> "HostCSR":
+        """The rows ``rows`` of the CSR matrix ``X`` (in that order) as a batch: copied and their
+        block pointers found in one threaded pass (``HostCSR(take_rows(X, rows))`` made two, and
+        a pre-training epoch of 914,763 cells spent 1.6 s in them)."""
+        if X.format != "csr" or X.dtype != np.float32:
+            return cls(take_rows(as_csr(X), rows))
+        try:
+            ptr, indices, data = csr_kernels.take_blocked_rows(X.indptr, X.indices, X.data, rows, X.shape[1])
+        except ValueError:  # unsorted column indices (out-of-range ones fail again in the constructor)
+            return cls(take_rows(X, rows))
+        out = cls.__new__(cls)
+        out.shape, out.indices, out.data, out.ptr = (ptr.shape[1], X.shape[1]), indices, data, ptr
+        return out
+
     def csr(self) -> sp.csr_matrix:
         """The batch as a scipy CSR matrix (sharing its arrays)."""
         indptr = np.append(self.ptr[0], self.ptr[-1, -1] if self.shape[0] else 0)
@@ -252,7 +267,7 @@ def inference_batch(features, rows: np.ndarray, device) -> torch.Tensor | HostCS
     for CSR features on the CPU (only the non-zeros are multiplied), else a dense batch there."""
     device = torch.device(device)
     if sp.issparse(features) and device.type == "cpu":
-        return HostCSR(features[rows])
+        return HostCSR.of_rows(features, rows)
     return dense_batch(features, rows).to(device, non_blocking=True)
 
 

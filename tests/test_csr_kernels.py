@@ -236,6 +236,39 @@ def test_take_rows_equals_scipy_row_indexing(rows):
     np.testing.assert_array_equal(got.indptr, want.indptr)
 
 
+@pytest.mark.parametrize("block", [1, 7, 30, 512])
+@pytest.mark.parametrize("rows", [[3, 1, 3, 0], [], [4], list(range(9))[::-1]])
+def test_rows_with_block_pointers_equal_the_two_pass_batch(rows, block):
+    X = random_csr(9, 30, 0.3, seed=block)
+    X = sp.csr_matrix(sp.diags((np.arange(9) != 4).astype(np.float32)) @ X).sorted_indices()  # row 4 empty
+    rows = np.array(rows, dtype=np.int64)
+    ptr, indices, data = csr_kernels.take_blocked_rows(X.indptr, X.indices, X.data, rows, X.shape[1], block)
+    want = X[rows]
+    np.testing.assert_array_equal(ptr, brute_pointers(want, block))
+    np.testing.assert_array_equal(indices, want.indices)
+    np.testing.assert_array_equal(data, want.data)
+    batch, two_pass = HostCSR.of_rows(X, rows), HostCSR(want)
+    assert batch.shape == two_pass.shape == (len(rows), 30)
+    np.testing.assert_array_equal(batch.ptr, two_pass.ptr)
+    np.testing.assert_array_equal(batch.csr().toarray(), want.toarray())
+
+
+def test_rows_with_block_pointers_refuse_unsorted_wide_or_missing_rows_and_fall_back_for_unsorted():
+    indptr = np.array([0, 2, 3], np.int32)
+    for indices in ([3, 1, 0], [0, 1, 5], [0, 1, -1]):  # unsorted row 0; column 5 of 5; negative column
+        with pytest.raises(ValueError, match="sorted column indices"):
+            csr_kernels.take_blocked_rows(indptr, np.array(indices, np.int32), np.ones(3, np.float32),
+                                          np.array([1, 0]), 5, 2)
+    with pytest.raises(IndexError, match="outside a matrix of 2 rows"):
+        csr_kernels.take_blocked_rows(indptr, np.array([0, 1, 2], np.int32), np.ones(3, np.float32), [2], 5, 2)
+    unsorted = sp.csr_matrix((np.array([1, 2, 3], np.float32), np.array([3, 1, 0], np.int32), indptr), shape=(2, 5))
+    np.testing.assert_array_equal(HostCSR.of_rows(unsorted, np.array([0, 1])).csr().toarray(), unsorted.toarray())
+    float64 = random_csr(6, 12, 0.4, seed=3).astype(np.float64)
+    batch = HostCSR.of_rows(float64, np.array([5, 2]))
+    assert batch.data.dtype == np.float32
+    np.testing.assert_array_equal(batch.csr().toarray(), float64[[5, 2]].toarray().astype(np.float32))
+
+
 def test_take_rows_refuses_rows_outside_the_matrix():
     X = random_csr(5, 10, 0.3, seed=6)
     for rows in ([5], [-1], [0, 7]):
