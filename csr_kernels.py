@@ -34,20 +34,25 @@ def _block_pointers(indptr, indices, n_genes, block):  # pragma: no cover - comp
     ptr = np.empty((n_blocks + 1, n), dtype=np.int64)
     bad = np.zeros(n, dtype=np.bool_)
     for i in prange(n):
-        p, end = indptr[i], indptr[i + 1]
-        ptr[0, i] = p
-        last = -1
-        for b in range(n_blocks):
-            limit = min((b + 1) * block, n_genes)
-            while p < end and indices[p] < limit:
-                if indices[p] < last or indices[p] < 0:  # unsorted within the row, or negative
-                    bad[i] = True
-                last = indices[p]
-                p += 1
-            ptr[b + 1, i] = p
-        if p != end:  # a column index at or past n_genes
-            bad[i] = True
+        bad[i] = _row_pointers(indices, indptr[i], indptr[i + 1], ptr, i, n_genes, block)
     return ptr, bad.any()
+
+
+@njit(cache=True)
+def _row_pointers(indices, p, end, ptr, i, n_genes, block):  # pragma: no cover - compiled
+    """Row ``i``'s block starts (``indices[p:end]``) into ``ptr[:, i]``; whether they are unsorted,
+    negative or at or past ``n_genes``."""
+    ptr[0, i] = p
+    last, bad = -1, False
+    for b in range(ptr.shape[0] - 1):
+        limit = min((b + 1) * block, n_genes)
+        while p < end and indices[p] < limit:
+            if indices[p] < last or indices[p] < 0:  # unsorted within the row, or negative
+                bad = True
+            last = indices[p]
+            p += 1
+        ptr[b + 1, i] = p
+    return bad or p != end  # p short of end: a column index at or past n_genes
 
 
 @njit(parallel=True, fastmath={"contract"}, cache=True)
@@ -150,18 +155,7 @@ def _take_blocked_rows(indptr, indices, data, rows, n_genes, block):  # pragma: 
         out_ind[p:stop] = indices[src:src + stop - p]
         out_val[p:stop] = data[src:src + stop - p]
         # the row's pointers from its copied indices while they are in the core's cache
-        ptr[0, q] = p
-        last = -1
-        for b in range(n_blocks):
-            limit = min((b + 1) * block, n_genes)
-            while p < stop and out_ind[p] < limit:
-                if out_ind[p] < last or out_ind[p] < 0:  # unsorted within the row, or negative
-                    bad[q] = True
-                last = out_ind[p]
-                p += 1
-            ptr[b + 1, q] = p
-        if p != stop:  # a column index at or past n_genes
-            bad[q] = True
+        bad[q] = _row_pointers(out_ind, p, stop, ptr, q, n_genes, block)
     return ptr, out_ind, out_val, bad.any()
 
 
