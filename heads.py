@@ -34,8 +34,8 @@ Both give ``sum_d PretrainModel.summed_loss(z_d, d, t_d) / denominator_d`` to fl
 (tests/test_heads.py). In the fused pass every row is computed by one thread and every sum is
 in a fixed order (the bias gradient's chunks depend on the shapes only), so the loss, the logits'
 gradient and the bias gradient do not depend on the number of threads; the products are MKL's,
-which may split a long inner dimension across threads (``z``'s gradient ``D W``), as autograd's
-products did. Importing compiles nothing.
+which may split a long inner dimension across threads (``z``'s gradient ``D W``, and on an AVX2
+CPU the weights' ``D^T z`` over the cells), as autograd's products did. Importing compiles nothing.
 """
 from __future__ import annotations
 

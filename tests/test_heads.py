@@ -164,9 +164,13 @@ def test_fused_path_is_the_same_with_one_and_two_threads(sigmoid):
     one, two, again = results
     for other in (two, again):
         assert torch.equal(one[0], other[0])
-        assert all(torch.equal(a, b) for a, b in zip([*one[2], *one[3]], [*other[2], *other[3]]))
+        assert all(torch.equal(a, b) for a, b in zip(one[3], other[3]))  # the bias gradient: the fused pass's
+        # the products are MKL's: on an AVX2 CPU it splits the cells of D^T z across threads too
         torch.testing.assert_close(one[1], other[1], rtol=1e-5, atol=1e-7)
+        for a, b in zip(one[2], other[2]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert torch.equal(two[1], again[1])  # the same threads: the same bits
+    assert all(torch.equal(a, b) for a, b in zip(two[2], again[2]))
     assert_matches(one, reference(model, labels, z, den, ids, sigmoid), rtol=1e-4, atol=1e-5)
 
 
