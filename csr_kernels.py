@@ -122,13 +122,20 @@ def _transposed_times(ptr, indices, data, grad, n_genes, rows):  # pragma: no co
     return out
 
 
+@njit(cache=True)
+def _gathered_starts(indptr, rows):  # pragma: no cover - compiled
+    """Where each of the rows ``rows`` starts once they are copied one after the other (and the end)."""
+    starts = np.empty(rows.size + 1, dtype=np.int64)
+    starts[0] = 0
+    for q in range(rows.size):
+        starts[q + 1] = starts[q] + (indptr[rows[q] + 1] - indptr[rows[q]])
+    return starts
+
+
 @njit(parallel=True, cache=True)
 def _take_rows(indptr, indices, data, rows):  # pragma: no cover - compiled
     n = rows.size
-    out_ptr = np.empty(n + 1, dtype=np.int64)
-    out_ptr[0] = 0
-    for q in range(n):
-        out_ptr[q + 1] = out_ptr[q] + (indptr[rows[q] + 1] - indptr[rows[q]])
+    out_ptr = _gathered_starts(indptr, rows)
     out_ind = np.empty(out_ptr[n], dtype=indices.dtype)
     out_val = np.empty(out_ptr[n], dtype=data.dtype)
     for q in prange(n):
@@ -142,10 +149,7 @@ def _take_rows(indptr, indices, data, rows):  # pragma: no cover - compiled
 def _take_blocked_rows(indptr, indices, data, rows, n_genes, block):  # pragma: no cover - compiled
     n = rows.size
     n_blocks = (n_genes + block - 1) // block
-    starts = np.empty(n + 1, dtype=np.int64)
-    starts[0] = 0
-    for q in range(n):
-        starts[q + 1] = starts[q] + (indptr[rows[q] + 1] - indptr[rows[q]])
+    starts = _gathered_starts(indptr, rows)
     ptr = np.empty((n_blocks + 1, n), dtype=np.int64)
     out_ind = np.empty(starts[n], dtype=indices.dtype)
     out_val = np.empty(starts[n], dtype=data.dtype)
