@@ -15,14 +15,16 @@ gradients passed over those logits many times, each pass a stored tensor.
 step's loss over all its datasets in one call, by one of two paths:
 
 - ``fused`` (the CPU; float32): one autograd function over the whole step. The forward writes
-  each dataset's logits ``z_d W_d^T`` (one MKL product per dataset) into one flat buffer; one
-  parallel numba pass (``_fused_loss``) then takes each cell's row of logits through all its
+  each dataset's logits ``z_d W_d^T`` (one BLAS product per dataset, ``_products``) into one
+  flat buffer; one parallel numba pass (``_fused_loss``) then takes each cell's row of logits through all its
   granularities while it is in the core's cache: adds the bias, computes the loss (the sigmoid
   variant needs no max shift: ``s`` lies in (0, 1); the plain one shifts by each granularity's
   maximum) and overwrites the logits with ``d loss / d logits`` (already divided by the
   denominator), while summing the bias gradient per chunk of rows. Nothing else of the size of
   the logits is stored. The backward is the two products per dataset, ``D_d^T z_d`` and
-  ``D_d W_d``. ``exp`` is a polynomial the compiler vectorises (this numba has no vector
+  ``D_d W_d``. The products run side by side, each on one thread of numpy's BLAS, where the
+  step has enough of them for the threads (a product of more than a thread's share runs alone
+  on torch's threads). ``exp`` is a polynomial the compiler vectorises (this numba has no vector
   math library): Cephes' ``expf`` for the logits, and for ``exp(sigmoid)``, whose argument lies
   in [0, 1], a Taylor polynomial with no range reduction; both within ~1 ulp.
 - ``torch`` (GPUs, and any device or dtype): plain torch with few kernels: one ``F.linear`` per
@@ -32,17 +34,21 @@ step's loss over all its datasets in one call, by one of two paths:
 
 Both give ``sum_d PretrainModel.summed_loss(z_d, d, t_d) / denominator_d`` to float rounding
 (tests/test_heads.py). In the fused pass every row is computed by one thread and every sum is
-in a fixed order (the bias gradient's chunks depend on the shapes only), so the loss, the logits'
-gradient and the bias gradient do not depend on the number of threads; the products are MKL's,
-which may split a long inner dimension across threads (``z``'s gradient ``D W``, and on an AVX2
-CPU the weights' ``D^T z`` over the cells), as autograd's products did. Importing compiles nothing.
+in a fixed order (the bias gradient's chunks depend on the shapes only), so from given logits
+the loss, their gradient and the bias gradient do not depend on the number of threads. The
+products are a BLAS's, and which one runs a product on how many threads depends on the number of
+threads: results are equal to rounding across thread counts and bit for bit for the same count.
+Importing compiles nothing and starts no thread.
 """
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
+import threadpoolctl
 import torch
 from llvmlite import ir
 from numba import njit, prange, types
@@ -246,6 +252,67 @@ class _StepLayout:
                               self.bias_start[:-1].tolist(), self.bias_start[1:].tolist()))
 
 
+# --------------------------------------------------------------------------- the fused path's products
+
+_WORKERS = {"pid": None, "pool": None, "size": 0}  # the threads the products are spread over
+_BLAS = {"controller": None}
+
+
+def _flops(job) -> int:
+    a, b, _ = job
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1]
+
+
+def _product(job) -> None:
+    a, b, out = job
+    np.dot(a.numpy(), b.numpy(), out=out.numpy())
+
+
+def _workers(size: int) -> ThreadPoolExecutor:
+    if _WORKERS["pid"] != os.getpid() or _WORKERS["size"] != size:  # a forked child has none of its parent's threads
+        if _WORKERS["pid"] == os.getpid():
+            _WORKERS["pool"].shutdown(wait=False)
+        _WORKERS.update(pid=os.getpid(), pool=ThreadPoolExecutor(size, thread_name_prefix="heads"), size=size)
+    return _WORKERS["pool"]
+
+
+def _single_threaded_blas():
+    if _BLAS["controller"] is None:
+        _BLAS["controller"] = threadpoolctl.ThreadpoolController()
+    return _BLAS["controller"].limit(limits=1, user_api="blas")
+
+
+def _products(jobs) -> None:
+    """``out = a @ b`` for every ``(a, b, out)`` (float32 CPU tensors, ``out`` C-contiguous).
+
+    A product of more than one thread's share of the flops runs alone on all of torch's threads
+    (torch's product); the others each by numpy's BLAS on one thread, side by side over torch's
+    number of threads, the largest first. The heads' products are thin (an inner dimension of
+    ``hid`` = 200 in the forward), and on an AVX2 EPYC MKL (torch's) ran them at 57 GFLOPS on two
+    threads where OpenBLAS (numpy's) reached 105; one-threaded products side by side also keep a
+    BLAS's own threads from spinning on the cores the next kernel needs (the step's heads: 1,056 ->
+    850 ms on the whole collection's 60 datasets). Which product runs where depends on the shapes
+    and the number of threads only; a value is one BLAS dot product either way."""
+    threads = torch.get_num_threads()
+    jobs = sorted(jobs, key=_flops, reverse=True)
+    share = sum(map(_flops, jobs)) / threads
+    alone = sum(1 for job in jobs if threads > 1 and _flops(job) > share)  # the first ones: sorted
+    if threads > 1 and len(jobs) - alone == 1:  # the last one would have nothing beside it
+        alone += 1
+    for a, b, out in jobs[:alone]:
+        torch.mm(a, b, out=out)
+    rest = jobs[alone:]
+    if not rest:
+        return
+    with _single_threaded_blas():
+        if threads == 1:
+            for job in rest:
+                _product(job)
+        else:
+            for _ in _workers(threads).map(_product, rest):
+                pass
+
+
 class _FusedHeads(torch.autograd.Function):
     """The step's summed loss over every dataset's heads (float32, CPU); see the module."""
 
@@ -254,9 +321,8 @@ class _FusedHeads(torch.autograd.Function):
                 sigmoid: bool, *params):
         weights, biases = params[0::2], params[1::2]
         flat = torch.empty(int(layout.flat_start[-1]), dtype=torch.float32)
-        for w, (r0, r1, f0, k, _, _) in zip(weights, layout.spans):
-            if r1 > r0:
-                torch.mm(z[r0:r1], w.detach().t(), out=flat[f0:f0 + (r1 - r0) * k].view(r1 - r0, k))
+        _products([(z[r0:r1].detach(), w.detach().t(), flat[f0:f0 + (r1 - r0) * k].view(r1 - r0, k))
+                   for w, (r0, r1, f0, k, _, _) in zip(weights, layout.spans) if r1 > r0])
         bias = torch.cat([b.detach() for b in biases]).numpy()
         csr_kernels._use_torch_threads()
         row_loss, partial = _fused_loss(flat.numpy(), bias, targets, layout.meta, layout.bounds, layout.chunks,
@@ -279,12 +345,18 @@ class _FusedHeads(torch.autograd.Function):
         g = float(grad)
         need_z = ctx.needs_input_grad[0]
         grad_z = torch.empty_like(z) if need_z else None
-        grads = []
-        for i, (w, (r0, r1, f0, k, b0, b1)) in enumerate(zip(weights, layout.spans)):
+        grad_ws, jobs = [], []
+        for i, (w, (r0, r1, f0, k, _, _)) in enumerate(zip(weights, layout.spans)):
             d = flat[f0:f0 + (r1 - r0) * k].view(r1 - r0, k)
-            grad_w = torch.mm(d.t(), z[r0:r1]) if ctx.needs_input_grad[6 + 2 * i] else None
+            # a dataset with no cells in the step: a zero gradient, as autograd's product gave
+            grad_ws.append((torch.empty if r1 > r0 else torch.zeros)(w.shape) if ctx.needs_input_grad[6 + 2 * i] else None)
+            if grad_ws[-1] is not None and r1 > r0:
+                jobs.append((d.t(), z[r0:r1].detach(), grad_ws[-1]))
             if need_z and r1 > r0:
-                torch.mm(d, w, out=grad_z[r0:r1])
+                jobs.append((d, w.detach(), grad_z[r0:r1]))
+        _products(jobs)
+        grads = []
+        for i, (grad_w, (_, _, _, _, b0, b1)) in enumerate(zip(grad_ws, layout.spans)):
             grad_b = ctx.bias_grad[b0:b1]
             if g != 1.0:
                 grad_w = None if grad_w is None else grad_w.mul_(g)

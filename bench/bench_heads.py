@@ -16,9 +16,13 @@ list in ``--paths``:
   place, then the two backward GEMMs per dataset;
 - ``torch``: ``heads.py``'s pure-torch path (``path="torch"``, what a GPU runs): per-dataset
   GEMMs, one loss over the concatenated logits;
+- ``fused_mkl``: the fused path with every product by ``torch.mm`` one after the other (MKL on
+  torch's threads), as before ``heads._products`` (2026-12-02);
 - ``limit``: the three products alone, ``torch.matmul`` on the same shapes: the logits
   ``z W^T``, the weight gradient ``D^T z`` and ``z``'s gradient ``D W`` (``D`` a ready
-  ``cells x k`` tensor); nothing else.
+  ``cells x k`` tensor); nothing else;
+- ``limit_products``: the same three products through ``heads._products`` (numpy's BLAS, one
+  thread each, side by side).
 
     python bench/bench_heads.py --scale 0.05
     python bench/bench_heads.py --scale 0.5 --repeats 5
@@ -40,7 +44,7 @@ sys.path[:0] = [str(BENCH_DIR.parent), str(BENCH_DIR)]
 
 import synth  # noqa: E402
 
-PATHS = ("per_dataset", "fused", "torch", "limit")
+PATHS = ("per_dataset", "fused", "fused_mkl", "torch", "limit", "limit_products")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,11 +113,44 @@ def time_steps(step, repeats: int, warmup: int, device) -> list[float]:
     return out
 
 
+def _one_by_one(jobs) -> None:
+    """``heads._products`` as it was before 2026-12-02: ``torch.mm`` after ``torch.mm``."""
+    import torch
+
+    for a, b, out in jobs:
+        torch.mm(a, b, out=out)
+
+
 def make_step(path: str, model, z, targets, denominators, optimizer):
     import torch
 
+    import heads
+
     ids = list(range(len(targets)))
     rows = [t.shape[0] for t in targets]
+    if path == "fused_mkl":
+        fused = make_step("fused", model, z, targets, denominators, optimizer)
+
+        def step():
+            saved, heads._products = heads._products, _one_by_one
+            try:
+                fused()
+            finally:
+                heads._products = saved
+            step.loss = fused.loss
+        return step
+    if path == "limit_products":
+        weights = [h.weight.detach() for h in model.heads]
+        grads = [torch.rand(b, w.shape[0]) * 1e-3 for b, w in zip(rows, weights)]
+        zs = torch.split(z, rows)
+        outs = [(torch.empty(b, w.shape[0]), torch.empty(w.shape), torch.empty(b, w.shape[1]))
+                for b, w in zip(rows, weights)]
+
+        def step():
+            heads._products([(z_d, w.t(), o[0]) for z_d, w, o in zip(zs, weights, outs)])
+            heads._products([job for z_d, w, g, o in zip(zs, weights, grads, outs)
+                             for job in ((g.t(), z_d, o[1]), (g, w, o[2]))])
+        return step
     if path == "limit":
         weights = [h.weight.detach() for h in model.heads]
         grads = [torch.rand(b, w.shape[0], device=z.device) * 1e-3 for b, w in zip(rows, weights)]
@@ -151,7 +188,8 @@ def main(args) -> dict:
     runtime.flush_denormals()  # as main.py runs
     runtime.reuse_freed_memory()  # as pretrain.run_pretraining from the epochs on
     device = torch.device(args.device)
-    paths = args.paths.split(",") if args.paths else [p for p in PATHS if device.type == "cpu" or p != "fused"]
+    cpu_only = ("fused", "fused_mkl", "limit_products")
+    paths = args.paths.split(",") if args.paths else [p for p in PATHS if device.type == "cpu" or p not in cpu_only]
     unknown = set(paths) - set(PATHS)
     if unknown:
         raise SystemExit(f"unknown paths {sorted(unknown)}; choose from {PATHS}")
@@ -170,7 +208,7 @@ def main(args) -> dict:
     # its warm-up steps alone, which give its peak memory; then the timed steps round-robin, one
     # step of every path in turn, so that load from other processes falls on all paths alike
     steps, results = {}, {}
-    if "fused" in paths:  # numba loads (or compiles) its kernels on first use: not a step's memory
+    if {"fused", "fused_mkl"} & set(paths):  # numba loads (or compiles) its kernels on first use: not a step's memory
         tiny = argparse.Namespace(**{**vars(args), "scale": 0.0, "n_datasets": 2})
         make_step("fused", *setup(tiny, [[2, 3, 2]] * 2, [3, 3], device), None)()
     for path in paths:
