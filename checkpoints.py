@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -88,6 +89,42 @@ def save(ckpt: dict, path) -> Path:
     a failed write is one OutputError and keeps the earlier file."""
     size = sum(t.numel() * t.element_size() for t in _tensors(ckpt))
     return atomic_write(path, lambda fh: torch.save(ckpt, fh), mode="wb", expected_bytes=size)
+
+
+class BackgroundWriter:
+    """Writes checkpoints with :func:`save` in a thread of their own, one at a time, so that
+    training goes on while an epoch checkpoint is serialised and synced to disk (0.5-0.8 s an
+    epoch on a local disk for the whole collection's 140 MB; more on a network file system).
+
+    The checkpoint handed over must not change afterwards (tensors cloned, lists fresh).
+    ``submit`` first waits for the write before it and raises that write's error; ``finish``
+    waits for the last one and raises its error; ``finish(quiet=True)`` logs the error instead
+    (for a run already stopping with another)."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, ckpt: dict, path) -> None:
+        self.finish()
+        self._thread = threading.Thread(target=self._write, args=(ckpt, Path(path)), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, ckpt: dict, path: Path) -> None:
+        try:
+            save(ckpt, path)
+        except BaseException as exc:  # raised by the next submit or finish, in the caller's thread
+            self._error = exc
+
+    def finish(self, quiet: bool = False) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and quiet:
+            log.error("%s", error)
+        elif error is not None:
+            raise error
 
 
 def _tensors(obj):

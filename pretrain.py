@@ -13,6 +13,7 @@ rounding; one process is the one-rank case. Importing does nothing.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import time
@@ -381,6 +382,21 @@ def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, r
                settings: PretrainSettings, device, phase, resume_path: Path | None) -> dict:
     """Epochs until --pt_epoch or --pt_patience epochs without a lower loss; an epoch checkpoint
     after each, so that --resume can continue (``run_ids``: what it must find the same)."""
+    writer = checkpoints.BackgroundWriter()  # each epoch checkpoint is written while the next epoch runs
+    try:
+        progress = _epoch_loop(model, optimizer, step_module, coll, targets, labels, progress, run_ids, whole,
+                               settings, device, phase, resume_path, writer)
+    except BaseException:
+        writer.finish(quiet=True)  # the last epoch checkpoint whole (or its failure logged) as the run stops
+        raise
+    writer.finish()  # before the final checkpoint, which removes the epoch checkpoint
+    if progress["wait"] >= settings.pt_patience:
+        log.info("early stop: no lower loss for %d epochs", settings.pt_patience)
+    return progress
+
+
+def _epoch_loop(model, optimizer, step_module, coll, targets, labels, progress, run_ids: dict, whole: Whole,
+                settings: PretrainSettings, device, phase, resume_path: Path | None, writer) -> dict:
     rank, _ = dist_info()
     n_cells = sum(whole.cells)
     source = step_source(coll, device) if progress["epoch"] < settings.pt_epoch else None
@@ -398,9 +414,8 @@ def run_epochs(model, optimizer, step_module, coll, targets, labels, progress, r
                      "" if improved else f" (no improvement for {progress['wait']})", seconds, n_cells / seconds)
             log.debug("peak resident memory so far %s MiB", runtime.mib(runtime.peak_memory_mib()))
         if resume_path is not None:
-            save_resume(resume_path, model, optimizer, progress, labels, coll, whole, run_ids, phase)
-    if progress["wait"] >= settings.pt_patience:
-        log.info("early stop: no lower loss for %d epochs", settings.pt_patience)
+            save_resume(resume_path, model, optimizer, progress, labels, coll, whole, run_ids, phase,
+                        write=writer.submit)
     return progress
 
 
@@ -531,9 +546,10 @@ def rank_state(model: PretrainModel, optimizer) -> tuple[dict, dict]:
 
 
 def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection, whole: Whole, run_ids: dict,
-                phase: int) -> None:
+                phase: int, write=checkpoints.save) -> None:
     """The epoch checkpoint, in one process's layout whatever the number of ranks: rank 0 gathers
-    every rank's heads, their optimiser state and pseudo-labels, and writes it."""
+    every rank's heads, their optimiser state and pseudo-labels, and writes it with ``write``
+    (``checkpoints.save``, or a ``BackgroundWriter``'s ``submit``: what it is handed is a copy)."""
     weights, moments = rank_state(model, optimizer)
     parts = shards.gather_to_root((weights, moments, list(zip(coll.global_ids, labels))))
     if dist_info()[0] != 0:
@@ -542,9 +558,9 @@ def save_resume(path: Path, model, optimizer, progress, labels, coll: Collection
     all_moments = {k: v for _, m, _ in parts for k, v in m.items()}
     all_labels = dict(pair for _, _, part in parts for pair in part)
     state = checkpoints.resume_checkpoint(all_weights, {"lr": optimizer.param_groups[0]["lr"], "state": all_moments},
-                                          progress, [all_labels[g] for g in range(len(whole.names))], whole.names,
-                                          whole.gene_universe, run_ids, phase)
-    checkpoints.save(state, path)
+                                          copy.deepcopy(progress), [all_labels[g] for g in range(len(whole.names))],
+                                          whole.names, whole.gene_universe, copy.deepcopy(run_ids), phase)
+    write(state, path)
 
 
 def restore(model: PretrainModel, optimizer, state: dict) -> None:

@@ -248,3 +248,26 @@ def test_pca_pt_says_it_is_not_available(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "--pca_pt" in err and "not available" in err and "--pca_ft" in err
+
+
+def test_a_failed_epoch_checkpoint_write_stops_the_run(collection, tmp_path, monkeypatch, capsys):
+    """Epoch checkpoints are written in the background: a failure still stops the run, with the
+    write's own error, and no final checkpoint is written."""
+    import checkpoints
+    from errors import OutputError
+
+    real_save, calls = checkpoints.save, []
+
+    def failing_second(ckpt, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OutputError(f"{path}: writing failed (no space left on device); the earlier file is kept")
+        return real_save(ckpt, path)
+
+    monkeypatch.setattr(checkpoints, "save", failing_second)
+    with pytest.raises(SystemExit) as exc:
+        main.main(pretrain_args(collection, tmp_path / "cut.pt", "--pt_epoch", "4"))
+    assert exc.value.code == 1
+    assert "no space left on device" in capsys.readouterr().err
+    assert len(calls) == 2  # epoch 3's checkpoint was never started: the run stopped at it
+    assert (tmp_path / "cut.pt.resume").exists() and not (tmp_path / "cut.pt").exists()

@@ -200,3 +200,38 @@ def test_good_checkpoint_round_trip():
     loaded, loaded_cfg = checkpoints.encoder_from(ckpt)
     assert loaded_cfg == cfg
     torch.testing.assert_close(loaded.linear.weight, encoder.linear.weight)
+
+
+def test_background_writer_writes_while_the_caller_goes_on_and_raises_its_errors(tmp_path, monkeypatch, caplog):
+    import threading
+
+    from errors import OutputError
+
+    real_save, started, release, order = checkpoints.save, threading.Event(), threading.Event(), []
+
+    def slow_save(ckpt, path):
+        started.set()
+        release.wait(30)
+        order.append(("written", path.name))
+        if ckpt.get("fail"):
+            raise OutputError(f"{path}: writing failed (no space left on device)")
+        return real_save(ckpt, path)
+
+    monkeypatch.setattr(checkpoints, "save", slow_save)
+    writer = checkpoints.BackgroundWriter()
+    writer.submit({"epoch": 1, "w": torch.ones(3)}, tmp_path / "a.pt")
+    assert started.wait(30)
+    order.append(("caller", "goes on"))  # while the write waits
+    release.set()
+    writer.finish()
+    assert order == [("caller", "goes on"), ("written", "a.pt")]
+    assert torch.equal(torch.load(tmp_path / "a.pt")["w"], torch.ones(3))
+    writer.submit({"fail": True}, tmp_path / "b.pt")
+    with pytest.raises(OutputError, match="no space"):  # the failed write's error, at the next submit
+        writer.submit({"epoch": 3}, tmp_path / "c.pt")
+    writer.finish()  # the error was raised once; nothing pending
+    writer.submit({"fail": True}, tmp_path / "d.pt")
+    with caplog.at_level("ERROR", logger="scpretrain.checkpoints"):
+        writer.finish(quiet=True)  # a run already stopping: logged, not raised
+    assert "no space" in caplog.text
+    writer.finish()
