@@ -16,8 +16,8 @@ step's loss over all its datasets in one call, by one of two paths:
 
 - ``fused`` (the CPU; float32): one autograd function over the whole step. The forward writes
   each dataset's logits ``z_d W_d^T`` (one BLAS product per dataset, ``_products``) into one
-  flat buffer; one parallel numba pass (``_fused_loss``) then takes each cell's row of logits through all its
-  granularities while it is in the core's cache: adds the bias, computes the loss (the sigmoid
+  flat buffer; one parallel numba pass (``_fused_loss``) then takes each cell's row of logits
+  through all its granularities while it is in the core's cache: adds the bias, computes the loss (the sigmoid
   variant needs no max shift: ``s`` lies in (0, 1); the plain one shifts by each granularity's
   maximum) and overwrites the logits with ``d loss / d logits`` (already divided by the
   denominator), while summing the bias gradient per chunk of rows. Nothing else of the size of
@@ -290,9 +290,10 @@ def _products(jobs) -> None:
     number of threads, the largest first. The heads' products are thin (an inner dimension of
     ``hid`` = 200 in the forward), and on an AVX2 EPYC MKL (torch's) ran them at 57 GFLOPS on two
     threads where OpenBLAS (numpy's) reached 105; one-threaded products side by side also keep a
-    BLAS's own threads from spinning on the cores the next kernel needs (the step's heads: 1,056 ->
-    850 ms on the whole collection's 60 datasets). Which product runs where depends on the shapes
-    and the number of threads only; a value is one BLAS dot product either way."""
+    BLAS's own threads from spinning on the cores the next kernel needs (the heads of a step of the
+    whole collection's 60 datasets, forward and backward: 1,056-1,070 -> 796-801 ms; bench/README.md).
+    Which product runs where depends on the shapes and the number of threads only; a value is one
+    BLAS dot product either way."""
     threads = torch.get_num_threads()
     jobs = sorted(jobs, key=_flops, reverse=True)
     share = sum(map(_flops, jobs)) / threads
@@ -348,9 +349,11 @@ class _FusedHeads(torch.autograd.Function):
         grad_ws, jobs = [], []
         for i, (w, (r0, r1, f0, k, _, _)) in enumerate(zip(weights, layout.spans)):
             d = flat[f0:f0 + (r1 - r0) * k].view(r1 - r0, k)
-            # a dataset with no cells in the step: a zero gradient, as autograd's product gave
-            grad_ws.append((torch.empty if r1 > r0 else torch.zeros)(w.shape) if ctx.needs_input_grad[6 + 2 * i] else None)
-            if grad_ws[-1] is not None and r1 > r0:
+            grad_w = None
+            if ctx.needs_input_grad[6 + 2 * i]:  # no cells in the step: a zero gradient, as autograd's product gave
+                grad_w = torch.empty(w.shape) if r1 > r0 else torch.zeros(w.shape)
+            grad_ws.append(grad_w)
+            if grad_w is not None and r1 > r0:
                 jobs.append((d.t(), z[r0:r1].detach(), grad_ws[-1]))
             if need_z and r1 > r0:
                 jobs.append((d, w.detach(), grad_z[r0:r1]))
