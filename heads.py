@@ -350,11 +350,12 @@ class _FusedHeads(torch.autograd.Function):
         for i, (w, (r0, r1, f0, k, _, _)) in enumerate(zip(weights, layout.spans)):
             d = flat[f0:f0 + (r1 - r0) * k].view(r1 - r0, k)
             grad_w = None
-            if ctx.needs_input_grad[6 + 2 * i]:  # no cells in the step: a zero gradient, as autograd's product gave
+            if ctx.needs_input_grad[6 + 2 * i]:
+                # a dataset with no cells in the step: a zero gradient, as autograd's product gave
                 grad_w = torch.empty(w.shape) if r1 > r0 else torch.zeros(w.shape)
             grad_ws.append(grad_w)
             if grad_w is not None and r1 > r0:
-                jobs.append((d.t(), z[r0:r1].detach(), grad_ws[-1]))
+                jobs.append((d.t(), z[r0:r1].detach(), grad_w))
             if need_z and r1 > r0:
                 jobs.append((d, w.detach(), grad_z[r0:r1]))
         _products(jobs)
