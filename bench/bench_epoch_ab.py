@@ -23,12 +23,12 @@ from pathlib import Path
 
 WORKER = r"""
 import json, sys, time
-tree, paths_file, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+tree, paths_json, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path[:0] = [tree, tree + "/bench"]
 import torch
 import bench_pretrain, pretrain, runtime
 from settings import PretrainSettings
-paths = [str(p) for p in json.loads(paths_file)]
+paths = json.loads(paths_json)
 coll = pretrain.build_collection(bench_pretrain.load(paths))
 n_cells = [X.shape[0] for X in coll.features]
 targets, counts = bench_pretrain.pseudo_targets(n_cells, 0, coll, False)
