@@ -4,7 +4,8 @@ where the CPU differs from the one of an earlier measurement.
 Each round runs every tree once, in a fresh subprocess: it reads the collection of
 ``--paths_file`` (as ``bench_pretrain.py``'s ours: seeded random pseudo-labels with the K-means
 numbers of clusters, since an epoch's cost does not depend on their values), builds the model as
-``pretrain.run_pretraining`` does and runs ``--epochs`` epochs of ``pretrain.train_epoch``. The
+``pretrain.run_pretraining`` does with the paper's defaults (hid 200, 30 batches an epoch, seed 0)
+and runs ``--epochs`` epochs of ``pretrain.train_epoch``. The
 first epoch of a process compiles numba's kernels when a tree's files changed and is left out of
 the means. Epoch checkpoints are not written (``run_epochs`` writes them; ``train_epoch`` does
 not). The losses printed must be equal across trees.
@@ -20,6 +21,8 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+import synth
 
 WORKER = r"""
 import json, sys, time
@@ -57,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run_tree(tree: Path, paths: list[str], epochs: int) -> dict:
     proc = subprocess.run([sys.executable, "-c", WORKER, str(tree), json.dumps(paths), str(epochs)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=synth.bench_env())
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
