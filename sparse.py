@@ -275,41 +275,83 @@ def inference_batch(features, rows: np.ndarray, device) -> torch.Tensor | HostCS
 
 
 GENE_BLOCK = 2048  # genes per column block of a CSR chunk: a block of the centroids then fits in L2
-CENTROID_BLOCK = 128  # centroids per block of the product's output
+CENTROID_BLOCK = 128  # centroids per block of the product's output (MKL's products)
+# a right-hand side at least this wide is multiplied by csr_kernels' gene-blocked kernel, in column
+# blocks of at most WIDE_BLOCK; narrower ones by MKL's CSR products (see GeneBlockedCSR)
+WIDE_COLUMNS = 64
+WIDE_BLOCK = 256
+
+
+class WideRight(NamedTuple):
+    """A dense (genes x m) right-hand side as contiguous numpy column blocks (``csr_kernels``' form)."""
+    blocks: list[np.ndarray]
+    width: int
 
 
 class GeneBlockedCSR:
-    """A CSR chunk cut into column blocks of ``GENE_BLOCK`` genes (each a CSR over all its rows),
-    multiplied block by block with blocks of ``CENTROID_BLOCK`` columns of a dense right-hand
-    side: each small product reads a block of the right-hand side that stays in cache, where one
-    CSR x (genes x k) product streams all of it from memory for every stored value (measured 5.8x
-    faster on 8,192 cells x 17,000 genes at 5 % and k = 3,215 on a 2-core Xeon)."""
+    """A CSR chunk multiplied by dense right-hand sides (K-means' cells x centroids products) in
+    blocks that stay in cache, by one of two products chosen by the right-hand side's width:
+
+    - at least ``WIDE_COLUMNS`` columns: ``csr_kernels.times_dense`` on the chunk's own arrays
+      (its rows' gene-block pointers built once, no copy of the values), a column block of at most
+      ``WIDE_BLOCK`` at a time. On a 2.6 GHz Zen 4, 8,192 cells x 15,663 genes at 5 %: 1.2-1.6x
+      faster than MKL's for 100-1,607 columns (bench/README.md);
+    - narrower (the pruned passes' few moved centroids): MKL's CSR x dense products, the chunk cut
+      into column blocks of ``GENE_BLOCK`` genes (each a CSR over all its rows, built on first use)
+      times blocks of ``CENTROID_BLOCK`` columns; there the kernel's per-value cost dominates (0.25x
+      MKL's at 10 columns).
+
+    Where one CSR x (genes x k) product streams all of the right-hand side from memory for every
+    stored value, both read blocks of it that stay in cache (MKL's blocks measured 5.8x faster on
+    8,192 cells x 17,000 genes at 5 % and k = 3,215 on a 2-core Xeon)."""
 
     def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, n_cols: int):
         """A CSR chunk (``indptr`` may be a slice of a larger matrix's, ``indices`` and ``data`` that
-        matrix's arrays), its values copied once into the blocks (``csr_kernels.gene_blocks``)."""
-        n_rows = len(indptr) - 1
-        self.shape = (n_rows, n_cols)
+        matrix's arrays, held, not copied)."""
+        self.shape = (len(indptr) - 1, n_cols)
         self.edges = list(range(0, n_cols, GENE_BLOCK)) + [n_cols]
-        crow, base, col, val = csr_kernels.gene_blocks(indptr, indices, data, n_cols, GENE_BLOCK)
-        self.parts = []
-        with quiet_beta():
-            for b in range(len(self.edges) - 1):
-                # int32 indices (a chunk holds < 2**31 values): 8 bytes a value kept, and MKL takes them as they are
-                lo, hi = int(base[b]), int(base[b + 1])
-                self.parts.append(torch.sparse_csr_tensor(torch.from_numpy(crow[b]), torch.from_numpy(col[lo:hi]),
-                                                          torch.from_numpy(val[lo:hi]),
-                                                          size=(n_rows, self.edges[b + 1] - self.edges[b])))
+        self._arrays = (np.asarray(indptr, dtype=np.int64), indices, data)
+        self._ptr = None
+        self._parts = None
+
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        """The chunk's values copied once into column blocks of ``GENE_BLOCK`` genes
+        (``csr_kernels.gene_blocks``), torch CSR tensors for MKL's products."""
+        if self._parts is None:
+            indptr, indices, data = self._arrays
+            n_rows, n_cols = self.shape
+            crow, base, col, val = csr_kernels.gene_blocks(indptr, indices, data, n_cols, GENE_BLOCK)
+            parts = []
+            with quiet_beta():
+                for b in range(len(self.edges) - 1):
+                    # int32 indices (a chunk holds < 2**31 values): 8 bytes a value kept, and MKL takes them as they are
+                    lo, hi = int(base[b]), int(base[b + 1])
+                    parts.append(torch.sparse_csr_tensor(torch.from_numpy(crow[b]), torch.from_numpy(col[lo:hi]),
+                                                         torch.from_numpy(val[lo:hi]),
+                                                         size=(n_rows, self.edges[b + 1] - self.edges[b])))
+            self._parts = parts
+        return self._parts
 
     @staticmethod
-    def prepare(right: torch.Tensor) -> list[list[torch.Tensor]]:
-        """A dense (genes x m) right-hand side as contiguous blocks [column block][gene block]."""
+    def prepare(right: torch.Tensor) -> "list[list[torch.Tensor]] | WideRight":
+        """A dense (genes x m) right-hand side in the form its product takes: ``WideRight`` from
+        ``WIDE_COLUMNS`` columns on, else contiguous blocks [column block][gene block]."""
+        m = right.shape[1]
+        if m >= WIDE_COLUMNS:
+            n_blocks = -(-m // WIDE_BLOCK)
+            step = -(-m // (16 * n_blocks)) * 16  # even blocks of whole vectors: 402 columns as 208 + 194
+            host = right.detach().cpu().numpy()
+            return WideRight([np.ascontiguousarray(host[:, c:c + step], dtype=np.float32)
+                              for c in range(0, m, step)], m)
         edges = list(range(0, right.shape[0], GENE_BLOCK)) + [right.shape[0]]
         return [[right[a:b, c:c + CENTROID_BLOCK].contiguous() for a, b in zip(edges[:-1], edges[1:])]
                 for c in range(0, right.shape[1], CENTROID_BLOCK)]
 
-    def times(self, prepared: list[list[torch.Tensor]]) -> torch.Tensor:
+    def times(self, prepared: "list[list[torch.Tensor]] | WideRight") -> torch.Tensor:
         """This chunk times the right-hand side ``prepare`` made: (rows x m)."""
+        if isinstance(prepared, WideRight):
+            return self._wide(prepared)
         if len(prepared) == 1:
             return self._column_block(prepared[0])
         out = torch.empty(self.shape[0], sum(block[0].shape[1] for block in prepared))
@@ -320,9 +362,27 @@ class GeneBlockedCSR:
             at += acc.shape[1]
         return out
 
+    def _wide(self, right: WideRight) -> torch.Tensor:
+        indptr, indices, data = self._arrays
+        if self._ptr is None:
+            self._ptr = csr_kernels.block_pointers(indptr, indices, self.shape[1])
+        if len(right.blocks) == 1:
+            block = right.blocks[0]
+            return torch.from_numpy(csr_kernels.times_dense(self._ptr, indices, data, block,
+                                                            np.zeros(block.shape[1], dtype=np.float32)))
+        out = np.empty((self.shape[0], right.width), dtype=np.float32)
+        at = 0
+        for block in right.blocks:
+            width = block.shape[1]
+            out[:, at:at + width] = csr_kernels.times_dense(self._ptr, indices, data, block,
+                                                            np.zeros(width, dtype=np.float32))
+            at += width
+        return torch.from_numpy(out)
+
     def _column_block(self, column_block: list[torch.Tensor]) -> torch.Tensor:
-        acc = torch.sparse.mm(self.parts[0], column_block[0])
-        for part, right in zip(self.parts[1:], column_block[1:]):
+        parts = self.parts
+        acc = torch.sparse.mm(parts[0], column_block[0])
+        for part, right in zip(parts[1:], column_block[1:]):
             acc.addmm_(part, right)  # in place: no (rows x CENTROID_BLOCK) product allocated per block
         return acc
 
@@ -522,7 +582,10 @@ def as_csr(X) -> sp.csr_matrix:
     indices = X.indices
     if indices.dtype != np.int32 and X.nnz < 2**31 and X.shape[1] < 2**31:
         indices = indices.astype(np.int32)
-    return csr_sharing(X.data, indices, X.indptr, X.shape)
+    out = csr_sharing(X.data, indices, X.indptr, X.shape)
+    if not out.has_sorted_indices:  # csr_kernels' products need each row's columns sorted
+        out = out.sorted_indices()  # a copy: the caller's matrix keeps its order
+    return out
 
 
 def csr_sharing(values: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape) -> sp.csr_matrix:

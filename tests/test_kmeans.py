@@ -215,13 +215,38 @@ def test_gene_blocked_product_equals_the_plain_one():
     X = sp.random(70, 2 * sparse.GENE_BLOCK + 37, density=0.02, format="csr", dtype=np.float32, random_state=2)
     X = sp.csr_matrix(sp.diags((np.arange(70) != 5).astype(np.float32)) @ X)  # row 5 empty
     X.eliminate_zeros()
+    X.sort_indices()
     assert X[5].nnz == 0
-    right = torch.randn(X.shape[1], sparse.CENTROID_BLOCK + 9, dtype=torch.float32)
     block = sparse.GeneBlockedCSR(X.indptr, X.indices, X.data, X.shape[1])
     assert len(block.parts) == 3
-    got = block.times(sparse.GeneBlockedCSR.prepare(right))
-    np.testing.assert_allclose(got.numpy(), X.toarray() @ right.numpy(), rtol=1e-4, atol=1e-4)
+    # MKL's blocks (narrow), csr_kernels' (wide: one column block, and several with a short last one)
+    for width in (sparse.WIDE_COLUMNS - 1, sparse.WIDE_COLUMNS, sparse.CENTROID_BLOCK + 9, 2 * sparse.WIDE_BLOCK + 5):
+        right = torch.randn(X.shape[1], width, dtype=torch.float32)
+        prepared = sparse.GeneBlockedCSR.prepare(right)
+        assert isinstance(prepared, sparse.WideRight) == (width >= sparse.WIDE_COLUMNS)
+        got = block.times(prepared)
+        assert got.shape == (70, width)
+        np.testing.assert_allclose(got.numpy(), X.toarray() @ right.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(block.to_dense().numpy(), X.toarray())
+
+
+def test_kmeans_takes_unsorted_column_indices_without_reordering_them():
+    """A CSR whose rows' columns are out of order clusters as its sorted copy does; the caller's
+    matrix keeps its order (the wide products need sorted rows, taken from a copy)."""
+    rng = np.random.default_rng(4)
+    X = sp.random(300, 90, density=0.2, format="csr", dtype=np.float32, random_state=5)
+    X.data[:] = rng.random(X.nnz).astype(np.float32) * 5
+    shuffled = X.copy()
+    for i in range(X.shape[0]):  # each row's entries reversed
+        lo, hi = shuffled.indptr[i], shuffled.indptr[i + 1]
+        shuffled.indices[lo:hi] = shuffled.indices[lo:hi][::-1].copy()
+        shuffled.data[lo:hi] = shuffled.data[lo:hi][::-1].copy()
+    shuffled.has_sorted_indices = False
+    before = shuffled.indices.copy()
+    a = kmeans.kmeans(shuffled, 70, seed=0)  # 70 centroids: the first passes take the wide products
+    b = kmeans.kmeans(X, 70, seed=0)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(shuffled.indices, before)
 
 
 def test_kmeans_on_many_genes_matches_dense_input():
