@@ -56,8 +56,8 @@ def _row_pointers(indices, p, end, ptr, i, n_genes, block):  # pragma: no cover 
 
 
 @njit(parallel=True, fastmath={"contract"}, cache=True)
-def _times_dense(ptr, indices, data, weight, bias, rows):  # pragma: no cover - compiled
-    n_blocks, n = ptr.shape[0] - 1, ptr.shape[1]
+def _times_dense(starts, ends, indices, data, weight, bias, rows):  # pragma: no cover - compiled
+    n_blocks, n = starts.shape
     hid = weight.shape[1]
     out = np.empty((n, hid), dtype=np.float32)
     for c in prange((n + rows - 1) // rows):
@@ -66,7 +66,7 @@ def _times_dense(ptr, indices, data, weight, bias, rows):  # pragma: no cover - 
             out[i, :] = bias
         for b in range(n_blocks):
             for i in range(lo, hi):
-                p, end = ptr[b, i], ptr[b + 1, i]
+                p, end = starts[b, i], ends[b, i]
                 # eight stored values a pass over the output row: it is read and written once for
                 # eight of them, summed in the same order as one by one (the same float result)
                 while p + 8 <= end:
@@ -95,15 +95,15 @@ def _times_dense(ptr, indices, data, weight, bias, rows):  # pragma: no cover - 
 
 
 @njit(parallel=True, fastmath={"contract"}, cache=True)
-def _transposed_times(ptr, indices, data, grad, n_genes, rows):  # pragma: no cover - compiled
-    n_blocks, n = ptr.shape[0] - 1, ptr.shape[1]
+def _transposed_times(starts, ends, indices, data, grad, n_genes, rows):  # pragma: no cover - compiled
+    n_blocks, n = starts.shape
     hid = grad.shape[1]
     out = np.zeros((n_genes, hid), dtype=np.float32)
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         for b in prange(n_blocks):  # a block's genes are summed by one thread: no races
             for i in range(lo, hi):
-                p, end = ptr[b, i], ptr[b + 1, i]
+                p, end = starts[b, i], ends[b, i]
                 while p + 4 <= end:  # four genes a pass over the row's gradient (each kept in a register)
                     j0, j1, j2, j3 = indices[p], indices[p + 1], indices[p + 2], indices[p + 3]
                     v0, v1, v2, v3 = data[p], data[p + 1], data[p + 2], data[p + 3]
@@ -146,21 +146,67 @@ def _take_rows(indptr, indices, data, rows):  # pragma: no cover - compiled
 
 
 @njit(parallel=True, cache=True)
-def _take_blocked_rows(indptr, indices, data, rows, n_genes, block):  # pragma: no cover - compiled
+def _take_block_major_rows(indptr, indices, data, rows, n_genes, block):  # pragma: no cover - compiled
     n = rows.size
     n_blocks = (n_genes + block - 1) // block
-    starts = _gathered_starts(indptr, rows)
-    ptr = np.empty((n_blocks + 1, n), dtype=np.int64)
-    out_ind = np.empty(starts[n], dtype=indices.dtype)
-    out_val = np.empty(starts[n], dtype=data.dtype)
+    counts = np.zeros((n, n_blocks), dtype=np.int64)  # each row's values in each block
     bad = np.zeros(n, dtype=np.bool_)
     for q in prange(n):
-        src, p, stop = indptr[rows[q]], starts[q], starts[q + 1]
-        out_ind[p:stop] = indices[src:src + stop - p]
-        out_val[p:stop] = data[src:src + stop - p]
-        # the row's pointers from its copied indices while they are in the core's cache
-        bad[q] = _row_pointers(out_ind, p, stop, ptr, q, n_genes, block)
-    return ptr, out_ind, out_val, bad.any()
+        last = -1
+        for p in range(indptr[rows[q]], indptr[rows[q] + 1]):
+            j = indices[p]
+            if j < last or j < 0 or j >= n_genes:  # unsorted within the row, or out of range
+                bad[q] = True
+                break
+            last = j
+            counts[q, j // block] += 1
+    starts = np.empty((n_blocks, n), dtype=np.int64)
+    ends = np.empty((n_blocks, n), dtype=np.int64)
+    if bad.any():
+        return starts, ends, indices[:0].copy(), data[:0].copy(), True
+    base = np.zeros(n_blocks + 1, dtype=np.int64)  # where each block's values start
+    for q in range(n):
+        for b in range(n_blocks):
+            base[b + 1] += counts[q, b]
+    for b in range(n_blocks):
+        base[b + 1] += base[b]
+    for b in prange(n_blocks):  # within a block, the rows one after the other
+        at = base[b]
+        for q in range(n):
+            starts[b, q] = at
+            at += counts[q, b]
+            ends[b, q] = at
+    out_ind = np.empty(base[n_blocks], dtype=indices.dtype)
+    out_val = np.empty(base[n_blocks], dtype=data.dtype)
+    for q in prange(n):
+        src = indptr[rows[q]]
+        for b in range(n_blocks):
+            at, size = starts[b, q], counts[q, b]
+            out_ind[at:at + size] = indices[src:src + size]
+            out_val[at:at + size] = data[src:src + size]
+            src += size
+    return starts, ends, out_ind, out_val, False
+
+
+@njit(parallel=True, cache=True)
+def _row_major(starts, ends, indices, data):  # pragma: no cover - compiled
+    n_blocks, n = starts.shape
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    for i in range(n):
+        size = 0
+        for b in range(n_blocks):
+            size += ends[b, i] - starts[b, i]
+        indptr[i + 1] = indptr[i] + size
+    out_ind = np.empty(indptr[n], dtype=indices.dtype)
+    out_val = np.empty(indptr[n], dtype=data.dtype)
+    for i in prange(n):
+        at = indptr[i]
+        for b in range(n_blocks):
+            p, end = starts[b, i], ends[b, i]
+            out_ind[at:at + end - p] = indices[p:end]
+            out_val[at:at + end - p] = data[p:end]
+            at += end - p
+    return indptr, out_ind, out_val
 
 
 @njit(parallel=True, cache=True)
@@ -241,18 +287,27 @@ def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: n
     return _take_rows(indptr, indices, data, rows)
 
 
-def take_blocked_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray, n_genes: int,
-                      block: int = BLOCK_GENES):
-    """The CSR rows ``rows`` (in that order) copied with their block pointers, in one threaded pass
-    over their values: ``(ptr, indices, data)``, ``ptr`` as ``block_pointers`` gives it for the
-    copy. ValueError where a row's column indices are unsorted or outside ``[0, n_genes)``,
-    IndexError for rows out of range."""
+def take_block_major_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
+                          n_genes: int, block: int = BLOCK_GENES):
+    """The CSR rows ``rows`` (in that order) copied gene block by gene block: all the rows' values
+    of block 0, row after row, then of block 1, and so on; row ``q``'s values of block ``b`` are
+    ``starts[b, q]:ends[b, q]``. Returns ``(starts, ends, indices, data)``. Both products then read
+    each block's values as one stream (the row-major copy had the weight gradient's thread of a
+    block fetch a short piece of every row, out of cache). ValueError where a row's column indices
+    are unsorted or outside ``[0, n_genes)``, IndexError for rows out of range."""
     rows = _rows_in_range(rows, len(indptr) - 1)
     _use_torch_threads()
-    ptr, out_ind, out_val, bad = _take_blocked_rows(indptr, indices, data, rows, int(n_genes), int(block))
+    starts, ends, out_ind, out_val, bad = _take_block_major_rows(indptr, indices, data, rows, int(n_genes), int(block))
     if bad:
         raise ValueError(f"a CSR batch needs sorted column indices within [0, {n_genes}) in every row")
-    return ptr, out_ind, out_val
+    return starts, ends, out_ind, out_val
+
+
+def row_major(starts: np.ndarray, ends: np.ndarray, indices: np.ndarray, data: np.ndarray):
+    """A batch's values in row order again (``indptr``, ``indices``, ``data``), wherever its
+    blocks' pieces lie (``take_block_major_rows``'s layout or a CSR's own)."""
+    _use_torch_threads()
+    return _row_major(starts, ends, indices, data)
 
 
 def _rows_in_range(rows, n_rows: int) -> np.ndarray:
@@ -262,20 +317,22 @@ def _rows_in_range(rows, n_rows: int) -> np.ndarray:
     return rows
 
 
-def times_dense(ptr: np.ndarray, indices: np.ndarray, data: np.ndarray, weight: np.ndarray,
+def times_dense(starts: np.ndarray, ends: np.ndarray, indices: np.ndarray, data: np.ndarray, weight: np.ndarray,
                 bias: np.ndarray) -> np.ndarray:
-    """``X weight + bias`` (``cells x hid`` float32) for the CSR batch ``(ptr, indices, data)``."""
+    """``X weight + bias`` (``cells x hid`` float32) for the batch whose row ``i``'s values of gene
+    block ``b`` are ``indices/data[starts[b, i]:ends[b, i]]`` (a CSR's ``block_pointers`` ``ptr``:
+    ``ptr[:-1], ptr[1:]``; or ``take_block_major_rows``'s)."""
     _use_torch_threads()
-    return _times_dense(ptr, indices, data, weight, bias, FORWARD_ROWS)
+    return _times_dense(starts, ends, indices, data, weight, bias, FORWARD_ROWS)
 
 
-def transposed_times(ptr: np.ndarray, indices: np.ndarray, data: np.ndarray, grad: np.ndarray,
+def transposed_times(starts: np.ndarray, ends: np.ndarray, indices: np.ndarray, data: np.ndarray, grad: np.ndarray,
                      n_genes: int) -> np.ndarray:
-    """``X^T grad`` (``n_genes x hid`` float32) for the CSR batch ``(ptr, indices, data)`` whose
-    block pointers were built for ``n_genes`` genes (each block's rows of the output are one
-    thread's)."""
+    """``X^T grad`` (``n_genes x hid`` float32) for the batch ``(starts, ends, indices, data)`` (as
+    ``times_dense``'s) whose blocks were cut for ``n_genes`` genes (each block's rows of the output
+    are one thread's)."""
     _use_torch_threads()
-    return _transposed_times(ptr, indices, data, grad, int(n_genes), GRADIENT_ROWS)
+    return _transposed_times(starts, ends, indices, data, grad, int(n_genes), GRADIENT_ROWS)
 
 
 # --------------------------------------------------------------------------- K-means' cluster sums

@@ -26,6 +26,14 @@ def brute_pointers(X, block):
     return ptr
 
 
+def layouts(X, block=csr_kernels.BLOCK_GENES):
+    """``(starts, ends, indices, data)`` of a CSR in both layouts the products read: its own arrays
+    (``block_pointers``) and its rows copied block by block (``take_block_major_rows``)."""
+    ptr = csr_kernels.block_pointers(X.indptr, X.indices, X.shape[1], block)
+    return [(ptr[:-1], ptr[1:], X.indices, X.data),
+            csr_kernels.take_block_major_rows(X.indptr, X.indices, X.data, np.arange(X.shape[0]), X.shape[1], block)]
+
+
 @pytest.mark.parametrize("index_dtype", [np.int32, np.int64])
 @pytest.mark.parametrize("block", [1, 4, 7, 30, 64])
 def test_block_pointers_cut_every_row_at_each_block_start(block, index_dtype):
@@ -58,23 +66,23 @@ def test_both_products_equal_dense_float64_arithmetic(shape, density, monkeypatc
     grad = rng.standard_normal((shape[0], 6)).astype(np.float32)
     dense = X.toarray().astype(np.float64)
     for block in (8, csr_kernels.BLOCK_GENES):
-        ptr = csr_kernels.block_pointers(X.indptr, X.indices, shape[1], block)
-        out = csr_kernels.times_dense(ptr, X.indices, X.data, weight, bias)
-        assert out.dtype == np.float32 and out.shape == (shape[0], 6)
-        np.testing.assert_allclose(out, dense @ weight + bias, rtol=1e-5, atol=1e-5)
-        grad_w = csr_kernels.transposed_times(ptr, X.indices, X.data, grad, shape[1])
-        assert grad_w.dtype == np.float32 and grad_w.shape == (shape[1], 6)
-        np.testing.assert_allclose(grad_w, dense.T @ grad, rtol=1e-5, atol=1e-5)
+        for batch in layouts(X, block):  # the CSR's own arrays, and the rows copied block by block
+            out = csr_kernels.times_dense(*batch, weight, bias)
+            assert out.dtype == np.float32 and out.shape == (shape[0], 6)
+            np.testing.assert_allclose(out, dense @ weight + bias, rtol=1e-5, atol=1e-5)
+            grad_w = csr_kernels.transposed_times(*batch, grad, shape[1])
+            assert grad_w.dtype == np.float32 and grad_w.shape == (shape[1], 6)
+            np.testing.assert_allclose(grad_w, dense.T @ grad, rtol=1e-5, atol=1e-5)
 
 
 def test_nan_and_infinity_propagate_as_in_dense_arithmetic():
     X = sp.csr_matrix(np.array([[1.0, 0, 2.0], [0, np.nan, 0], [np.inf, 0, 0]], np.float32))
     weight = np.ones((3, 2), np.float32)
-    ptr = csr_kernels.block_pointers(X.indptr, X.indices, 3)
-    out = csr_kernels.times_dense(ptr, X.indices, X.data, weight, np.zeros(2, np.float32))
-    np.testing.assert_array_equal(out, [[3, 3], [np.nan, np.nan], [np.inf, np.inf]])
-    grad = csr_kernels.transposed_times(ptr, X.indices, X.data, np.ones((3, 2), np.float32), 3)
-    np.testing.assert_array_equal(grad, [[np.inf, np.inf], [np.nan, np.nan], [2, 2]])
+    for batch in layouts(X):
+        out = csr_kernels.times_dense(*batch, weight, np.zeros(2, np.float32))
+        np.testing.assert_array_equal(out, [[3, 3], [np.nan, np.nan], [np.inf, np.inf]])
+        grad = csr_kernels.transposed_times(*batch, np.ones((3, 2), np.float32), 3)
+        np.testing.assert_array_equal(grad, [[np.inf, np.inf], [np.nan, np.nan], [2, 2]])
 
 
 def test_products_do_not_depend_on_the_number_of_threads():
@@ -87,13 +95,14 @@ def test_products_do_not_depend_on_the_number_of_threads():
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            ptr = csr_kernels.block_pointers(X.indptr, X.indices, 3000)
-            outs.append((csr_kernels.times_dense(ptr, X.indices, X.data, weight, np.zeros(16, np.float32)),
-                         csr_kernels.transposed_times(ptr, X.indices, X.data, grad, 3000)))
+            for batch in layouts(X):
+                outs.append((csr_kernels.times_dense(*batch, weight, np.zeros(16, np.float32)),
+                             csr_kernels.transposed_times(*batch, grad, 3000)))
     finally:
         torch.set_num_threads(before)
-    np.testing.assert_array_equal(outs[0][0], outs[1][0])
-    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+    for other in outs[1:]:  # either thread count, either layout: the same sums in the same order
+        np.testing.assert_array_equal(other[0], outs[0][0])
+        np.testing.assert_array_equal(other[1], outs[0][1])
 
 
 def test_host_csr_sorts_unsorted_columns_and_refuses_columns_past_its_width():
@@ -132,8 +141,11 @@ def test_dropout_on_host_csr_values_is_dense_dropout_on_the_stored_values():
     batch = HostCSR(X)
     kept = np.where(np.arange(X.nnz) % 3 == 0, 0.0, X.data * 2).astype(np.float32)
     other = batch.with_values(kept)
-    assert other.indices is batch.indices and other.ptr is batch.ptr
+    assert other.indices is batch.indices and other.starts is batch.starts and other.ends is batch.ends
     np.testing.assert_array_equal(other.csr().toarray(), sp.csr_matrix((kept, X.indices, X.indptr), X.shape).toarray())
+    copied = HostCSR.of_rows(X, np.arange(30))  # the rows copied block by block: its values in its own order
+    doubled = copied.with_values(copied.data * 2)
+    np.testing.assert_array_equal(doubled.csr().toarray(), X.toarray() * 2)
     clf = Classifier(100, 4, hid=5, dropout=0.5).train()  # a HostCSR input gets no second dropout in the model
     torch.manual_seed(1)
     a = clf.network(batch)
@@ -238,29 +250,42 @@ def test_take_rows_equals_scipy_row_indexing(rows):
 
 @pytest.mark.parametrize("block", [1, 7, 30, 512])
 @pytest.mark.parametrize("rows", [[3, 1, 3, 0], [], [4], list(range(9))[::-1]])
-def test_rows_with_block_pointers_equal_the_two_pass_batch(rows, block):
+def test_rows_copied_block_by_block_hold_each_row_s_pieces_and_give_the_csr_s_products(rows, block):
     X = random_csr(9, 30, 0.3, seed=block)
     X = sp.csr_matrix(sp.diags((np.arange(9) != 4).astype(np.float32)) @ X).sorted_indices()  # row 4 empty
     rows = np.array(rows, dtype=np.int64)
-    ptr, indices, data = csr_kernels.take_blocked_rows(X.indptr, X.indices, X.data, rows, X.shape[1], block)
+    starts, ends, indices, data = csr_kernels.take_block_major_rows(X.indptr, X.indices, X.data, rows, X.shape[1],
+                                                                    block)
     want = X[rows]
-    np.testing.assert_array_equal(ptr, brute_pointers(want, block))
-    np.testing.assert_array_equal(indices, want.indices)
-    np.testing.assert_array_equal(data, want.data)
-    batch, two_pass = HostCSR.of_rows(X, rows), HostCSR(want)
-    assert batch.shape == two_pass.shape == (len(rows), 30)
-    np.testing.assert_array_equal(batch.ptr, two_pass.ptr)
+    ptr = brute_pointers(want, block)
+    assert starts.shape == ends.shape == (ptr.shape[0] - 1, len(rows)) and len(indices) == want.nnz
+    for b in range(starts.shape[0]):
+        for q in range(len(rows)):  # row q's values of block b, where the row-major copy has them
+            np.testing.assert_array_equal(indices[starts[b, q]:ends[b, q]], want.indices[ptr[b, q]:ptr[b + 1, q]])
+            np.testing.assert_array_equal(data[starts[b, q]:ends[b, q]], want.data[ptr[b, q]:ptr[b + 1, q]])
+        if len(rows):  # within a block the rows follow one another
+            np.testing.assert_array_equal(starts[b, 1:], ends[b, :-1])
+    if len(rows):
+        assert starts[0, 0] == 0 and ends[-1, -1] == want.nnz
+    batch, row_major = HostCSR.of_rows(X, rows), HostCSR(want)
+    assert batch.shape == row_major.shape == (len(rows), 30)
     np.testing.assert_array_equal(batch.csr().toarray(), want.toarray())
+    np.testing.assert_array_equal(batch.csr().indptr, want.indptr)
+    rng = np.random.default_rng(block)
+    weight, grad = rng.standard_normal((30, 5)).astype(np.float32), rng.standard_normal((len(rows), 5)).astype(np.float32)
+    bias = np.zeros(5, np.float32)
+    np.testing.assert_array_equal(batch.times(weight, bias), row_major.times(weight, bias))  # the same order
+    np.testing.assert_array_equal(batch.transposed_times(grad), row_major.transposed_times(grad))
 
 
-def test_rows_with_block_pointers_refuse_unsorted_wide_or_missing_rows_and_fall_back_for_unsorted():
+def test_rows_copied_block_by_block_refuse_unsorted_wide_or_missing_rows_and_fall_back_for_unsorted():
     indptr = np.array([0, 2, 3], np.int32)
     for indices in ([3, 1, 0], [0, 1, 5], [0, 1, -1]):  # unsorted row 0; column 5 of 5; negative column
         with pytest.raises(ValueError, match="sorted column indices"):
-            csr_kernels.take_blocked_rows(indptr, np.array(indices, np.int32), np.ones(3, np.float32),
-                                          np.array([1, 0]), 5, 2)
+            csr_kernels.take_block_major_rows(indptr, np.array(indices, np.int32), np.ones(3, np.float32),
+                                              np.array([1, 0]), 5, 2)
     with pytest.raises(IndexError, match="outside a matrix of 2 rows"):
-        csr_kernels.take_blocked_rows(indptr, np.array([0, 1, 2], np.int32), np.ones(3, np.float32), [2], 5, 2)
+        csr_kernels.take_block_major_rows(indptr, np.array([0, 1, 2], np.int32), np.ones(3, np.float32), [2], 5, 2)
     unsorted = sp.csr_matrix((np.array([1, 2, 3], np.float32), np.array([3, 1, 0], np.int32), indptr), shape=(2, 5))
     np.testing.assert_array_equal(HostCSR.of_rows(unsorted, np.array([0, 1])).csr().toarray(), unsorted.toarray())
     float64 = random_csr(6, 12, 0.4, seed=3).astype(np.float64)
