@@ -5,9 +5,12 @@
 for every stored value, from all of ``W`` (17,000 x 200 floats, 13.6 MB: out of the core's cache);
 the weight gradient through the batch's transpose needs that transpose built every step. Here
 both products walk the batch's genes in blocks of ``BLOCK_GENES`` (a block of ``W``, or of the
-gradient being summed, is 0.4 MB and stays in the core's L2 cache), from the batch's own CSR
-arrays and one table of where each row's values of each block start (``block_pointers``, one
-pass over the column indices): no transpose, no copy of the batch.
+gradient being summed, is 0.4 MB and stays in the core's L2 cache), from two tables of where
+each row's values of each block start and end: no transpose is built. The values either stay in a
+CSR's own arrays (``block_pointers``, one pass over the column indices, no copy) or are copied
+block by block (``take_block_major_rows``: a pre-training step's rows), so that a block's values
+of all the rows are one stream; the gradient's thread of a block otherwise fetches a short piece
+of every row from out of cache (a 30,500-cell step's two products 0.52 -> 0.34 s on a Zen 4).
 
 Every output row (forward) or gene block (gradient) is summed by one thread in a fixed order, so
 results do not depend on the number of threads. Only multiply-adds are fused (``contract``): NaN
