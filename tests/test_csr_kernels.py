@@ -272,7 +272,8 @@ def test_rows_copied_block_by_block_hold_each_row_s_pieces_and_give_the_csr_s_pr
     np.testing.assert_array_equal(batch.csr().toarray(), want.toarray())
     np.testing.assert_array_equal(batch.csr().indptr, want.indptr)
     rng = np.random.default_rng(block)
-    weight, grad = rng.standard_normal((30, 5)).astype(np.float32), rng.standard_normal((len(rows), 5)).astype(np.float32)
+    weight = rng.standard_normal((30, 5)).astype(np.float32)
+    grad = rng.standard_normal((len(rows), 5)).astype(np.float32)
     bias = np.zeros(5, np.float32)
     np.testing.assert_array_equal(batch.times(weight, bias), row_major.times(weight, bias))  # the same order
     np.testing.assert_array_equal(batch.transposed_times(grad), row_major.transposed_times(grad))
