@@ -152,42 +152,35 @@ def _take_rows(indptr, indices, data, rows):  # pragma: no cover - compiled
 def _take_block_major_rows(indptr, indices, data, rows, n_genes, block):  # pragma: no cover - compiled
     n = rows.size
     n_blocks = (n_genes + block - 1) // block
-    counts = np.zeros((n, n_blocks), dtype=np.int64)  # each row's values in each block
+    src = np.empty((n_blocks + 1, n), dtype=np.int64)  # where each row's values of each block start in X
     bad = np.zeros(n, dtype=np.bool_)
     for q in prange(n):
-        last = -1
-        for p in range(indptr[rows[q]], indptr[rows[q] + 1]):
-            j = indices[p]
-            if j < last or j < 0 or j >= n_genes:  # unsorted within the row, or out of range
-                bad[q] = True
-                break
-            last = j
-            counts[q, j // block] += 1
+        bad[q] = _row_pointers(indices, indptr[rows[q]], indptr[rows[q] + 1], src, q, n_genes, block)
     starts = np.empty((n_blocks, n), dtype=np.int64)
     ends = np.empty((n_blocks, n), dtype=np.int64)
     if bad.any():
         return starts, ends, indices[:0].copy(), data[:0].copy(), True
-    base = np.zeros(n_blocks + 1, dtype=np.int64)  # where each block's values start
-    for q in range(n):
-        for b in range(n_blocks):
-            base[b + 1] += counts[q, b]
+    base = np.zeros(n_blocks + 1, dtype=np.int64)  # where each block's values start in the copy
+    for b in prange(n_blocks):
+        total = 0
+        for q in range(n):
+            total += src[b + 1, q] - src[b, q]
+        base[b + 1] = total
     for b in range(n_blocks):
         base[b + 1] += base[b]
     for b in prange(n_blocks):  # within a block, the rows one after the other
         at = base[b]
         for q in range(n):
             starts[b, q] = at
-            at += counts[q, b]
+            at += src[b + 1, q] - src[b, q]
             ends[b, q] = at
     out_ind = np.empty(base[n_blocks], dtype=indices.dtype)
     out_val = np.empty(base[n_blocks], dtype=data.dtype)
     for q in prange(n):
-        src = indptr[rows[q]]
         for b in range(n_blocks):
-            at, size = starts[b, q], counts[q, b]
-            out_ind[at:at + size] = indices[src:src + size]
-            out_val[at:at + size] = data[src:src + size]
-            src += size
+            at, p, size = starts[b, q], src[b, q], src[b + 1, q] - src[b, q]
+            out_ind[at:at + size] = indices[p:p + size]
+            out_val[at:at + size] = data[p:p + size]
     return starts, ends, out_ind, out_val, False
 
 
