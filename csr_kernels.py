@@ -28,6 +28,7 @@ from numba import njit, prange
 BLOCK_GENES = 512  # genes per block: 512 x 200 float32 = 0.4 MB of W (or of its gradient) in L2
 FORWARD_ROWS = 128  # cells a thread takes through all gene blocks at a time (their outputs stay cached)
 GRADIENT_ROWS = 2048  # cells whose gradient rows every block's thread reads before the next cells
+ROW_BLOCKS_CHUNK = 4096  # rows a thread scans at a time when building a matrix's row_blocks table
 
 
 @njit(parallel=True, cache=True)
@@ -185,6 +186,64 @@ def _take_block_major_rows(indptr, indices, data, rows, n_genes, block):  # prag
 
 
 @njit(parallel=True, cache=True)
+def _row_blocks(indptr, indices, n_genes, block, table):  # pragma: no cover - compiled
+    n, n_blocks = table.shape
+    bad = np.zeros(n, dtype=np.bool_)
+    for c in prange((n + ROW_BLOCKS_CHUNK - 1) // ROW_BLOCKS_CHUNK):
+        lo, hi = c * ROW_BLOCKS_CHUNK, min(n, (c + 1) * ROW_BLOCKS_CHUNK)
+        ptr = np.empty((n_blocks + 1, hi - lo), dtype=np.int64)
+        for i in range(lo, hi):
+            bad[i] = _row_pointers(indices, indptr[i], indptr[i + 1], ptr, i - lo, n_genes, block)
+            for b in range(n_blocks):
+                table[i, b] = ptr[b + 1, i - lo] - indptr[i]
+    return bad.any()
+
+
+@njit(parallel=True, cache=True)
+def _take_tabled_rows(indptr, indices, data, rows, table):  # pragma: no cover - compiled
+    n = rows.size
+    n_blocks = table.shape[1]
+    size = np.empty((n_blocks, n), dtype=np.int64)  # each row's values in each block, from its table row
+    bad = np.zeros(n, dtype=np.bool_)
+    for q in prange(n):
+        before = 0
+        for b in range(n_blocks):
+            upto = np.int64(table[rows[q], b])
+            size[b, q] = upto - before
+            bad[q] |= upto < before
+            before = upto
+        bad[q] |= before != indptr[rows[q] + 1] - indptr[rows[q]]  # the table's row is not this matrix's
+    starts = np.empty((n_blocks, n), dtype=np.int64)
+    ends = np.empty((n_blocks, n), dtype=np.int64)
+    if bad.any():
+        return starts, ends, indices[:0].copy(), data[:0].copy(), True
+    base = np.zeros(n_blocks + 1, dtype=np.int64)
+    for b in prange(n_blocks):
+        total = 0
+        for q in range(n):
+            total += size[b, q]
+        base[b + 1] = total
+    for b in range(n_blocks):
+        base[b + 1] += base[b]
+    for b in prange(n_blocks):
+        at = base[b]
+        for q in range(n):
+            starts[b, q] = at
+            at += size[b, q]
+            ends[b, q] = at
+    out_ind = np.empty(base[n_blocks], dtype=indices.dtype)
+    out_val = np.empty(base[n_blocks], dtype=data.dtype)
+    for q in prange(n):
+        p = indptr[rows[q]]
+        for b in range(n_blocks):
+            at, m = starts[b, q], size[b, q]
+            out_ind[at:at + m] = indices[p:p + m]
+            out_val[at:at + m] = data[p:p + m]
+            p += m
+    return starts, ends, out_ind, out_val, False
+
+
+@njit(parallel=True, cache=True)
 def _row_major(starts, ends, indices, data):  # pragma: no cover - compiled
     n_blocks, n = starts.shape
     indptr = np.zeros(n + 1, dtype=np.int64)
@@ -283,16 +342,44 @@ def take_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: n
     return _take_rows(indptr, indices, data, rows)
 
 
+def row_blocks(indptr: np.ndarray, indices: np.ndarray, n_genes: int, block: int = BLOCK_GENES) -> np.ndarray:
+    """``rows x blocks``: how many of each CSR row's values lie in gene blocks ``0..b`` (row ``i``'s
+    values of block ``b`` are ``indptr[i] + table[i, b - 1]`` up to ``indptr[i] + table[i, b]``),
+    uint16 where every row fits (2 bytes a row and block), uint32 otherwise. Built once for a matrix
+    whose steps take many row copies, it spares each ``take_block_major_rows`` the scan of its rows'
+    column indices. ValueError where a row's column indices are unsorted or outside ``[0, n_genes)``."""
+    indptr = np.asarray(indptr, dtype=np.int64)
+    n_blocks = (int(n_genes) + block - 1) // block
+    widest = int(np.diff(indptr).max()) if len(indptr) > 1 else 0
+    table = np.empty((len(indptr) - 1, n_blocks), dtype=np.uint16 if widest <= np.iinfo(np.uint16).max else np.uint32)
+    _use_torch_threads()
+    if _row_blocks(indptr, indices, int(n_genes), int(block), table):
+        raise ValueError(f"a CSR matrix needs sorted column indices within [0, {n_genes}) in every row")
+    return table
+
+
 def take_block_major_rows(indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, rows: np.ndarray,
-                          n_genes: int, block: int = BLOCK_GENES):
+                          n_genes: int, block: int = BLOCK_GENES, table: np.ndarray | None = None):
     """The CSR rows ``rows`` (in that order) copied gene block by gene block: all the rows' values
     of block 0, row after row, then of block 1, and so on; row ``q``'s values of block ``b`` are
     ``starts[b, q]:ends[b, q]``. Returns ``(starts, ends, indices, data)``. Both products then read
     each block's values as one stream (the row-major copy had the weight gradient's thread of a
-    block fetch a short piece of every row, out of cache). ValueError where a row's column indices
-    are unsorted or outside ``[0, n_genes)``, IndexError for rows out of range."""
+    block fetch a short piece of every row, out of cache). ``table``: the matrix's ``row_blocks``
+    for these ``n_genes`` and ``block``, when built (the copy is then one pass; a table of another
+    matrix is refused where its rows' totals differ). ValueError where a row's column indices are
+    unsorted or outside ``[0, n_genes)``, or the table is not the matrix's; IndexError for rows out
+    of range."""
     rows = _rows_in_range(rows, len(indptr) - 1)
     _use_torch_threads()
+    if table is not None:
+        n_blocks = (int(n_genes) + block - 1) // block
+        if table.shape != (len(indptr) - 1, n_blocks) or table.dtype not in (np.uint16, np.uint32):
+            raise ValueError(f"a row_blocks table of {len(indptr) - 1} rows x {n_blocks} blocks (uint16 or uint32) "
+                             f"was expected, not {table.shape} {table.dtype}")
+        starts, ends, out_ind, out_val, bad = _take_tabled_rows(indptr, indices, data, rows, table)
+        if bad:
+            raise ValueError("the row_blocks table does not count these rows' values: it is another matrix's")
+        return starts, ends, out_ind, out_val
     starts, ends, out_ind, out_val, bad = _take_block_major_rows(indptr, indices, data, rows, int(n_genes), int(block))
     if bad:
         raise ValueError(f"a CSR batch needs sorted column indices within [0, {n_genes}) in every row")

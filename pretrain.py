@@ -18,6 +18,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,8 @@ from errors import CheckpointError
 from features import features as feature_matrix
 from model import ModelConfig, PretrainModel, make_adam, offset_targets, represent
 from settings import PretrainSettings, ReadSettings, identity
-from sparse import CSRStack, DeviceCSR, HostCSR, SparseBatch, device_sparse_batch, row_block, sparse_products, take_rows, to_device
+from sparse import (CSRStack, DeviceCSR, HostCSR, SparseBatch, device_sparse_batch, row_block, row_blocks, sparse_products,
+                    take_rows, to_device)
 
 log = logging.getLogger("scpretrain.pretrain")
 
@@ -68,6 +70,18 @@ class Collection:
         views = [row_block(stacked, offsets[i], offsets[i + 1]) for i in range(len(offsets) - 1)]
         return cls(list(names), list(digests), views, raw, np.asarray(gene_universe, dtype=object), stacked, offsets,
                    fed)
+
+    @cached_property
+    def row_blocks(self) -> np.ndarray | None:
+        """``stacked``'s ``sparse.row_blocks`` table (2 bytes a cell and gene block), built on a CPU
+        step's first use: each step's copy of its cells then skips the scan of their column indices.
+        None where ``stacked`` cannot have one (its steps then scan their rows)."""
+        t0 = time.perf_counter()
+        table = row_blocks(self.stacked)
+        if table is not None:
+            log.debug("row_blocks of the collection: %d x %d, %.0f MiB, %.1fs", *table.shape, table.nbytes / 2**20,
+                      time.perf_counter() - t0)
+        return table
 
     def rows_of(self, datasets: list[int], rows: list[np.ndarray]) -> np.ndarray:
         """Rows of ``stacked`` for the given rows of the given datasets, dataset after dataset."""
@@ -210,7 +224,7 @@ def prepare_step(coll: Collection, targets, rows_per_dataset, sparse: bool, devi
     if source is not None:
         return HostStep(used, None, ys, denominators, source.sparse(rows) if sparse else source.dense(rows))
     if sparse and device.type == "cpu":
-        return HostStep(used, HostCSR.of_rows(coll.stacked, rows), ys, denominators)
+        return HostStep(used, HostCSR.of_rows(coll.stacked, rows, coll.row_blocks), ys, denominators)
     X = take_rows(coll.stacked, rows)
     if not sparse:
         return HostStep(used, X, ys, denominators)

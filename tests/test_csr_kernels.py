@@ -267,6 +267,12 @@ def test_rows_copied_block_by_block_hold_each_row_s_pieces_and_give_the_csr_s_pr
             np.testing.assert_array_equal(starts[b, 1:], ends[b, :-1])
     if len(rows):
         assert starts[0, 0] == 0 and ends[-1, -1] == want.nnz
+    table = csr_kernels.row_blocks(X.indptr, X.indices, X.shape[1], block)
+    tabled = csr_kernels.take_block_major_rows(X.indptr, X.indices, X.data, rows, X.shape[1], block, table=table)
+    for got, expected in zip(tabled, (starts, ends, indices, data)):  # one pass from the table: the same copy
+        np.testing.assert_array_equal(got, expected)
+    if block == csr_kernels.BLOCK_GENES:
+        np.testing.assert_array_equal(HostCSR.of_rows(X, rows, sparse.row_blocks(X)).data, HostCSR.of_rows(X, rows).data)
     batch, row_major = HostCSR.of_rows(X, rows), HostCSR(want)
     assert batch.shape == row_major.shape == (len(rows), 30)
     np.testing.assert_array_equal(batch.csr().toarray(), want.toarray())
@@ -293,6 +299,55 @@ def test_rows_copied_block_by_block_refuse_unsorted_wide_or_missing_rows_and_fal
     batch = HostCSR.of_rows(float64, np.array([5, 2]))
     assert batch.data.dtype == np.float32
     np.testing.assert_array_equal(batch.csr().toarray(), float64[[5, 2]].toarray().astype(np.float32))
+
+
+@pytest.mark.parametrize("block", [1, 7, 30, 512])
+def test_row_blocks_counts_each_row_s_values_up_to_each_block(block):
+    X = random_csr(9, 30, 0.3, seed=block, index_dtype=np.int64)
+    X = sp.csr_matrix(sp.diags((np.arange(9) != 4).astype(np.float32)) @ X).sorted_indices()  # row 4 empty
+    table = csr_kernels.row_blocks(X.indptr, X.indices, X.shape[1], block)
+    ptr = brute_pointers(X, block)
+    assert table.dtype == np.uint16 and table.shape == (9, ptr.shape[0] - 1)
+    np.testing.assert_array_equal(table.T.astype(np.int64), ptr[1:] - X.indptr[:-1])
+    assert sparse.row_blocks(X.astype(np.float64)) is None  # batches of such a matrix are converted first
+
+
+def test_row_blocks_widens_its_counts_for_a_row_of_more_than_65535_values():
+    genes = 70_000
+    X = sp.csr_matrix(np.ones((2, genes), np.float32))
+    table = csr_kernels.row_blocks(X.indptr, X.indices, genes, 512)
+    assert table.dtype == np.uint32 and int(table[1, -1]) == genes
+    got = csr_kernels.take_block_major_rows(X.indptr, X.indices, X.data, np.array([1]), genes, 512, table=table)
+    np.testing.assert_array_equal(got[2], np.arange(genes))
+
+
+def test_row_blocks_and_the_copy_from_it_refuse_what_is_not_the_matrix_s():
+    indptr = np.array([0, 2, 3], np.int32)
+    for indices in ([3, 1, 0], [0, 1, 5], [0, 1, -1]):  # unsorted row 0; column 5 of 5; negative column
+        with pytest.raises(ValueError, match="sorted column indices"):
+            csr_kernels.row_blocks(indptr, np.array(indices, np.int32), 5, 2)
+        wide = sp.csr_matrix((np.ones(3, np.float32), np.array(indices, np.int32), indptr), shape=(2, 6))
+        assert (sparse.row_blocks(wide) is None) == (indices != [0, 1, 5])  # column 5 is within 6 columns
+    X = random_csr(6, 12, 0.4, seed=3)
+    table = csr_kernels.row_blocks(X.indptr, X.indices, 12, 4)
+    take = lambda t: csr_kernels.take_block_major_rows(X.indptr, X.indices, X.data, np.array([5, 2]), 12, 4, table=t)
+    for wrong in (table[:5], table[:, :2], table.astype(np.int64)):  # another matrix's shape, or a signed table
+        with pytest.raises(ValueError, match="row_blocks table of 6 rows x 3 blocks"):
+            take(wrong)
+    other = table.copy()
+    other[2, -1] += 1  # row 2's total is not the matrix's
+    with pytest.raises(ValueError, match="another matrix's"):
+        take(other)
+    with pytest.raises(ValueError, match="row_blocks table of 6 rows x 1 blocks"):  # cut for other blocks
+        HostCSR.of_rows(X, np.array([2]), table)
+    other = sparse.row_blocks(X)
+    other[2, -1] -= 1
+    with pytest.raises(ValueError, match="another matrix's"):  # a batch never falls back past a wrong table
+        HostCSR.of_rows(X, np.array([2]), other)
+    decreasing = table.copy()
+    decreasing[5, 0] = decreasing[5, 1] + 1  # counts that fall: no row's table
+    with pytest.raises(ValueError, match="another matrix's"):
+        take(decreasing)
 
 
 def test_take_rows_refuses_rows_outside_the_matrix():

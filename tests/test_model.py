@@ -105,6 +105,14 @@ def test_a_step_gathers_each_datasets_rows_in_order():
     assert isinstance(host.X, HostCSR)
     np.testing.assert_array_equal(host.X.csr().toarray(), want)
     np.testing.assert_array_equal(host.targets[1], targets[2][rows[2]])
+    assert coll.row_blocks is coll.row_blocks and coll.row_blocks.shape == (17, 1)  # built once, for every step
+    unsorted = coll.stacked.copy()
+    unsorted.indices[unsorted.indptr[1]:unsorted.indptr[2]] = unsorted.indices[unsorted.indptr[1]:unsorted.indptr[2]][::-1]
+    coll = pretrain.Collection.of_stacked(["a", "b", "c"], ["d1", "d2", "d3"], unsorted, coll.offsets, [None] * 3,
+                                          coll.gene_universe)
+    host = pretrain.prepare_step(coll, targets, rows, sparse=True, device=torch.device("cpu"))
+    assert coll.row_blocks is None  # no table for an unsorted collection: its steps sort their own rows
+    np.testing.assert_array_equal(host.X.csr().toarray(), want)
 
 
 def test_sparse_batch_gives_the_dense_encoder_output_and_gradients():
