@@ -576,9 +576,10 @@ def test_ctrl_c_inside_a_compiled_kernel_is_one_line_and_130(world, tmp_path, mo
         try:
             raise KeyboardInterrupt
         except KeyboardInterrupt as exc:
-            raise SystemError("<built-in function _take_block_major_rows> returned a result with an exception set") from exc
+            raise SystemError("<built-in function _take_tabled_rows> returned a result with an exception set") from exc
 
-    monkeypatch.setattr(csr_kernels, "_take_block_major_rows", interrupted)  # a step's gather, in the epoch
+    for name in ("_take_tabled_rows", "_take_block_major_rows"):  # a step's gather, with its table or without
+        monkeypatch.setattr(csr_kernels, name, interrupted)
     code, err = run_cli("main", ["--is_pretrain", "--datasets", *world["sets"], "--save_model", tmp_path / "p.pt",
                                  "--pt_epoch", "1", "--log_level", "WARNING"])
     assert code == 130 and "Traceback" not in err and "SystemError" not in err
