@@ -157,10 +157,18 @@ def _take_block_major_rows(indptr, indices, data, rows, n_genes, block):  # prag
     bad = np.zeros(n, dtype=np.bool_)
     for q in prange(n):
         bad[q] = _row_pointers(indices, indptr[rows[q]], indptr[rows[q] + 1], src, q, n_genes, block)
+    if bad.any():
+        return src[:-1], src[1:], indices[:0].copy(), data[:0].copy(), True
+    starts, ends, out_ind, out_val = _block_major_copy(indices, data, src)
+    return starts, ends, out_ind, out_val, False
+
+
+@njit(parallel=True, cache=True)
+def _block_major_copy(indices, data, src):  # pragma: no cover - compiled
+    """The rows whose values of block ``b`` are ``src[b, q]:src[b + 1, q]`` copied block by block."""
+    n_blocks, n = src.shape[0] - 1, src.shape[1]
     starts = np.empty((n_blocks, n), dtype=np.int64)
     ends = np.empty((n_blocks, n), dtype=np.int64)
-    if bad.any():
-        return starts, ends, indices[:0].copy(), data[:0].copy(), True
     base = np.zeros(n_blocks + 1, dtype=np.int64)  # where each block's values start in the copy
     for b in prange(n_blocks):
         total = 0
@@ -182,7 +190,7 @@ def _take_block_major_rows(indptr, indices, data, rows, n_genes, block):  # prag
             at, p, size = starts[b, q], src[b, q], src[b + 1, q] - src[b, q]
             out_ind[at:at + size] = indices[p:p + size]
             out_val[at:at + size] = data[p:p + size]
-    return starts, ends, out_ind, out_val, False
+    return starts, ends, out_ind, out_val
 
 
 @njit(parallel=True, cache=True)
@@ -203,43 +211,18 @@ def _row_blocks(indptr, indices, n_genes, block, table):  # pragma: no cover - c
 def _take_tabled_rows(indptr, indices, data, rows, table):  # pragma: no cover - compiled
     n = rows.size
     n_blocks = table.shape[1]
-    size = np.empty((n_blocks, n), dtype=np.int64)  # each row's values in each block, from its table row
+    src = np.empty((n_blocks + 1, n), dtype=np.int64)  # each row's block starts in X, from its table row
     bad = np.zeros(n, dtype=np.bool_)
     for q in prange(n):
-        before = 0
+        first = indptr[rows[q]]
+        src[0, q] = first
         for b in range(n_blocks):
-            upto = np.int64(table[rows[q], b])
-            size[b, q] = upto - before
-            bad[q] |= upto < before
-            before = upto
-        bad[q] |= before != indptr[rows[q] + 1] - indptr[rows[q]]  # the table's row is not this matrix's
-    starts = np.empty((n_blocks, n), dtype=np.int64)
-    ends = np.empty((n_blocks, n), dtype=np.int64)
+            src[b + 1, q] = first + np.int64(table[rows[q], b])
+            bad[q] |= src[b + 1, q] < src[b, q]
+        bad[q] |= src[n_blocks, q] != indptr[rows[q] + 1]  # the table's row is not this matrix's
     if bad.any():
-        return starts, ends, indices[:0].copy(), data[:0].copy(), True
-    base = np.zeros(n_blocks + 1, dtype=np.int64)
-    for b in prange(n_blocks):
-        total = 0
-        for q in range(n):
-            total += size[b, q]
-        base[b + 1] = total
-    for b in range(n_blocks):
-        base[b + 1] += base[b]
-    for b in prange(n_blocks):
-        at = base[b]
-        for q in range(n):
-            starts[b, q] = at
-            at += size[b, q]
-            ends[b, q] = at
-    out_ind = np.empty(base[n_blocks], dtype=indices.dtype)
-    out_val = np.empty(base[n_blocks], dtype=data.dtype)
-    for q in prange(n):
-        p = indptr[rows[q]]
-        for b in range(n_blocks):
-            at, m = starts[b, q], size[b, q]
-            out_ind[at:at + m] = indices[p:p + m]
-            out_val[at:at + m] = data[p:p + m]
-            p += m
+        return src[:-1], src[1:], indices[:0].copy(), data[:0].copy(), True
+    starts, ends, out_ind, out_val = _block_major_copy(indices, data, src)
     return starts, ends, out_ind, out_val, False
 
 
