@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -38,6 +41,9 @@ DEMO_DATASETS = ("pbmc68k_reduced", "oligodendroglioma", "pbmc3k", "celltypist_s
 # label spellings read as "no label" (compared lower-case, after stripping blanks)
 MISSING_LABELS = ("", "na", "nan", "none", "unknown")
 NUMPY_FILES = ("feature.npy", "label.npy", "gene_list.npy")
+# datasets read (or hashed, or aligned) at a time: h5py's reads take turns, but numpy's passes over
+# one dataset's values (checks, conversions, digests) release the GIL and overlap another's read
+MAX_THREADS = 4
 
 
 @dataclass
@@ -68,6 +74,44 @@ class CellData:
         return self.labels is not None
 
 
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
+
+
+def default_threads() -> int:
+    """Threads of the datasets' reading: this process's cores, at most ``MAX_THREADS``."""
+    return max(1, min(MAX_THREADS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
+def map_in_order(fn: Callable[[_In], _Out], items: Iterable[_In], threads: int | None = None) -> Iterator[_Out]:
+    """``fn`` of each item, yielded in the items' order, at most ``threads`` items in hand at a
+    time (``items`` is consumed lazily: an item is taken only when a thread is free for it). An
+    exception of ``fn`` is raised at its item, and the items not yet started are never started."""
+    threads = default_threads() if threads is None else max(1, int(threads))
+    if threads == 1:
+        yield from map(fn, items)
+        return
+    source = iter(items)
+    with ThreadPoolExecutor(threads, thread_name_prefix="datasets") as pool:
+        pending = deque(pool.submit(fn, item) for _, item in zip(range(threads), source))
+        try:
+            while pending:
+                done = pending.popleft().result()
+                for item in source:  # one more in hand for the one taken
+                    pending.append(pool.submit(fn, item))
+                    break
+                yield done
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def dataset_digests(datasets: Sequence[CellData], threads: int | None = None) -> list[str]:
+    """:func:`dataset_digest` of each dataset (several at a time: hashing releases the GIL)."""
+    return list(map_in_order(dataset_digest, datasets, threads))
+
+
 def dataset_digest(d: CellData) -> str:
     """What a dataset is, as 16 hex digits: its values (the CSR arrays), genes, labels, species and
     what its values are. Result rows and resume checks carry it, so that a changed file is never
@@ -75,13 +119,31 @@ def dataset_digest(d: CellData) -> str:
     h = hashlib.blake2b(digest_size=8)
     X = d.X
     h.update(repr((X.shape, d.values, d.species)).encode())
-    for array in (X.indptr.astype(np.int64, copy=False), X.indices.astype(np.int64, copy=False),
-                  X.data.astype(np.float32, copy=False)):
-        h.update(np.ascontiguousarray(array).data)
+    for array, dtype in ((X.indptr, np.int64), (X.indices, np.int64), (X.data, np.float32)):
+        _hash_as(h, array, dtype)
     h.update("\n".join(map(str, d.genes)).encode())
     if d.labels is not None:
         h.update("\n".join(map(str, d.labels)).encode())
     return h.hexdigest()
+
+
+# values converted at a time for a digest: a small buffer reused, no converted copy of the whole array
+# (allocating one took page faults that serialised the threads hashing several datasets)
+DIGEST_CHUNK = 1 << 18
+
+
+def _hash_as(h, array: np.ndarray, dtype) -> None:
+    """Feed ``h`` the bytes of ``array`` as ``dtype`` (the same bytes as one converted copy)."""
+    array = np.ascontiguousarray(array).ravel()
+    if array.dtype == dtype:
+        h.update(array.data)
+        return
+    buffer = np.empty(min(DIGEST_CHUNK, array.size), dtype=dtype)
+    for start in range(0, array.size, DIGEST_CHUNK):
+        part = array[start:start + DIGEST_CHUNK]
+        out = buffer[:part.size]
+        out[:] = part
+        h.update(out.data)
 
 
 # --------------------------------------------------------------------------- Cell BLAST .h5
@@ -429,18 +491,22 @@ def load_collection(names: Sequence[str] | None = None, settings: ReadSettings |
 
 
 def load_entries(entries: Sequence[DatasetEntry], settings: ReadSettings | None = None,
-                 orthologs: dict[str, str] | None = None) -> list[CellData]:
-    """Read these datasets (:func:`dataset_entries`), genes mapped."""
+                 orthologs: dict[str, str] | None = None, threads: int | None = None) -> list[CellData]:
+    """Read these datasets (:func:`dataset_entries`), genes mapped, ``threads`` files at a time
+    (None: :func:`default_threads`); the first that fails stops the reading, named in its error."""
     settings = settings or ReadSettings()
     orthologs = gn.load_ortholog_table() if orthologs is None else orthologs
+
+    def read(entry: DatasetEntry) -> CellData:
+        return gn.map_dataset_genes(read_any(entry.path, settings.label_key, species=entry.species, name=entry.name,
+                                             **settings.reader_options()), orthologs)
+
     out = []
-    for entry in entries:
-        data = read_any(entry.path, settings.label_key, species=entry.species, name=entry.name,
-                        **settings.reader_options())
-        out.append(gn.map_dataset_genes(data, orthologs))
+    for data in map_in_order(read, entries, threads):
         log.info("%s: %d cells x %d genes, %s, %s", data.name, data.n_cells, data.n_genes, data.species,
                  f"{len(np.unique(data.labels[data.labels != '']))} labelled types" if data.is_labelled
                  else "unlabelled")
+        out.append(data)
     return out
 
 

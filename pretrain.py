@@ -96,18 +96,24 @@ def build_collection(datasets: list[data.CellData], gene_universe=None, keep_raw
     universe = genes.build_gene_universe(datasets) if gene_universe is None else np.asarray(gene_universe, dtype=object)
     log.info("gene universe: %d genes", len(universe))
     fed = collection_feeding([(d.name, d.values) for d in datasets], normalize)
-    digests = list(digests) if digests is not None else [data.dataset_digest(d) for d in datasets]
+    digests = list(digests) if digests is not None else data.dataset_digests(datasets, torch.get_num_threads())
     names, raw = [], []
     # aligning keeps or sums a dataset's values, never adds any: their total bounds the collection's
     stack = CSRStack(len(universe), sum(d.X.nnz for d in datasets))
-    while datasets:
-        d = datasets.pop(0)
+
+    def taken():  # each dataset let go of as its aligned copy is made (a thread's at a time)
+        while datasets:
+            yield datasets.pop(0)
+
+    def aligned_features(d: data.CellData):
         aligned = genes.align_to_universe(d, universe)
-        names.append(d.name)
-        del d
-        stack.append(feature_matrix(aligned, normalize))
-        raw.append(aligned.X if keep_raw else None)
-        del aligned
+        return d.name, feature_matrix(aligned, normalize), aligned.X if keep_raw else None
+
+    for name, features_of_d, raw_of_d in data.map_in_order(aligned_features, taken(), torch.get_num_threads()):
+        names.append(name)
+        stack.append(features_of_d)
+        raw.append(raw_of_d)
+        del features_of_d, raw_of_d
     return Collection.of_stacked(names, digests, *stack.finish(), raw, universe, fed)
 
 
@@ -381,8 +387,9 @@ def whole_collection(datasets: list[data.CellData], own: list[int], plan: shards
                      normalize: str) -> Whole:
     """Every rank's datasets' names, digests, cell counts and genes, told to every rank; the gene
     universe from all of them (phase 2: the phase-1 encoder's); one kind of values for all."""
-    facts = [(g, d.name, data.dataset_digest(d), d.n_cells, d.species, list(d.genes), d.values)
-             for g, d in zip(own, datasets)]
+    digests = data.dataset_digests(datasets, torch.get_num_threads())
+    facts = [(g, d.name, digest, d.n_cells, d.species, list(d.genes), d.values)
+             for g, d, digest in zip(own, datasets, digests)]
     every = sorted(f for part in shards.gather_to_all(facts) for f in part)
     if start.gene_universe is not None:
         universe = np.asarray(start.gene_universe, dtype=object)
@@ -472,7 +479,7 @@ def run_pretraining(entries: list[data.DatasetEntry], settings: PretrainSettings
     plan = shards.plan_shards([shards.dataset_cost(e.path) for e in entries], world)
     own = plan.mine(rank)
     start = phase_start(settings, pretrained_model)
-    datasets = data.load_entries([entries[g] for g in own], read)
+    datasets = data.load_entries([entries[g] for g in own], read, threads=torch.get_num_threads())
     return pretrain_datasets(datasets, own, plan, start, settings, Path(save_path), device, read, resume, config)
 
 

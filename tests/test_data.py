@@ -1008,3 +1008,80 @@ def test_h5ad_without_the_label_column_is_pretraining_data_in_a_collection(tmp_p
     assert not d.is_labelled and d.n_cells == 20
     with pytest.raises(DataError, match="no label column 'cell_ontology_class' in obs; available columns: \\['other'\\]"):
         data.read_any(tmp_path / "u.h5ad", strict_label_key=True)
+
+
+# --------------------------------------------------------------------------- datasets read several at a time
+
+
+def test_map_in_order_keeps_the_order_and_takes_items_lazily():
+    import threading
+    import time
+
+    taken, lock = [], threading.Lock()
+
+    def items():
+        for i in range(12):
+            with lock:
+                taken.append(i)
+            yield i
+
+    def slow_square(i):
+        time.sleep(0.01 * (5 - i % 5))  # later items finish first
+        return i * i
+
+    out = data.map_in_order(slow_square, items(), threads=3)
+    assert next(out) == 0
+    assert len(taken) <= 4  # three in hand, one more taken as the first is handed out
+    assert [0] + list(out) == [i * i for i in range(12)]
+
+
+def test_map_in_order_raises_at_the_failing_item_and_starts_no_more():
+    started = []
+
+    def work(i):
+        started.append(i)
+        if i == 2:
+            raise DataError(f"dataset {i} is broken")
+        return i
+
+    with pytest.raises(DataError, match="dataset 2"):
+        list(data.map_in_order(work, range(50), threads=2))
+    assert max(started) <= 4  # the reading stopped near the failure, not at the end of the list
+
+
+def test_load_entries_in_threads_equals_one_at_a_time(tmp_path):
+    from helpers import toy_collection
+
+    paths = toy_collection(tmp_path)
+    entries = data.dataset_entries(paths)
+    one = data.load_entries(entries, threads=1)
+    several = data.load_entries(entries, threads=3)
+    assert [d.name for d in several] == [d.name for d in one] == ["alpha", "beta", "gamma"]
+    for a, b in zip(one, several):
+        assert (a.X != b.X).nnz == 0 and list(a.genes) == list(b.genes)
+    assert data.dataset_digests(several, threads=3) == [data.dataset_digest(d) for d in one]
+
+
+def test_dataset_digest_hashes_the_values_as_one_converted_copy(monkeypatch, toy):
+    import hashlib
+
+    d = make_cell_data(sp.csr_matrix(toy[0]), toy[1])
+    X = d.X
+    h = hashlib.blake2b(digest_size=8)  # the digest as its definition says, from whole converted copies
+    h.update(repr((X.shape, d.values, d.species)).encode())
+    for array in (X.indptr.astype(np.int64), X.indices.astype(np.int64), X.data.astype(np.float32)):
+        h.update(array.tobytes())
+    h.update("\n".join(map(str, d.genes)).encode())
+    if d.labels is not None:
+        h.update("\n".join(map(str, d.labels)).encode())
+    monkeypatch.setattr(data, "DIGEST_CHUNK", 7)  # many chunks, the last one short
+    assert data.dataset_digest(d) == h.hexdigest()
+
+
+def test_value_kind_of_float32_counts_and_log_values_in_any_dtype():
+    X, _ = __import__("helpers").toy_counts(200, 40)
+    for dtype in (np.float32, np.float64, np.int32):
+        assert values.value_kind(sp.csr_matrix(X.astype(dtype)))[0] == values.RAW_VALUES
+    logged = sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * 1e4))
+    for dtype in (np.float32, np.float64):
+        assert values.value_kind(logged.astype(dtype))[0] == values.LOG1P_VALUES
