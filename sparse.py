@@ -310,25 +310,10 @@ WIDE_COLUMNS = 64
 WIDE_BLOCK = 256
 
 
-# the kernel's column blocks are padded with zero columns to a multiple of this many: its inner loop
-# then has no remainder (179 columns took as long as 192, about 1.2x the time a column)
-WIDE_PAD = 16
-
-
 class WideRight(NamedTuple):
-    """A dense (genes x m) right-hand side as contiguous numpy column blocks (``csr_kernels``' form),
-    each padded with zero columns to a multiple of ``WIDE_PAD``; ``widths``: each block's own columns."""
+    """A dense (genes x m) right-hand side as contiguous numpy column blocks (``csr_kernels``' form)."""
     blocks: list[np.ndarray]
     width: int
-    widths: list[int]
-
-
-def _padded_columns(block: np.ndarray) -> np.ndarray:
-    """A contiguous float32 copy of ``block`` with zero columns up to a multiple of ``WIDE_PAD``."""
-    width = -(-block.shape[1] // WIDE_PAD) * WIDE_PAD
-    out = np.zeros((block.shape[0], width), dtype=np.float32)
-    out[:, :block.shape[1]] = block
-    return out
 
 
 class GeneBlockedCSR:
@@ -385,9 +370,8 @@ class GeneBlockedCSR:
             n_blocks = -(-m // WIDE_BLOCK)
             step = -(-m // (16 * n_blocks)) * 16  # even blocks of whole vectors: 402 columns as 208 + 194
             host = right.detach().cpu().numpy()
-            widths = [min(step, m - c) for c in range(0, m, step)]
-            blocks = [_padded_columns(host[:, c:c + w]) for c, w in zip(range(0, m, step), widths)]
-            return WideRight(blocks, m, widths)
+            return WideRight([np.ascontiguousarray(host[:, c:c + step], dtype=np.float32)
+                              for c in range(0, m, step)], m)
         edges = list(range(0, right.shape[0], GENE_BLOCK)) + [right.shape[0]]
         return [[right[a:b, c:c + CENTROID_BLOCK].contiguous() for a, b in zip(edges[:-1], edges[1:])]
                 for c in range(0, right.shape[1], CENTROID_BLOCK)]
@@ -410,16 +394,16 @@ class GeneBlockedCSR:
         indptr, indices, data = self._arrays
         if self._ptr is None:
             self._ptr = csr_kernels.block_pointers(indptr, indices, self.shape[1])
-        if len(right.blocks) == 1 and right.widths[0] == right.blocks[0].shape[1]:
+        if len(right.blocks) == 1:
             block = right.blocks[0]
             return torch.from_numpy(csr_kernels.times_dense(self._ptr[:-1], self._ptr[1:], indices, data, block,
                                                             np.zeros(block.shape[1], dtype=np.float32)))
         out = np.empty((self.shape[0], right.width), dtype=np.float32)
         at = 0
-        for block, width in zip(right.blocks, right.widths):
-            product = csr_kernels.times_dense(self._ptr[:-1], self._ptr[1:], indices, data, block,
-                                              np.zeros(block.shape[1], dtype=np.float32))
-            out[:, at:at + width] = product[:, :width]  # the padding's columns dropped
+        for block in right.blocks:
+            width = block.shape[1]
+            out[:, at:at + width] = csr_kernels.times_dense(self._ptr[:-1], self._ptr[1:], indices, data, block,
+                                                            np.zeros(width, dtype=np.float32))
             at += width
         return torch.from_numpy(out)
 

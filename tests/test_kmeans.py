@@ -230,23 +230,6 @@ def test_gene_blocked_product_equals_the_plain_one():
     np.testing.assert_array_equal(block.to_dense().numpy(), X.toarray())
 
 
-def test_padded_column_blocks_give_the_unpadded_product_bit_for_bit(monkeypatch):
-    """The zero columns that pad each block to a multiple of WIDE_PAD change no kept column."""
-    X = sp.random(90, sparse.GENE_BLOCK + 300, density=0.05, format="csr", dtype=np.float32, random_state=4)
-    X.sort_indices()
-    block = sparse.GeneBlockedCSR(X.indptr, X.indices, X.data, X.shape[1])
-    pad = sparse.WIDE_PAD
-    for width in (sparse.WIDE_COLUMNS + 3, sparse.WIDE_BLOCK + 51, 3 * sparse.WIDE_BLOCK + 1):
-        right = torch.randn(X.shape[1], width, dtype=torch.float32)
-        padded = sparse.GeneBlockedCSR.prepare(right)
-        assert all(b.shape[1] % sparse.WIDE_PAD == 0 for b in padded.blocks) and sum(padded.widths) == width
-        assert any(b.shape[1] > w for b, w in zip(padded.blocks, padded.widths))  # something was padded
-        monkeypatch.setattr(sparse, "WIDE_PAD", 1)
-        plain = sparse.GeneBlockedCSR.prepare(right)
-        monkeypatch.setattr(sparse, "WIDE_PAD", pad)
-        assert torch.equal(block.times(padded), block.times(plain))
-
-
 def test_kmeans_takes_unsorted_column_indices_without_reordering_them():
     """A CSR whose rows' columns are out of order clusters as its sorted copy does; the caller's
     matrix keeps its order (the wide products need sorted rows, taken from a copy)."""
