@@ -81,9 +81,7 @@ def value_kind(X) -> tuple[str, str]:
         return AMBIGUOUS_VALUES, (f"whole numbers up to {high:.3g}: the counts of a very shallow dataset, or "
                                   "log-normalised values rounded to integers")
     # the sums of the rest in float64 (a float32 row of expm1 sums would round away the evidence)
-    sample = sample.astype(np.float64)
-    values = sample.data if sp.issparse(sample) else sample.ravel()
-    nonzero = values[values != 0]
+    sample, nonzero = sample.astype(np.float64), nonzero.astype(np.float64)
     if _rows_sum_to_constant(_expm1(sample)):
         total = float(np.median(np.asarray(_expm1(sample).sum(axis=1)).ravel()))
         return LOG1P_VALUES, f"log-normalised values, rows of expm1 summing to {total:.3g}"

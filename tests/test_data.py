@@ -11,7 +11,7 @@ import scipy.sparse as sp
 import data
 from data import DataError
 from settings import ReadSettings
-from helpers import gene_names, toy_counts, write_cellblast_h5
+from helpers import gene_names, toy_collection, toy_counts, write_cellblast_h5
 import features as features_mod
 import genes as gn
 import splits
@@ -1050,8 +1050,6 @@ def test_map_in_order_raises_at_the_failing_item_and_starts_no_more():
 
 
 def test_load_entries_in_threads_equals_one_at_a_time(tmp_path):
-    from helpers import toy_collection
-
     paths = toy_collection(tmp_path)
     entries = data.dataset_entries(paths)
     one = data.load_entries(entries, threads=1)
@@ -1079,7 +1077,7 @@ def test_dataset_digest_hashes_the_values_as_one_converted_copy(monkeypatch, toy
 
 
 def test_value_kind_of_float32_counts_and_log_values_in_any_dtype():
-    X, _ = __import__("helpers").toy_counts(200, 40)
+    X, _ = toy_counts(200, 40)
     for dtype in (np.float32, np.float64, np.int32):
         assert values.value_kind(sp.csr_matrix(X.astype(dtype)))[0] == values.RAW_VALUES
     logged = sp.csr_matrix(np.log1p(X / X.sum(1, keepdims=True) * 1e4))
